@@ -1,0 +1,450 @@
+//! FUSE adapter: translates kernel requests into namespace and data-path calls.
+//!
+//! It stays thin and never blocks a FUSE session thread: every request that may touch the
+//! network is handed to the tokio runtime and replied to from there, so slow reads of one file
+//! don't hold up others. The filesystem is read-only: every write-like operation is `EROFS`.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+};
+use tracing::warn;
+
+use crate::data::DataPath;
+use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
+use crate::store::ObjectMeta;
+
+/// Preferred I/O size reported in `st_blksize` and `statfs`: large, so stdio and `cp` read
+/// in big requests.
+const IO_BLOCK_SIZE: u32 = 1 << 20;
+
+/// Who owns the files and how long the kernel may cache what we tell it.
+#[derive(Clone, Copy, Debug)]
+pub struct FsOptions {
+    /// Owner of every file and directory (the mounting user).
+    pub uid: u32,
+    /// Group of every file and directory.
+    pub gid: u32,
+    /// How long the kernel may cache entries and attributes.
+    pub ttl: Duration,
+}
+
+/// An open file or directory.
+enum Handle {
+    File(Arc<ObjectMeta>),
+    Dir(Arc<Directory>),
+}
+
+/// The cdpfs FUSE filesystem.
+pub struct CdpFs {
+    runtime: tokio::runtime::Handle,
+    namespace: Arc<Namespace>,
+    data: Arc<DataPath>,
+    options: FsOptions,
+    mounted_at: SystemTime,
+    handles: Arc<Mutex<HashMap<u64, Handle>>>,
+    next_handle: AtomicU64,
+}
+
+impl CdpFs {
+    /// A filesystem serving `namespace` and `data`, running its I/O on `runtime`.
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        namespace: Arc<Namespace>,
+        data: Arc<DataPath>,
+        options: FsOptions,
+    ) -> CdpFs {
+        CdpFs {
+            runtime,
+            namespace,
+            data,
+            options,
+            mounted_at: SystemTime::now(),
+            handles: Arc::default(),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> FileAttr {
+        attr_for(ino, node, &self.options, self.mounted_at)
+    }
+
+    fn parent_of(&self, ino: u64) -> u64 {
+        self.namespace.parent(ino).unwrap_or(ROOT_INO)
+    }
+
+    fn add_handle(&self, handle: Handle) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().expect("handle table poisoned").insert(fh, handle);
+        FileHandle(fh)
+    }
+
+    fn directory_handle(&self, fh: FileHandle) -> Option<Arc<Directory>> {
+        match self.handles.lock().expect("handle table poisoned").get(&fh.0) {
+            Some(Handle::Dir(dir)) => Some(dir.clone()),
+            _ => None,
+        }
+    }
+
+    fn file_handle(&self, fh: FileHandle) -> Option<Arc<ObjectMeta>> {
+        match self.handles.lock().expect("handle table poisoned").get(&fh.0) {
+            Some(Handle::File(object)) => Some(object.clone()),
+            _ => None,
+        }
+    }
+
+    /// Runs `work` on the runtime, off the FUSE session thread.
+    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.runtime.spawn(work);
+    }
+}
+
+/// The attributes of `node`: read-only, owned by the mounting user, sized from the listing.
+fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) -> FileAttr {
+    let (kind, perm, size, mtime, nlink) = match node {
+        Node::Dir { .. } => (FileType::Directory, 0o555, 0, mounted_at, 2),
+        Node::File(object) => (FileType::RegularFile, 0o444, object.size, object.mtime, 1),
+    };
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm,
+        nlink,
+        uid: options.uid,
+        gid: options.gid,
+        rdev: 0,
+        blksize: IO_BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+fn errno(e: &NamespaceError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(node: &Node) -> FileType {
+    match node {
+        Node::Dir { .. } => FileType::Directory,
+        Node::File(_) => FileType::RegularFile,
+    }
+}
+
+impl Filesystem for CdpFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // The kernel may refuse larger values; it then keeps its own, which is fine.
+        let _ = config.set_max_background(64);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str().map(str::to_owned) else {
+            // Every name we show is UTF-8 (S3 keys are), so anything else does not exist.
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let namespace = self.namespace.clone();
+        let (options, mounted_at) = (self.options, self.mounted_at);
+        self.spawn(async move {
+            match namespace.lookup(parent.0, &name).await {
+                Ok(entry) => {
+                    let attr = attr_for(entry.ino, &entry.node, &options, mounted_at);
+                    reply.entry(&options.ttl, &attr, Generation(0));
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.namespace.node(ino.0) {
+            Ok(node) => reply.attr(&self.options.ttl, &self.attr(ino.0, &node)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        match self.namespace.node(ino.0) {
+            Ok(Node::File(object)) => {
+                let fh = self.add_handle(Handle::File(object));
+                // Objects are immutable per (key, ETag) and a new ETag gets a new inode, so the
+                // kernel may keep cached pages across opens.
+                reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Ok(Node::Dir { .. }) => reply.error(Errno::EISDIR),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(object) = self.file_handle(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let data = self.data.clone();
+        self.spawn(async move {
+            match data.read(&object, offset, size).await {
+                Ok(bytes) => reply.data(&bytes),
+                Err(e) => {
+                    warn!(key = %object.key, offset, size, error = %e, "read failed");
+                    reply.error(Errno::from_i32(e.errno()));
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().expect("handle table poisoned").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let namespace = self.namespace.clone();
+        let handles = self.handles.clone();
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.spawn(async move {
+            match namespace.directory(ino.0).await {
+                Ok(dir) => {
+                    // A snapshot: offsets stay valid however long the reader takes.
+                    handles.lock().expect("handle table poisoned").insert(fh, Handle::Dir(dir));
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(dir) = self.directory_handle(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let parent = self.parent_of(ino.0);
+        let dots = [(ino.0, "."), (parent, "..")];
+        let mut position = offset;
+        while (position as usize) < dots.len() + dir.entries.len() {
+            let i = position as usize;
+            position += 1;
+            let full = if i < dots.len() {
+                reply.add(INodeNo(dots[i].0), position, FileType::Directory, dots[i].1)
+            } else {
+                let entry = &dir.entries[i - dots.len()];
+                reply.add(INodeNo(entry.ino), position, file_type(&entry.node), &entry.name)
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(dir) = self.directory_handle(fh) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let ttl = self.options.ttl;
+        let mut position = offset;
+        // "." and ".." come first; the kernel does not take lookups for them from readdirplus.
+        while position < 2 {
+            let dot_ino = if position == 0 { ino.0 } else { self.parent_of(ino.0) };
+            let node = Node::Dir { prefix: String::new() };
+            let attr = self.attr(dot_ino, &node);
+            position += 1;
+            let name = if position == 1 { "." } else { ".." };
+            if reply.add(INodeNo(dot_ino), position, name, &ttl, &attr, Generation(0)) {
+                reply.ok();
+                return;
+            }
+        }
+        while let Some(entry) = dir.entries.get(position as usize - 2) {
+            position += 1;
+            let attr = self.attr(entry.ino, &entry.node);
+            if reply.add(INodeNo(entry.ino), position, &entry.name, &ttl, &attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.handles.lock().expect("handle table poisoned").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // A read-only remote tree: no free space, no free inodes, large preferred I/O.
+        let files = self.namespace.inode_count();
+        reply.statfs(0, 0, 0, files, 0, IO_BLOCK_SIZE, 255, IO_BLOCK_SIZE);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            reply.error(Errno::EROFS);
+        } else if self.namespace.node(ino.0).is_ok() {
+            reply.ok();
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::from_i32(libc::ENODATA));
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    // Everything below would modify the tree: the mount is read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &std::path::Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}

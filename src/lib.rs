@@ -1,0 +1,18 @@
+//! cdpfs: the CryoET Data Portal's S3 bucket as a read-only FUSE filesystem.
+//!
+//! Layers, each in its own module:
+//! - [`store`]: the object-store client (listing, ranged ETag-pinned GETs, retries);
+//! - [`namespace`]: inodes, key-to-name mapping and the directory cache;
+//! - [`data`]: the read path from a file range to object bytes;
+//! - [`fuse`]: the thin FUSE adapter;
+//! - [`mount`]: the mount lifecycle (checks, background start, signals, unmount);
+//! - [`portal`]: what is specific to the CryoET Data Portal.
+//!
+//! The `cdpfs` binary (`main.rs`) is only the command line on top.
+
+pub mod data;
+pub mod fuse;
+pub mod mount;
+pub mod namespace;
+pub mod portal;
+pub mod store;

@@ -1,0 +1,181 @@
+//! The `cdpfs` command line: parses options and hands off to [`cdpfs::mount`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use cdpfs::mount::{self, MountConfig};
+use cdpfs::portal;
+use cdpfs::store::s3::{RetryPolicy, S3Config};
+
+/// Mount the CryoET Data Portal (or any S3 bucket) as a read-only directory tree.
+///
+/// Tomograms, tilt series, OME-Zarr pyramids and metadata appear as ordinary files: point
+/// IMOD, RELION, napari, mrcfile or zarr at them; bytes are fetched from S3 on demand.
+#[derive(Parser, Debug)]
+#[command(name = "cdpfs", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Mount the bucket at MOUNTPOINT (returns once the mount is ready; see --foreground).
+    Mount(MountArgs),
+    /// Unmount a cdpfs mount.
+    Unmount {
+        /// The mounted directory.
+        mountpoint: PathBuf,
+        /// Detach now even if files are still open; the mount goes away once they are closed.
+        #[arg(long, short = 'z')]
+        lazy: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct MountArgs {
+    /// Empty directory to mount on.
+    mountpoint: PathBuf,
+
+    /// Bucket to mount.
+    #[arg(long, env = "CDPFS_BUCKET", default_value = portal::DEFAULT_BUCKET)]
+    bucket: String,
+
+    /// AWS region of the bucket.
+    #[arg(long, env = "CDPFS_REGION", default_value = portal::DEFAULT_REGION)]
+    region: String,
+
+    /// S3-compatible endpoint (a MinIO or site mirror, a caching proxy); uses path-style URLs.
+    #[arg(long, env = "CDPFS_ENDPOINT_URL", value_name = "URL")]
+    endpoint_url: Option<String>,
+
+    /// Show only the keys under this prefix, e.g. `10000/` for one dataset.
+    #[arg(long, env = "CDPFS_PREFIX", value_name = "KEY_PREFIX/", default_value = "")]
+    prefix: String,
+
+    /// Stay in the foreground (for systemd and debugging); stop with Ctrl-C or SIGTERM.
+    #[arg(long, short = 'f', env = "CDPFS_FOREGROUND")]
+    foreground: bool,
+
+    /// Let all users on this machine read the mount (needs `user_allow_other` in /etc/fuse.conf
+    /// unless mounting as root).
+    #[arg(long, env = "CDPFS_ALLOW_OTHER")]
+    allow_other: bool,
+
+    /// Sign requests with the standard AWS credential chain (for private mirrors); by default
+    /// requests are anonymous, as the public portal bucket expects.
+    #[arg(long, env = "CDPFS_SIGN_REQUESTS")]
+    sign_requests: bool,
+
+    /// How long directory listings and file attributes are trusted before S3 is asked again
+    /// (e.g. `30s`, `10m`, `12h`). Portal data changes only on re-ingest.
+    #[arg(long, env = "CDPFS_METADATA_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    metadata_ttl: Duration,
+
+    /// Give up on one S3 request (all retries included) after this long and return EIO.
+    #[arg(long, env = "CDPFS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+
+    /// Log verbosity: error, warn, info, debug or trace.
+    #[arg(long, env = "CDPFS_LOG_LEVEL", default_value = "info")]
+    log_level: tracing::Level,
+
+    /// Append logs to this file (by default: stderr in the foreground, nowhere in the background).
+    #[arg(long, env = "CDPFS_LOG_FILE", value_name = "PATH")]
+    log_file: Option<PathBuf>,
+}
+
+impl MountArgs {
+    fn to_config(&self) -> Result<MountConfig> {
+        let prefix = normalize_prefix(&self.prefix)?;
+        if self.bucket.is_empty() || self.bucket.contains('/') {
+            bail!("invalid bucket name {:?}", self.bucket);
+        }
+        let retry = RetryPolicy { total_timeout: self.request_timeout, ..RetryPolicy::default() };
+        Ok(MountConfig {
+            mountpoint: self.mountpoint.clone(),
+            s3: S3Config {
+                bucket: self.bucket.clone(),
+                region: self.region.clone(),
+                endpoint_url: self.endpoint_url.clone(),
+                sign_requests: self.sign_requests,
+                retry,
+            },
+            prefix,
+            allow_other: self.allow_other,
+            metadata_ttl: self.metadata_ttl,
+        })
+    }
+}
+
+/// `10000`, `/10000/` and `10000/` all mean the prefix `10000/`; empty means the whole bucket.
+fn normalize_prefix(raw: &str) -> Result<String> {
+    let trimmed = raw.trim_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    if trimmed.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        bail!("invalid --prefix {raw:?}: empty, `.` or `..` path segments");
+    }
+    Ok(format!("{trimmed}/"))
+}
+
+fn init_logging(args: &MountArgs) -> Result<()> {
+    let builder = tracing_subscriber::fmt().with_max_level(args.log_level).with_target(false);
+    // In the background, stderr already points at the log file (or nowhere).
+    match (&args.log_file, args.foreground && std::env::var_os(mount::DAEMON_ENV).is_none()) {
+        (Some(path), true) => {
+            let file = mount::open_log_file(path)?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+        }
+        _ => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Mount(args) => {
+            let config = args.to_config()?;
+            if args.foreground {
+                init_logging(&args)?;
+                mount::serve_foreground(&config)
+            } else {
+                mount::spawn_background(&config, args.log_file.as_deref())
+            }
+        }
+        Command::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = format!("{e:#}");
+            mount::report_startup_error(&message);
+            eprintln!("cdpfs: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_prefix;
+
+    #[test]
+    fn prefixes_are_normalized() {
+        assert_eq!(normalize_prefix("").unwrap(), "");
+        assert_eq!(normalize_prefix("/").unwrap(), "");
+        assert_eq!(normalize_prefix("10000").unwrap(), "10000/");
+        assert_eq!(normalize_prefix("/10000/TS_026/").unwrap(), "10000/TS_026/");
+        assert!(normalize_prefix("a//b").is_err());
+        assert!(normalize_prefix("a/../b").is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! Mount lifecycle: pre-flight checks, serving a mount, running it in the background, unmounting.
+//!
+//! `cdpfs mount` without `--foreground` re-executes itself as a detached child that serves the
+//! mount and reports over a pipe once the mount is ready (or why it failed), so the command
+//! returns only when the tree can be used. With `--foreground` it serves until unmounted or
+//! until SIGINT/SIGTERM/SIGHUP, then unmounts cleanly.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tracing::{info, warn};
+
+use crate::data::DataPath;
+use crate::fuse::{CdpFs, FsOptions};
+use crate::namespace::Namespace;
+use crate::store::s3::{S3Config, S3Store};
+use crate::store::{ObjectStore, StoreError};
+
+/// Set in the environment of the background child: its stdout is the readiness pipe.
+pub const DAEMON_ENV: &str = "CDPFS_INTERNAL_DAEMON";
+
+/// How long `cdpfs mount` waits for the background child to report.
+const STARTUP_LIMIT: Duration = Duration::from_secs(120);
+
+/// Everything a mount needs.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// The bucket and how to reach it.
+    pub s3: S3Config,
+    /// Key prefix shown as the mount's root: empty, or ending in `/`.
+    pub prefix: String,
+    /// Let other users (and root) use the mount.
+    pub allow_other: bool,
+    /// How long listings and attributes are cached.
+    pub metadata_ttl: Duration,
+}
+
+/// Serves the mount in this process until it is unmounted or a stop signal arrives.
+pub fn serve_foreground(config: &MountConfig) -> Result<()> {
+    check_fuse_available()?;
+    let mountpoint = check_mount_point(&config.mountpoint)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cdpfs-io")
+        .build()
+        .context("starting the I/O runtime")?;
+    let store: Arc<dyn ObjectStore> = Arc::new(runtime.block_on(S3Store::new(&config.s3)));
+    probe_bucket(&runtime, store.as_ref(), config)?;
+
+    let namespace = Arc::new(Namespace::new(store.clone(), &config.prefix, config.metadata_ttl));
+    let data = Arc::new(DataPath::new(store));
+    // SAFETY: getuid/getgid cannot fail and have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let options = FsOptions { uid, gid, ttl: config.metadata_ttl };
+    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, options);
+    let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
+        .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
+    // The mount is live (the kernel handshake is done); don't keep the caller's cwd busy.
+    let _ = std::env::set_current_dir("/");
+    info!(
+        "serving s3://{}/{} at {}",
+        config.s3.bucket,
+        config.prefix,
+        mountpoint.display()
+    );
+    report_ready();
+
+    let stopped_by_signal = runtime.block_on(wait_for_stop(&session))?;
+    if stopped_by_signal {
+        info!("unmounting {}", mountpoint.display());
+        if let Err(e) = session.umount_and_join() {
+            warn!("clean unmount failed ({e}); detaching lazily");
+            fusermount(&["-u", "-z"], &mountpoint)?;
+        }
+    } else {
+        info!("{} was unmounted", mountpoint.display());
+        session.join().context("FUSE session ended with an error")?;
+    }
+    Ok(())
+}
+
+/// Starts a detached child that serves the mount, and returns once the mount is ready.
+pub fn spawn_background(config: &MountConfig, log_file: Option<&Path>) -> Result<()> {
+    // Fail fast, with the same messages, before anything is started.
+    check_fuse_available()?;
+    check_mount_point(&config.mountpoint)?;
+
+    let (reader, writer) = std::io::pipe().context("creating the readiness pipe")?;
+    let stderr = match log_file {
+        Some(path) => Stdio::from(open_log_file(path)?),
+        None => Stdio::null(),
+    };
+    let mut command = Command::new(std::env::current_exe().context("locating the cdpfs binary")?);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(stderr);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("starting the background cdpfs")?;
+    // Close our copy of the pipe's write end, so EOF means the child is gone.
+    drop(command);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(reader).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(STARTUP_LIMIT) {
+        Ok(line) if line.trim() == "ready" => Ok(()),
+        Ok(line) if !line.trim().is_empty() => {
+            let _ = child.wait();
+            bail!("{}", line.trim().trim_start_matches("error: "))
+        }
+        Ok(_) => {
+            let status = child.wait()?;
+            bail!("the background cdpfs exited during start-up ({status}); run with --foreground to see why")
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the mount was not ready within {STARTUP_LIMIT:?}; gave up")
+        }
+    }
+}
+
+/// Tells the parent `cdpfs mount` (if any) that the mount is ready, then lets go of the pipe.
+fn report_ready() {
+    if std::env::var_os(DAEMON_ENV).is_none() {
+        return;
+    }
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(b"ready\n");
+    let _ = stdout.flush();
+    if let Ok(devnull) = fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: both descriptors are valid; dup2 atomically replaces fd 1.
+        unsafe { libc::dup2(devnull.as_raw_fd(), libc::STDOUT_FILENO) };
+    }
+}
+
+/// Passes a start-up failure to the parent `cdpfs mount`, if this process is its child.
+pub fn report_startup_error(message: &str) {
+    if std::env::var_os(DAEMON_ENV).is_some() {
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "error: {message}");
+        let _ = stdout.flush();
+    }
+}
+
+/// Opens (appending) the log file given with `--log-file`.
+pub fn open_log_file(path: &Path) -> Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log file {}", path.display()))
+}
+
+/// One listing of the mount's root: proves the endpoint answers and the bucket exists.
+fn probe_bucket(runtime: &tokio::runtime::Runtime, store: &dyn ObjectStore, config: &MountConfig) -> Result<()> {
+    let bucket = &config.s3.bucket;
+    let endpoint = config.s3.endpoint_url.as_deref().unwrap_or("AWS S3");
+    match runtime.block_on(store.list_prefix(&config.prefix)) {
+        Ok(listing) if !config.prefix.is_empty() && listing.prefixes.is_empty() && listing.objects.is_empty() => {
+            bail!("nothing found under prefix {:?} in bucket {bucket:?}", config.prefix)
+        }
+        Ok(_) => Ok(()),
+        Err(StoreError::NoSuchBucket(_)) => bail!("bucket {bucket:?} does not exist at {endpoint}"),
+        Err(StoreError::AccessDenied(_)) => bail!(
+            "access to bucket {bucket:?} at {endpoint} was denied{}",
+            if config.s3.sign_requests { "" } else { " (for a private bucket, add --sign-requests)" }
+        ),
+        Err(StoreError::Unreachable(e)) => bail!("cannot reach {endpoint}: {e}"),
+        Err(e) => bail!("listing bucket {bucket:?} at {endpoint} failed: {e}"),
+    }
+}
+
+fn fuse_config(config: &MountConfig, uid: u32) -> fuser::Config {
+    use fuser::{MountOption, SessionACL};
+    let mut fuse = fuser::Config::default();
+    fuse.mount_options = vec![
+        MountOption::FSName(format!("cdpfs:{}", config.s3.bucket)),
+        MountOption::Subtype("cdpfs".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    fuse.acl = if config.allow_other {
+        SessionACL::All
+    } else if uid == 0 {
+        // Root's own mount: the kernel sees allow_other, fuser still admits only root.
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    // fusermount3 watches the mount and removes it if this process dies (even kill -9).
+    // fuser supports that only together with allow_other/allow_root.
+    if fuse.acl != SessionACL::Owner {
+        fuse.mount_options.push(MountOption::AutoUnmount);
+    }
+    fuse.n_threads = Some(4);
+    fuse
+}
+
+/// Waits until a stop signal arrives (true) or the mount goes away from outside (false).
+async fn wait_for_stop(session: &fuser::BackgroundSession) -> Result<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => return Ok(true),
+            _ = terminate.recv() => return Ok(true),
+            _ = hangup.recv() => return Ok(true),
+            _ = tick.tick() => if session.guard.is_finished() { return Ok(false) },
+        }
+    }
+}
+
+/// Unmounts a cdpfs (or any FUSE) mount at `mountpoint`.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let path = fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    if mount_type(&path)?.is_none() {
+        bail!("{} is not mounted", path.display());
+    }
+    fusermount(if lazy { &["-u", "-z"] } else { &["-u"] }, &path)
+}
+
+fn fusermount(args: &[&str], mountpoint: &Path) -> Result<()> {
+    let binary = find_fusermount().ok_or_else(missing_fusermount)?;
+    let output = Command::new(&binary)
+        .args(args)
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let message = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    if message.contains("busy") {
+        bail!(
+            "{} is busy (a process has a file or its working directory in it); close it, or use `cdpfs unmount --lazy`",
+            mountpoint.display()
+        );
+    }
+    bail!("unmounting {} failed: {message}", mountpoint.display())
+}
+
+/// Checks that FUSE can be used on this machine, with a message that says how to fix it.
+pub fn check_fuse_available() -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: this machine or container has no FUSE (load it with `modprobe fuse`; in a container, pass --device /dev/fuse) and install fuse3");
+    }
+    find_fusermount().ok_or_else(missing_fusermount)?;
+    Ok(())
+}
+
+fn missing_fusermount() -> anyhow::Error {
+    anyhow!("fusermount3 not found in PATH: install fuse3 (Debian/Ubuntu: apt-get install fuse3; RHEL/Rocky: dnf install fuse3)")
+}
+
+/// The `fusermount3` binary: `$FUSERMOUNT_PATH` if set, else the first one in `$PATH`.
+fn find_fusermount() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if let Some(explicit) = std::env::var_os("FUSERMOUNT_PATH") {
+        let path = PathBuf::from(explicit);
+        return executable(&path).then_some(path);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("fusermount3"))
+        .find(|candidate| executable(candidate))
+}
+
+/// Checks that `path` can be mounted on and returns it made absolute.
+pub fn check_mount_point(path: &Path) -> Result<PathBuf> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => bail!("mount point {} is not a directory", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mount point {} does not exist (create it with `mkdir -p {}`)", path.display(), path.display())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "{} is a dead FUSE mount (its process is gone); clear it with `cdpfs unmount {}`",
+            path.display(),
+            path.display()
+        ),
+        Err(e) => bail!("cannot use mount point {}: {e}", path.display()),
+    }
+    let absolute = fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    if let Some(fstype) = mount_type(&absolute)? {
+        bail!("{} is already a mount point ({fstype}); unmount it first", absolute.display());
+    }
+    Ok(absolute)
+}
+
+/// The filesystem type mounted exactly at `path`, if something is.
+fn mount_type(path: &Path) -> Result<Option<String>> {
+    let table = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let wanted = path.to_string_lossy();
+    // Fields: id parent dev root mountpoint options [optional...] - fstype source superoptions
+    Ok(table.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let mountpoint = unescape_mountinfo(fields.nth(4)?);
+        if mountpoint != wanted {
+            return None;
+        }
+        let after_separator = line.split(" - ").nth(1)?;
+        Some(after_separator.split(' ').next()?.to_owned())
+    }))
+}
+
+/// Decodes the octal escapes (`\040` for space, ...) the kernel uses in mountinfo paths.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/mnt/with\\040space"), "/mnt/with space");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/tab\\011x\\134y"), "/tab\tx\\y");
+        assert_eq!(unescape_mountinfo("/short\\04"), "/short\\04");
+    }
+
+    #[test]
+    fn root_is_a_mount_point_and_a_fresh_dir_is_not() {
+        assert!(mount_type(Path::new("/")).unwrap().is_some());
+        let dir = std::env::temp_dir().join(format!("cdpfs-unit-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(check_mount_point(&dir).unwrap(), fs::canonicalize(&dir).unwrap());
+        fs::remove_dir(&dir).unwrap();
+        assert!(check_mount_point(&dir).unwrap_err().to_string().contains("does not exist"));
+    }
+}

@@ -1,0 +1,304 @@
+//! Namespace: the inode table and the directory cache.
+//!
+//! A directory is one `/`-delimited listing of its prefix, which also carries every child's
+//! size, ETag and mtime, so `lookup`, `getattr` and `readdir` never need a HEAD per file.
+//! Listings are cached for the metadata TTL and loaded once however many callers ask at the same
+//! time. Inode numbers are stable for the life of the mount: a directory is identified by its
+//! prefix and a file by its key *and* ETag, so a re-ingested object gets a fresh inode (and the
+//! kernel never serves its old pages for the new bytes).
+
+pub mod names;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use names::Child;
+
+/// Inode number of the mount's root directory.
+pub const ROOT_INO: u64 = 1;
+
+/// Upper bound on the directory cache, counted in entries across all cached directories.
+const MAX_CACHED_ENTRIES: u64 = 1_000_000;
+
+/// What an inode stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// A directory backed by a key prefix (empty for the bucket root, else ending in `/`).
+    Dir { prefix: String },
+    /// A file backed by one object version.
+    File(Arc<ObjectMeta>),
+}
+
+/// One named entry of a directory.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Name within the directory.
+    pub name: String,
+    /// Inode number.
+    pub ino: u64,
+    /// What the entry is.
+    pub node: Node,
+}
+
+/// A snapshot of one directory's entries, sorted by name.
+#[derive(Debug, Default)]
+pub struct Directory {
+    /// Entries sorted by name.
+    pub entries: Vec<Entry>,
+}
+
+impl Directory {
+    /// The entry called `name`, if any.
+    pub fn find(&self, name: &str) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+}
+
+/// Why a namespace operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NamespaceError {
+    /// No such entry.
+    #[error("no such file or directory")]
+    NotFound,
+    /// The inode is not a directory.
+    #[error("not a directory")]
+    NotDir,
+    /// The inode number is unknown (the kernel holds a handle we no longer know).
+    #[error("stale inode")]
+    Stale,
+    /// Listing failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl NamespaceError {
+    /// The errno to report for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            NamespaceError::NotFound => libc::ENOENT,
+            NamespaceError::NotDir => libc::ENOTDIR,
+            NamespaceError::Stale => libc::ESTALE,
+            NamespaceError::Store(e) => e.errno(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct InodeTable {
+    nodes: HashMap<u64, Node>,
+    by_identity: HashMap<String, u64>,
+    next: u64,
+}
+
+impl InodeTable {
+    fn identity(node: &Node) -> String {
+        match node {
+            Node::Dir { prefix } => prefix.clone(),
+            // NUL cannot appear in a shown key, so this never collides with a prefix.
+            Node::File(object) => format!("{}\0{}", object.key, object.etag),
+        }
+    }
+
+    fn ino_for(&mut self, node: Node) -> u64 {
+        let identity = Self::identity(&node);
+        if let Some(&ino) = self.by_identity.get(&identity) {
+            // Same key and ETag: keep the inode, refresh what the listing says (e.g. mtime).
+            self.nodes.insert(ino, node);
+            return ino;
+        }
+        self.next += 1;
+        let ino = self.next;
+        self.by_identity.insert(identity, ino);
+        self.nodes.insert(ino, node);
+        ino
+    }
+}
+
+/// The inode table plus directory cache over one bucket prefix.
+pub struct Namespace {
+    store: Arc<dyn ObjectStore>,
+    inodes: RwLock<InodeTable>,
+    directories: moka::future::Cache<u64, Arc<Directory>>,
+}
+
+impl Namespace {
+    /// A namespace rooted at `root_prefix` (empty or ending in `/`), caching listings for `ttl`.
+    pub fn new(store: Arc<dyn ObjectStore>, root_prefix: &str, ttl: Duration) -> Namespace {
+        let mut table = InodeTable { next: ROOT_INO, ..InodeTable::default() };
+        let root = Node::Dir { prefix: root_prefix.to_owned() };
+        table.by_identity.insert(InodeTable::identity(&root), ROOT_INO);
+        table.nodes.insert(ROOT_INO, root);
+        let directories = moka::future::Cache::builder()
+            .max_capacity(MAX_CACHED_ENTRIES)
+            .weigher(|_, dir: &Arc<Directory>| u32::try_from(dir.entries.len() + 1).unwrap_or(u32::MAX))
+            .time_to_live(ttl)
+            .build();
+        Namespace { store, inodes: RwLock::new(table), directories }
+    }
+
+    /// The node behind `ino`.
+    pub fn node(&self, ino: u64) -> Result<Node, NamespaceError> {
+        self.inodes
+            .read()
+            .expect("inode table lock poisoned")
+            .nodes
+            .get(&ino)
+            .cloned()
+            .ok_or(NamespaceError::Stale)
+    }
+
+    /// The parent directory of directory `ino` (the root is its own parent).
+    pub fn parent(&self, ino: u64) -> Option<u64> {
+        let table = self.inodes.read().expect("inode table lock poisoned");
+        let Some(Node::Dir { prefix }) = table.nodes.get(&ino) else {
+            return None;
+        };
+        if ino == ROOT_INO {
+            return Some(ROOT_INO);
+        }
+        let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+        let parent_prefix = trimmed.rfind('/').map_or("", |i| &prefix[..=i]);
+        Some(table.by_identity.get(parent_prefix).copied().unwrap_or(ROOT_INO))
+    }
+
+    /// Number of inodes handed out so far.
+    pub fn inode_count(&self) -> u64 {
+        self.inodes.read().expect("inode table lock poisoned").nodes.len() as u64
+    }
+
+    /// The entries of directory `ino`, from the cache or from one listing.
+    pub async fn directory(&self, ino: u64) -> Result<Arc<Directory>, NamespaceError> {
+        let Node::Dir { prefix } = self.node(ino)? else {
+            return Err(NamespaceError::NotDir);
+        };
+        self.directories
+            .try_get_with(ino, async {
+                let listing = self.store.list_prefix(&prefix).await?;
+                Ok::<_, StoreError>(Arc::new(self.build_directory(&prefix, listing)))
+            })
+            .await
+            .map_err(|e: Arc<StoreError>| NamespaceError::Store((*e).clone()))
+    }
+
+    /// The entry `name` inside directory `parent`.
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Entry, NamespaceError> {
+        let dir = self.directory(parent).await?;
+        dir.find(name).cloned().ok_or(NamespaceError::NotFound)
+    }
+
+    fn build_directory(&self, prefix: &str, listing: crate::store::PrefixListing) -> Directory {
+        let children = names::children(prefix, listing);
+        let mut table = self.inodes.write().expect("inode table lock poisoned");
+        let entries = children
+            .into_iter()
+            .map(|child| {
+                let (name, node) = match child {
+                    Child::Dir { name, prefix } => (name, Node::Dir { prefix }),
+                    Child::File { name, object } => (name, Node::File(Arc::new(object))),
+                };
+                let ino = table.ino_for(node.clone());
+                Entry { name, ino, node }
+            })
+            .collect();
+        Directory { entries }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{PrefixListing, StoreFuture};
+    use bytes::Bytes;
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    /// An in-memory bucket that counts listings.
+    #[derive(Default)]
+    struct MemoryStore {
+        objects: Mutex<Vec<ObjectMeta>>,
+        lists: AtomicUsize,
+    }
+
+    impl MemoryStore {
+        fn put(&self, key: &str, etag: &str) {
+            let mut objects = self.objects.lock().unwrap();
+            objects.retain(|o| o.key != key);
+            objects.push(ObjectMeta { key: key.into(), size: 3, etag: etag.into(), mtime: SystemTime::UNIX_EPOCH });
+        }
+    }
+
+    impl ObjectStore for MemoryStore {
+        fn list_prefix<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing> {
+            Box::pin(async move {
+                self.lists.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut listing = PrefixListing::default();
+                for o in self.objects.lock().unwrap().iter() {
+                    let Some(rest) = o.key.strip_prefix(prefix) else { continue };
+                    match rest.split_once('/') {
+                        Some((dir, _)) => {
+                            let p = format!("{prefix}{dir}/");
+                            if !listing.prefixes.contains(&p) {
+                                listing.prefixes.push(p);
+                            }
+                        }
+                        None => listing.objects.push(o.clone()),
+                    }
+                }
+                Ok(listing)
+            })
+        }
+
+        fn get_range<'a>(&'a self, _: &'a ObjectMeta, _: Range<u64>) -> StoreFuture<'a, Bytes> {
+            Box::pin(async { Ok(Bytes::new()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_lookups_share_one_listing_and_inodes_are_stable() {
+        let store = Arc::new(MemoryStore::default());
+        store.put("10000/TS_026/a.mrc", "\"1\"");
+        store.put("10000/dataset_metadata.json", "\"2\"");
+        let ns = Arc::new(Namespace::new(store.clone(), "", Duration::from_secs(60)));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let ns = ns.clone();
+                tokio::spawn(async move { ns.lookup(ROOT_INO, "10000").await.unwrap().ino })
+            })
+            .collect();
+        let mut inos = Vec::new();
+        for t in tasks {
+            inos.push(t.await.unwrap());
+        }
+        assert!(inos.iter().all(|&i| i == inos[0]));
+        assert_eq!(store.lists.load(Ordering::SeqCst), 1);
+        let dataset = ns.lookup(ROOT_INO, "10000").await.unwrap();
+        let run = ns.lookup(dataset.ino, "TS_026").await.unwrap();
+        let file = ns.lookup(run.ino, "a.mrc").await.unwrap();
+        assert!(matches!(file.node, Node::File(ref o) if o.key == "10000/TS_026/a.mrc"));
+        assert!(matches!(ns.lookup(run.ino, "missing").await, Err(NamespaceError::NotFound)));
+        assert!(matches!(ns.directory(file.ino).await, Err(NamespaceError::NotDir)));
+        assert!(matches!(ns.node(999_999), Err(NamespaceError::Stale)));
+    }
+
+    #[tokio::test]
+    async fn changed_etag_gets_a_new_inode_after_ttl() {
+        let store = Arc::new(MemoryStore::default());
+        store.put("x.json", "\"1\"");
+        let ns = Namespace::new(store.clone(), "", Duration::from_millis(50));
+        let first = ns.lookup(ROOT_INO, "x.json").await.unwrap().ino;
+        assert_eq!(ns.lookup(ROOT_INO, "x.json").await.unwrap().ino, first);
+        store.put("x.json", "\"2\"");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let second = ns.lookup(ROOT_INO, "x.json").await.unwrap().ino;
+        assert_ne!(first, second);
+        assert_eq!(store.lists.load(Ordering::SeqCst), 2);
+    }
+}

@@ -1,0 +1,82 @@
+//! Object-store client: the only code that talks to S3.
+//!
+//! It owns listing a "directory" (one `/`-delimited ListObjectsV2, all pages) and ranged,
+//! ETag-pinned GETs, with the timeouts and retries that make them safe to call from a
+//! filesystem. [`ObjectStore`] is the seam the rest of cdpfs uses; [`s3::S3Store`] is the real
+//! implementation.
+
+pub mod s3;
+
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+/// One object as a listing reports it: enough to serve `stat` and pin reads without a HEAD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Full bucket key.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// ETag as the server sent it (quotes included), used to pin ranged reads.
+    pub etag: String,
+    /// Last-modified time.
+    pub mtime: SystemTime,
+}
+
+/// The immediate children of one prefix: sub-prefixes (each ending in `/`) and objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefixListing {
+    /// Full common prefixes, e.g. `10000/TS_026/`.
+    pub prefixes: Vec<String>,
+    /// Objects directly under the prefix.
+    pub objects: Vec<ObjectMeta>,
+}
+
+/// Why a store call failed. Each variant maps to one errno at the filesystem boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The bucket does not exist at this endpoint.
+    #[error("bucket {0:?} does not exist at this endpoint")]
+    NoSuchBucket(String),
+    /// The object is gone.
+    #[error("object {0:?} not found")]
+    NotFound(String),
+    /// The object changed since it was listed (its ETag no longer matches).
+    #[error("object {0:?} changed since it was listed (ETag mismatch)")]
+    Changed(String),
+    /// The server refused the request.
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// The endpoint could not be reached or did not answer in time.
+    #[error("cannot reach the S3 endpoint: {0}")]
+    Unreachable(String),
+    /// Anything else the server or transport reported, after retries.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// The errno a filesystem caller should see for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::Changed(_) => libc::ESTALE,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// A boxed future returned by [`ObjectStore`] methods.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The object-store operations cdpfs needs.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Lists the immediate children of `prefix` (which is empty or ends in `/`), every page.
+    fn list_prefix<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing>;
+
+    /// Reads `range` of `object`, pinned to its ETag. Returns exactly `range.len()` bytes.
+    fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes>;
+}

@@ -1,0 +1,331 @@
+//! The real [`ObjectStore`]: aws-sdk-s3 against AWS S3 or any S3-compatible endpoint.
+//!
+//! Retries live here and only here: the SDK's own retry loop is switched off so that one policy
+//! (jittered exponential backoff, a timeout per attempt that also covers the body, a bound on
+//! the total time) governs listings and reads alike, including failures that happen mid-body.
+
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::ops::Range;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use super::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
+
+/// Where the bucket is and how to talk to it.
+#[derive(Clone, Debug)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Region used for signing and endpoint resolution.
+    pub region: String,
+    /// A custom endpoint (MinIO, a site mirror or caching proxy); implies path-style addressing.
+    pub endpoint_url: Option<String>,
+    /// Sign requests with the standard AWS credential chain instead of sending them anonymously.
+    pub sign_requests: bool,
+    /// How persistent the client is before it gives up on one request.
+    pub retry: RetryPolicy,
+}
+
+/// How a failed request is retried.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Time allowed for one attempt, body included, on top of the transfer allowance.
+    pub attempt_timeout: Duration,
+    /// Upper bound on the time spent on one request across all its attempts.
+    pub total_timeout: Duration,
+    /// First backoff; it doubles per attempt (full jitter), capped at `max_backoff`.
+    pub base_backoff: Duration,
+    /// Largest backoff between two attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 6,
+            attempt_timeout: Duration::from_secs(10),
+            total_timeout: Duration::from_secs(30),
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The outcome of one failed attempt: give up now, or try again.
+enum AttemptError {
+    Final(StoreError),
+    Transient(String),
+}
+
+/// S3 client for one bucket.
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    retry: RetryPolicy,
+}
+
+impl S3Store {
+    /// Builds a client. Only reads local configuration; sends nothing.
+    pub async fn new(config: &S3Config) -> S3Store {
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if !config.sign_requests {
+            loader = loader.no_credentials();
+        }
+        if let Some(url) = &config.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let shared = loader.load().await;
+        let s3_config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(config.endpoint_url.is_some())
+            // Our own attempt timeout covers stalled bodies, and unlike the SDK's stall
+            // protection its failures are retried.
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+            .build();
+        S3Store {
+            client: Client::from_conf(s3_config),
+            bucket: config.bucket.clone(),
+            retry: config.retry,
+        }
+    }
+
+    /// Runs `attempt` under the retry policy. `what` names the request in logs and errors.
+    async fn with_retries<T, F, Fut>(&self, what: &str, extra_time: Duration, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, AttemptError>>,
+    {
+        let started = Instant::now();
+        let mut last_error = String::new();
+        for n in 0..self.retry.max_attempts {
+            if n > 0 {
+                let backoff = jittered_backoff(&self.retry, n);
+                if started.elapsed() + backoff >= self.retry.total_timeout {
+                    break;
+                }
+                debug!(what, attempt = n + 1, ?backoff, error = %last_error, "retrying");
+                tokio::time::sleep(backoff).await;
+            }
+            let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
+            let limit = (self.retry.attempt_timeout + extra_time).min(remaining);
+            match tokio::time::timeout(limit, attempt()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(AttemptError::Final(e))) => return Err(e),
+                Ok(Err(AttemptError::Transient(msg))) => last_error = msg,
+                Err(_) => last_error = format!("no complete answer within {limit:?}"),
+            }
+        }
+        warn!(what, elapsed = ?started.elapsed(), error = %last_error, "S3 request failed after retries");
+        Err(if last_error.contains("dispatch failure") || last_error.contains("no complete answer") {
+            StoreError::Unreachable(format!("{what}: {last_error}"))
+        } else {
+            StoreError::Other(format!("{what}: {last_error}"))
+        })
+    }
+
+    async fn list_page(&self, prefix: &str, token: Option<String>) -> Result<ListPage, AttemptError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .delimiter("/")
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(|e| classify(&self.bucket, prefix, e))?;
+        let prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_owned)).collect();
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ObjectMeta {
+                    key: o.key()?.to_owned(),
+                    size: u64::try_from(o.size().unwrap_or(0)).unwrap_or(0),
+                    etag: o.e_tag().unwrap_or_default().to_owned(),
+                    mtime: o
+                        .last_modified()
+                        .and_then(|t| SystemTime::try_from(*t).ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                })
+            })
+            .collect();
+        let next = if out.is_truncated() == Some(true) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok(ListPage { prefixes, objects, next })
+    }
+
+    async fn get_once(&self, object: &ObjectMeta, range: &Range<u64>) -> Result<Bytes, AttemptError> {
+        let mut request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&object.key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1));
+        if !object.etag.is_empty() {
+            request = request.if_match(&object.etag);
+        }
+        let out = request.send().await.map_err(|e| classify(&self.bucket, &object.key, e))?;
+        if let Some(etag) = out.e_tag() {
+            if !object.etag.is_empty() && etag != object.etag {
+                return Err(AttemptError::Final(StoreError::Changed(object.key.clone())));
+            }
+        }
+        let expected = range.end - range.start;
+        if let Some(content_range) = out.content_range() {
+            if !content_range_matches(content_range, range) {
+                return Err(AttemptError::Transient(format!(
+                    "server answered range {content_range:?} for bytes {}-{}",
+                    range.start,
+                    range.end - 1
+                )));
+            }
+        } else if range.start != 0 || u64::try_from(out.content_length().unwrap_or(-1)).ok() != Some(expected) {
+            return Err(AttemptError::Transient("server ignored the Range header".into()));
+        }
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| AttemptError::Transient(format!("body of {}: {e}", object.key)))?
+            .into_bytes();
+        if body.len() as u64 != expected {
+            return Err(AttemptError::Transient(format!(
+                "body of {} has {} bytes, expected {expected}",
+                object.key,
+                body.len()
+            )));
+        }
+        Ok(body)
+    }
+}
+
+struct ListPage {
+    prefixes: Vec<String>,
+    objects: Vec<ObjectMeta>,
+    next: Option<String>,
+}
+
+impl ObjectStore for S3Store {
+    fn list_prefix<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing> {
+        Box::pin(async move {
+            let mut listing = PrefixListing::default();
+            let mut token = None;
+            loop {
+                let what = format!("list s3://{}/{prefix}", self.bucket);
+                let page = self
+                    .with_retries(&what, Duration::ZERO, || self.list_page(prefix, token.clone()))
+                    .await?;
+                listing.prefixes.extend(page.prefixes);
+                listing.objects.extend(page.objects);
+                match page.next {
+                    Some(next) => token = Some(next),
+                    None => return Ok(listing),
+                }
+            }
+        })
+    }
+
+    fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {
+        Box::pin(async move {
+            if range.is_empty() {
+                return Ok(Bytes::new());
+            }
+            let what = format!("get s3://{}/{} bytes {}-{}", self.bucket, object.key, range.start, range.end - 1);
+            // Allow for the transfer itself at a pessimistic 1 MiB/s on top of the attempt timeout.
+            let transfer = Duration::from_secs((range.end - range.start) >> 20);
+            self.with_retries(&what, transfer, || self.get_once(object, &range)).await
+        })
+    }
+}
+
+/// Sorts an SDK error into a final [`StoreError`] or a transient failure worth retrying.
+fn classify<E>(bucket: &str, key: &str, err: SdkError<E, HttpResponse>) -> AttemptError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = match &err {
+        SdkError::ServiceError(_) | SdkError::ResponseError(_) => err.raw_response().map(|r| r.status().as_u16()),
+        _ => None,
+    };
+    let code = err.code().map(str::to_owned);
+    let message = DisplayErrorContext(&err).to_string();
+    match (code.as_deref(), status) {
+        (Some("NoSuchBucket"), _) => AttemptError::Final(StoreError::NoSuchBucket(bucket.to_owned())),
+        (Some("NoSuchKey"), _) | (_, Some(404)) => AttemptError::Final(StoreError::NotFound(key.to_owned())),
+        (Some("PreconditionFailed"), _) | (_, Some(412)) => AttemptError::Final(StoreError::Changed(key.to_owned())),
+        (Some("AccessDenied"), _) | (_, Some(401 | 403)) => {
+            AttemptError::Final(StoreError::AccessDenied(format!("{key}: {message}")))
+        }
+        (_, Some(s)) if s == 429 || s >= 500 => AttemptError::Transient(message),
+        (_, Some(_)) => AttemptError::Final(StoreError::Other(format!("{key}: {message}"))),
+        (_, None) => match err {
+            SdkError::ConstructionFailure(_) => AttemptError::Final(StoreError::Other(message)),
+            _ => AttemptError::Transient(message),
+        },
+    }
+}
+
+/// True when a `Content-Range: bytes a-b/n` header describes exactly `range`.
+fn content_range_matches(header: &str, range: &Range<u64>) -> bool {
+    let Some(spec) = header.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((span, _total)) = spec.split_once('/') else {
+        return false;
+    };
+    let Some((first, last)) = span.split_once('-') else {
+        return false;
+    };
+    first.parse::<u64>().ok() == Some(range.start) && last.parse::<u64>().ok() == Some(range.end - 1)
+}
+
+/// Full-jitter exponential backoff for retry number `n` (1 for the first retry).
+fn jittered_backoff(policy: &RetryPolicy, n: u32) -> Duration {
+    let ceiling = policy
+        .base_backoff
+        .saturating_mul(1u32 << n.min(16))
+        .min(policy.max_backoff);
+    let random = RandomState::new().hash_one(Instant::now());
+    ceiling.mul_f64((random % 1000) as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_must_match_exactly() {
+        assert!(content_range_matches("bytes 0-99/1000", &(0..100)));
+        assert!(content_range_matches("bytes 900-999/1000", &(900..1000)));
+        assert!(!content_range_matches("bytes 0-99/1000", &(0..50)));
+        assert!(!content_range_matches("bytes 1-100/1000", &(0..100)));
+        assert!(!content_range_matches("garbage", &(0..100)));
+    }
+
+    #[test]
+    fn backoff_stays_under_cap() {
+        let policy = RetryPolicy::default();
+        for n in 1..20 {
+            assert!(jittered_backoff(&policy, n) <= policy.max_backoff);
+        }
+    }
+}
