@@ -65,26 +65,29 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
     // The mount is live (the kernel handshake is done); don't keep the caller's cwd busy.
     let _ = std::env::set_current_dir("/");
-    info!(
-        "serving s3://{}/{} at {}",
-        config.s3.bucket,
-        config.prefix,
-        mountpoint.display()
-    );
+    info!("serving s3://{}/{} at {}", config.s3.bucket, config.prefix, mountpoint.display());
     report_ready();
 
     let stopped_by_signal = runtime.block_on(wait_for_stop(&session))?;
     if stopped_by_signal {
         info!("unmounting {}", mountpoint.display());
-        if let Err(e) = session.umount_and_join() {
-            warn!("clean unmount failed ({e}); detaching lazily");
+        if let Err(e) = fusermount(&["-u"], &mountpoint) {
+            warn!("{e:#}; detaching lazily");
             fusermount(&["-u", "-z"], &mountpoint)?;
         }
     } else {
         info!("{} was unmounted", mountpoint.display());
-        session.join().context("FUSE session ended with an error")?;
     }
-    Ok(())
+    // Once unmounted, the kernel ends the session and its threads return.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done_tx.send(session.join()));
+    match done_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(result) => result.context("FUSE session ended with an error"),
+        Err(_) => {
+            warn!("FUSE session threads did not stop within 10 s; exiting anyway");
+            Ok(())
+        }
+    }
 }
 
 /// Starts a detached child that serves the mount, and returns once the mount is ready.
@@ -141,8 +144,10 @@ pub fn spawn_background(config: &MountConfig, log_file: Option<&Path>) -> Result
     }
 }
 
-/// Tells the parent `cdpfs mount` (if any) that the mount is ready, then lets go of the pipe.
+/// Tells whoever waits for the mount that it is ready: the parent `cdpfs mount` over its pipe,
+/// and systemd (`Type=notify`) over `$NOTIFY_SOCKET`.
 fn report_ready() {
+    notify_systemd("READY=1");
     if std::env::var_os(DAEMON_ENV).is_none() {
         return;
     }
@@ -153,6 +158,22 @@ fn report_ready() {
         use std::os::fd::AsRawFd;
         // SAFETY: both descriptors are valid; dup2 atomically replaces fd 1.
         unsafe { libc::dup2(devnull.as_raw_fd(), libc::STDOUT_FILENO) };
+    }
+}
+
+/// Sends one sd_notify message if systemd asked for them.
+fn notify_systemd(message: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let target = target.to_string_lossy().into_owned();
+    let address = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = address.and_then(|a| UnixDatagram::unbound()?.send_to_addr(message.as_bytes(), &a));
+    if let Err(e) = sent {
+        warn!("could not notify systemd at {target}: {e}");
     }
 }
 
@@ -291,9 +312,7 @@ fn find_fusermount() -> Option<PathBuf> {
         return executable(&path).then_some(path);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("fusermount3"))
-        .find(|candidate| executable(candidate))
+    std::env::split_paths(&path).map(|dir| dir.join("fusermount3")).find(|candidate| executable(candidate))
 }
 
 /// Checks that `path` can be mounted on and returns it made absolute.

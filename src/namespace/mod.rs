@@ -52,10 +52,7 @@ pub struct Directory {
 impl Directory {
     /// The entry called `name`, if any.
     pub fn find(&self, name: &str) -> Option<&Entry> {
-        self.entries
-            .binary_search_by(|e| e.name.as_str().cmp(name))
-            .ok()
-            .map(|i| &self.entries[i])
+        self.entries.binary_search_by(|e| e.name.as_str().cmp(name)).ok().map(|i| &self.entries[i])
     }
 }
 
@@ -143,13 +140,7 @@ impl Namespace {
 
     /// The node behind `ino`.
     pub fn node(&self, ino: u64) -> Result<Node, NamespaceError> {
-        self.inodes
-            .read()
-            .expect("inode table lock poisoned")
-            .nodes
-            .get(&ino)
-            .cloned()
-            .ok_or(NamespaceError::Stale)
+        self.inodes.read().expect("inode table lock poisoned").nodes.get(&ino).cloned().ok_or(NamespaceError::Stale)
     }
 
     /// The parent directory of directory `ino` (the root is its own parent).

@@ -62,9 +62,7 @@ pub fn children(parent_prefix: &str, listing: PrefixListing) -> Vec<Child> {
     }
     // Directories sort before files of the same name, so dedup keeps the directory.
     entries.sort_by(|a, b| {
-        a.name()
-            .cmp(b.name())
-            .then_with(|| matches!(b, Child::Dir { .. }).cmp(&matches!(a, Child::Dir { .. })))
+        a.name().cmp(b.name()).then_with(|| matches!(b, Child::Dir { .. }).cmp(&matches!(a, Child::Dir { .. })))
     });
     entries.dedup_by(|later, earlier| later.name() == earlier.name());
     entries

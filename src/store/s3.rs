@@ -65,6 +65,8 @@ impl Default for RetryPolicy {
 enum AttemptError {
     Final(StoreError),
     Transient(String),
+    /// No answer at all (connection refused, DNS, connect timeout): also retried.
+    NoConnection(String),
 }
 
 /// S3 client for one bucket.
@@ -77,9 +79,8 @@ pub struct S3Store {
 impl S3Store {
     /// Builds a client. Only reads local configuration; sends nothing.
     pub async fn new(config: &S3Config) -> S3Store {
-        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build();
+        let timeouts =
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).build();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
@@ -97,11 +98,7 @@ impl S3Store {
             // protection its failures are retried.
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .build();
-        S3Store {
-            client: Client::from_conf(s3_config),
-            bucket: config.bucket.clone(),
-            retry: config.retry,
-        }
+        S3Store { client: Client::from_conf(s3_config), bucket: config.bucket.clone(), retry: config.retry }
     }
 
     /// Runs `attempt` under the retry policy. `what` names the request in logs and errors.
@@ -112,6 +109,7 @@ impl S3Store {
     {
         let started = Instant::now();
         let mut last_error = String::new();
+        let mut connected = false;
         for n in 0..self.retry.max_attempts {
             if n > 0 {
                 let backoff = jittered_backoff(&self.retry, n);
@@ -126,15 +124,19 @@ impl S3Store {
             match tokio::time::timeout(limit, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(AttemptError::Final(e))) => return Err(e),
-                Ok(Err(AttemptError::Transient(msg))) => last_error = msg,
+                Ok(Err(AttemptError::Transient(msg))) => {
+                    connected = true;
+                    last_error = msg;
+                }
+                Ok(Err(AttemptError::NoConnection(msg))) => last_error = msg,
                 Err(_) => last_error = format!("no complete answer within {limit:?}"),
             }
         }
         warn!(what, elapsed = ?started.elapsed(), error = %last_error, "S3 request failed after retries");
-        Err(if last_error.contains("dispatch failure") || last_error.contains("no complete answer") {
-            StoreError::Unreachable(format!("{what}: {last_error}"))
-        } else {
+        Err(if connected {
             StoreError::Other(format!("{what}: {last_error}"))
+        } else {
+            StoreError::Unreachable(last_error)
         })
     }
 
@@ -148,7 +150,13 @@ impl S3Store {
             .set_continuation_token(token)
             .send()
             .await
-            .map_err(|e| classify(&self.bucket, prefix, e))?;
+            .map_err(|e| match classify(&self.bucket, prefix, e) {
+                // A listing has no key to be missing: a 404 means the bucket is not there.
+                AttemptError::Final(StoreError::NotFound(_)) => {
+                    AttemptError::Final(StoreError::NoSuchBucket(self.bucket.clone()))
+                }
+                other => other,
+            })?;
         let prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_owned)).collect();
         let objects = out
             .contents()
@@ -165,21 +173,17 @@ impl S3Store {
                 })
             })
             .collect();
-        let next = if out.is_truncated() == Some(true) {
-            out.next_continuation_token().map(str::to_owned)
-        } else {
-            None
-        };
+        let next =
+            if out.is_truncated() == Some(true) { out.next_continuation_token().map(str::to_owned) } else { None };
         Ok(ListPage { prefixes, objects, next })
     }
 
     async fn get_once(&self, object: &ObjectMeta, range: &Range<u64>) -> Result<Bytes, AttemptError> {
-        let mut request = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&object.key)
-            .range(format!("bytes={}-{}", range.start, range.end - 1));
+        let mut request = self.client.get_object().bucket(&self.bucket).key(&object.key).range(format!(
+            "bytes={}-{}",
+            range.start,
+            range.end - 1
+        ));
         if !object.etag.is_empty() {
             request = request.if_match(&object.etag);
         }
@@ -231,9 +235,7 @@ impl ObjectStore for S3Store {
             let mut token = None;
             loop {
                 let what = format!("list s3://{}/{prefix}", self.bucket);
-                let page = self
-                    .with_retries(&what, Duration::ZERO, || self.list_page(prefix, token.clone()))
-                    .await?;
+                let page = self.with_retries(&what, Duration::ZERO, || self.list_page(prefix, token.clone())).await?;
                 listing.prefixes.extend(page.prefixes);
                 listing.objects.extend(page.objects);
                 match page.next {
@@ -279,9 +281,19 @@ where
         (_, Some(_)) => AttemptError::Final(StoreError::Other(format!("{key}: {message}"))),
         (_, None) => match err {
             SdkError::ConstructionFailure(_) => AttemptError::Final(StoreError::Other(message)),
+            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => AttemptError::NoConnection(root_cause(&err)),
             _ => AttemptError::Transient(message),
         },
     }
+}
+
+/// The innermost error in a chain: for connection failures the one line a user can act on.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
 }
 
 /// True when a `Content-Range: bytes a-b/n` header describes exactly `range`.
@@ -300,10 +312,7 @@ fn content_range_matches(header: &str, range: &Range<u64>) -> bool {
 
 /// Full-jitter exponential backoff for retry number `n` (1 for the first retry).
 fn jittered_backoff(policy: &RetryPolicy, n: u32) -> Duration {
-    let ceiling = policy
-        .base_backoff
-        .saturating_mul(1u32 << n.min(16))
-        .min(policy.max_backoff);
+    let ceiling = policy.base_backoff.saturating_mul(1u32 << n.min(16)).min(policy.max_backoff);
     let random = RandomState::new().hash_one(Instant::now());
     ceiling.mul_f64((random % 1000) as f64 / 1000.0)
 }

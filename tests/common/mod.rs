@@ -1,0 +1,359 @@
+//! Shared test harness: a real S3 server (s3s-fs) on 127.0.0.1 holding a generated,
+//! portal-shaped fixture, and helpers that mount it with the real `cdpfs` binary.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Bucket name used by the fixture.
+pub const BUCKET: &str = "portal";
+
+/// Where the example tomogram lives in the fixture.
+pub const TOMO_DIR: &str = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Tomograms/100";
+
+/// MRC dimensions of the example tomogram (x, y, z).
+pub const TOMO_SHAPE: (usize, usize, usize) = (320, 320, 80);
+
+/// Number of entries in the large directory.
+pub const FRAMES: usize = 1100;
+
+/// The generated bucket: keys and their exact bytes, stored under `root/BUCKET`.
+pub struct Fixture {
+    /// The s3s-fs root (the bucket is the `BUCKET` subdirectory).
+    pub root: PathBuf,
+    /// Every key with its bytes.
+    pub objects: BTreeMap<String, Vec<u8>>,
+}
+
+impl Fixture {
+    /// The source file behind `key`.
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.root.join(BUCKET).join(key)
+    }
+}
+
+/// A running test S3 server.
+pub struct Server {
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// The endpoint URL to pass to `--endpoint-url`.
+    pub fn addr_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// The fixture and the server, created once per test binary.
+pub fn shared() -> &'static (Fixture, Server) {
+    static SHARED: OnceLock<(Fixture, Server)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        remove_stale_scratch_dirs();
+        let root = scratch_dir("fixture");
+        let fixture = build_fixture(&root);
+        let server = start_server(&root);
+        (fixture, server)
+    })
+}
+
+/// A fresh, empty directory under cargo's per-target temp dir.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Removes scratch dirs left by earlier test processes that are gone (never a live mount).
+fn remove_stale_scratch_dirs() {
+    let Ok(entries) = fs::read_dir(env!("CARGO_TARGET_TMPDIR")) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() && !is_mounted(&entry.path()) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Starts s3s-fs serving `root` on 127.0.0.1 in a background thread.
+pub fn start_server(root: &Path) -> Server {
+    let root = root.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let fs = s3s_fs::FileSystem::new(root).unwrap();
+            let service = s3s::service::S3ServiceBuilder::new(fs).build();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { continue };
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), service).await;
+                });
+            }
+        });
+    });
+    Server { addr: rx.recv().unwrap() }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a misplaced byte never goes unnoticed.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// float32 voxels from a seed, finite and in [-0.5, 0.5).
+fn voxels(seed: u64, count: usize) -> Vec<f32> {
+    noise(seed, count * 4)
+        .chunks_exact(4)
+        .map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+        .collect()
+}
+
+/// A valid MRC2014 file: 1024-byte header, float32 data, x fastest.
+pub fn mrc_bytes(shape: (usize, usize, usize), voxel_size: f32, seed: u64) -> Vec<u8> {
+    let (nx, ny, nz) = shape;
+    let data = voxels(seed, nx * ny * nz);
+    let (min, max) = data.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let mean = (data.iter().map(|&v| f64::from(v)).sum::<f64>() / data.len() as f64) as f32;
+    let rms = (data.iter().map(|&v| f64::from(v - mean).powi(2)).sum::<f64>() / data.len() as f64).sqrt() as f32;
+    let mut header = vec![0u8; 1024];
+    let mut put_i32 = |offset: usize, v: i32| header[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
+    for (i, n) in [nx, ny, nz].iter().enumerate() {
+        put_i32(i * 4, *n as i32); // nx ny nz
+        put_i32(28 + i * 4, *n as i32); // mx my mz
+    }
+    put_i32(12, 2); // mode: float32
+    put_i32(64, 1);
+    put_i32(68, 2);
+    put_i32(72, 3); // mapc mapr maps
+    put_i32(88, 1); // ispg: volume
+    put_i32(108, 20140); // nversion
+    put_i32(220, 1); // nlabl
+    let mut put_f32 = |offset: usize, v: f32| header[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
+    for (i, n) in [nx, ny, nz].iter().enumerate() {
+        put_f32(40 + i * 4, *n as f32 * voxel_size); // cella
+        put_f32(52 + i * 4, 90.0); // cellb
+    }
+    put_f32(76, min);
+    put_f32(80, max);
+    put_f32(84, mean);
+    put_f32(216, rms);
+    header[104..108].copy_from_slice(b"MRCO");
+    header[208..212].copy_from_slice(b"MAP ");
+    header[212..216].copy_from_slice(&[0x44, 0x44, 0, 0]);
+    let label = b"cdpfs test fixture";
+    header[224..224 + label.len()].copy_from_slice(label);
+    let mut out = header;
+    out.reserve(data.len() * 4);
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// One OME-Zarr v2 pyramid (uncompressed chunks, nested `/` keys) under `base`.
+fn add_zarr(objects: &mut BTreeMap<String, Vec<u8>>, base: &str, shape: [usize; 3], chunk: [usize; 3], seed: u64) {
+    objects.insert(format!("{base}/.zgroup"), br#"{"zarr_format": 2}"#.to_vec());
+    let scales: Vec<String> = (0..3)
+        .map(|l| {
+            let s = 13.48 * f64::from(1u32 << l);
+            format!(
+                r#"{{"path": "{l}", "coordinateTransformations": [{{"type": "scale", "scale": [{s}, {s}, {s}]}}]}}"#
+            )
+        })
+        .collect();
+    let zattrs = format!(
+        r#"{{"multiscales": [{{"version": "0.4", "name": "/", "axes": [{{"name": "z", "type": "space", "unit": "angstrom"}}, {{"name": "y", "type": "space", "unit": "angstrom"}}, {{"name": "x", "type": "space", "unit": "angstrom"}}], "datasets": [{}]}}]}}"#,
+        scales.join(", ")
+    );
+    objects.insert(format!("{base}/.zattrs"), zattrs.into_bytes());
+    for level in 0..3usize {
+        let dims: Vec<usize> = shape.iter().map(|d| (d >> level).max(1)).collect();
+        let chunks: Vec<usize> = chunk.iter().zip(&dims).map(|(c, d)| (*c).min(*d)).collect();
+        let zarray = format!(
+            r#"{{"zarr_format": 2, "shape": [{}, {}, {}], "chunks": [{}, {}, {}], "dtype": "<f4", "compressor": null, "fill_value": 0, "order": "C", "filters": null, "dimension_separator": "/"}}"#,
+            dims[0], dims[1], dims[2], chunks[0], chunks[1], chunks[2]
+        );
+        objects.insert(format!("{base}/{level}/.zarray"), zarray.into_bytes());
+        let counts: Vec<usize> = dims.iter().zip(&chunks).map(|(d, c)| d.div_ceil(*c)).collect();
+        for z in 0..counts[0] {
+            for y in 0..counts[1] {
+                for x in 0..counts[2] {
+                    let n = chunks.iter().product::<usize>();
+                    let bytes: Vec<u8> = voxels(seed + (level * 1000 + z * 100 + y * 10 + x) as u64, n)
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect();
+                    objects.insert(format!("{base}/{level}/{z}/{y}/{x}"), bytes);
+                }
+            }
+        }
+    }
+}
+
+fn json(fields: &[(&str, &str)]) -> Vec<u8> {
+    let body: Vec<String> = fields.iter().map(|(k, v)| format!("    \"{k}\": {v}")).collect();
+    format!("{{\n{}\n}}", body.join(",\n")).into_bytes()
+}
+
+/// Generates the portal-shaped bucket and writes it where s3s-fs serves it from.
+pub fn build_fixture(root: &Path) -> Fixture {
+    let mut objects = BTreeMap::new();
+    let standard = [("deposition_id", "10310"), ("last_updated_at", "1716000000")];
+    for (dataset, title) in [("10000", "\"Whole-cell tomograms\""), ("10001", "\"Ribosomes in situ\"")] {
+        let id = dataset;
+        objects.insert(
+            format!("{dataset}/dataset_metadata.json"),
+            json(&[("dataset_identifier", id), ("dataset_title", title), standard[0], standard[1]]),
+        );
+    }
+    for run in ["TS_026", "TS with space", "Ünïcode_run_é"] {
+        objects.insert(
+            format!("10000/{run}/run_metadata.json"),
+            json(&[("run_name", &format!("\"{run}\"")), standard[0], standard[1]]),
+        );
+    }
+    objects.insert(format!("{TOMO_DIR}/TS_026.mrc"), mrc_bytes(TOMO_SHAPE, 13.48, 1));
+    objects.insert(
+        format!("{TOMO_DIR}/tomogram_metadata.json"),
+        json(&[
+            ("voxel_spacing", "13.48"),
+            ("size", r#"{"x": 320, "y": 320, "z": 80}"#),
+            ("mrc_file", &format!("\"{TOMO_DIR}/TS_026.mrc\"")),
+            ("omezarr_dir", &format!("\"{TOMO_DIR}/TS_026.zarr\"")),
+        ]),
+    );
+    add_zarr(&mut objects, &format!("{TOMO_DIR}/TS_026.zarr"), [64, 128, 128], [32, 48, 64], 7);
+    let annotations = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/100";
+    objects.insert(
+        format!("{annotations}/cytosolic_ribosome-1.0.json"),
+        json(&[("annotation_object", r#"{"id": "GO:0022626", "name": "cytosolic ribosome"}"#), ("object_count", "3")]),
+    );
+    let points: String = (0..3)
+        .map(|i| format!("{{\"type\": \"point\", \"location\": {{\"x\": {i}.5, \"y\": 2.0, \"z\": 3.0}}}}\n"))
+        .collect();
+    objects.insert(format!("{annotations}/cytosolic_ribosome-1.0_point.ndjson"), points.into_bytes());
+    for i in 0..FRAMES {
+        objects.insert(format!("10000/TS_026/Frames/frame_{i:04}.tif"), noise(100 + i as u64, 1 + i % 97));
+    }
+    objects.insert("10000/TS_026/Frames/empty.mdoc".into(), Vec::new());
+    objects.insert(
+        "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc".into(),
+        mrc_bytes((64, 64, 41), 4.99, 2),
+    );
+    objects.insert(
+        "depositions_metadata/10310/deposition_metadata.json".into(),
+        json(&[("deposition_identifier", "10310")]),
+    );
+
+    let bucket_dir = root.join(BUCKET);
+    for (key, bytes) in &objects {
+        let path = bucket_dir.join(key);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, bytes).unwrap();
+        // s3s-fs re-hashes a file for its ETag on every request unless this sidecar exists.
+        let encode = |s: &str| base64_simd::URL_SAFE_NO_PAD.encode_to_string(s);
+        let sidecar = root.join(format!(".bucket-{}.object-{}.internal.json", encode(BUCKET), encode(key)));
+        let etag = format!("{:016x}{:016x}", fnv(bytes), bytes.len());
+        fs::write(sidecar, format!("{{\"e_tag\":\"{etag}\"}}")).unwrap();
+    }
+    Fixture { root: root.to_path_buf(), objects }
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The `cdpfs` binary under test.
+pub fn cdpfs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cdpfs"))
+}
+
+/// Runs `cdpfs` with `args` and returns its output, failing the test if it takes over `limit`.
+pub fn run_cdpfs(args: &[&str], limit: Duration) -> Output {
+    let mut child =
+        cdpfs().args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("cdpfs {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Fails the test early, with a clear reason, when this machine cannot mount FUSE.
+pub fn require_fuse() {
+    assert!(Path::new("/dev/fuse").exists(), "these tests mount a real FUSE filesystem: /dev/fuse is missing");
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests mount FUSE and must run as root (as CI does)");
+}
+
+/// Whether something is mounted exactly at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// A live mount of the shared fixture; unmounted on drop.
+pub struct Mounted {
+    /// The mount point.
+    pub path: PathBuf,
+}
+
+impl Mounted {
+    /// Mounts the shared fixture (background mode, as a user would) with `extra` options.
+    pub fn new(name: &str, extra: &[&str]) -> Mounted {
+        require_fuse();
+        let (_, server) = shared();
+        let path = scratch_dir(&format!("mnt-{name}"));
+        let url = server.addr_url();
+        let mut args = vec!["mount", path.to_str().unwrap(), "--endpoint-url", &url, "--bucket", BUCKET];
+        args.extend_from_slice(extra);
+        let out = run_cdpfs(&args, Duration::from_secs(60));
+        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(is_mounted(&path), "cdpfs mount returned before the mount was ready");
+        Mounted { path }
+    }
+
+    /// The mounted path of `key`.
+    pub fn join(&self, key: &str) -> PathBuf {
+        self.path.join(key)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let out = run_cdpfs(&["unmount", self.path.to_str().unwrap()], Duration::from_secs(30));
+        if !out.status.success() {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.path).status();
+        }
+        let started = Instant::now();
+        while is_mounted(&self.path) && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+}

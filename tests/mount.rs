@@ -1,0 +1,308 @@
+//! The mount end to end: a real S3 server on loopback, the real `cdpfs` binary, a real FUSE
+//! mount, read with std I/O (and Python's mrcfile and zarr where available).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{shared, Mounted, FRAMES, TOMO_DIR};
+
+/// Every file under `dir`, as a path relative to `base`, with its size.
+fn walk(base: &Path, dir: &Path, files: &mut BTreeMap<String, u64>, dirs: &mut BTreeSet<String>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        let rel = path.strip_prefix(base).unwrap().to_str().unwrap().to_owned();
+        let meta = fs::metadata(&path).unwrap();
+        if meta.is_dir() {
+            assert_eq!(meta.permissions().mode() & 0o777, 0o555, "{rel}");
+            dirs.insert(rel);
+            walk(base, &path, files, dirs);
+        } else {
+            assert!(meta.is_file(), "{rel} is neither file nor directory");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{rel}");
+            files.insert(rel, meta.len());
+        }
+    }
+}
+
+#[test]
+fn tree_sizes_mtimes_and_bytes_match_the_bucket() {
+    let (fixture, _) = shared();
+    let mount = Mounted::new("tree", &[]);
+
+    let mut files = BTreeMap::new();
+    let mut dirs = BTreeSet::new();
+    walk(&mount.path, &mount.path, &mut files, &mut dirs);
+    let expected: BTreeMap<String, u64> = fixture.objects.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+    assert_eq!(files, expected, "file tree or sizes differ from the bucket");
+    let expected_dirs: BTreeSet<String> = fixture
+        .objects
+        .keys()
+        .flat_map(|k| {
+            let parts: Vec<&str> = k.split('/').collect();
+            (1..parts.len()).map(move |n| parts[..n].join("/"))
+        })
+        .collect();
+    assert_eq!(dirs, expected_dirs);
+
+    let frames = fs::read_dir(mount.join("10000/TS_026/Frames")).unwrap().count();
+    assert_eq!(frames, FRAMES + 1, "a directory of more than 1000 keys must list every page");
+
+    for (key, bytes) in &fixture.objects {
+        let meta = fs::metadata(mount.join(key)).unwrap();
+        let source_mtime = fs::metadata(fixture.path(key)).unwrap().modified().unwrap();
+        let shown = meta.modified().unwrap();
+        let skew = shown.duration_since(source_mtime).unwrap_or_else(|e| e.duration());
+        assert!(skew <= Duration::from_secs(1), "{key}: mtime {shown:?} vs {source_mtime:?}");
+        assert_eq!(meta.uid(), 0, "files are owned by the mounting user");
+        assert_eq!(&fs::read(mount.join(key)).unwrap(), bytes, "{key}: bytes differ");
+    }
+}
+
+#[test]
+fn random_preads_match_the_source_including_at_and_past_eof() {
+    let (fixture, _) = shared();
+    let mount = Mounted::new("pread", &[]);
+    let key = format!("{TOMO_DIR}/TS_026.mrc");
+    let source = &fixture.objects[&key];
+    let size = source.len() as u64;
+    let file = File::open(mount.join(&key)).unwrap();
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut cases: Vec<(u64, usize)> = (0..150).map(|_| (next() % size, (next() % 300_000) as usize + 1)).collect();
+    cases.extend([(0, 1024), (1, 1), (size - 1, 1), (size - 10, 100), (size, 10), (size + 4096, 10), (4095, 8193)]);
+    for (offset, len) in cases {
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = file.read_at(&mut buf[got..], offset + got as u64).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let start = offset.min(size) as usize;
+        let end = (offset + len as u64).min(size) as usize;
+        assert_eq!(got, end - start, "length of read at {offset}+{len}");
+        assert!(buf[..got] == source[start..end], "bytes of read at {offset}+{len}");
+    }
+}
+
+#[test]
+fn eight_threads_read_different_files_at_once() {
+    let (fixture, _) = shared();
+    let mount = Mounted::new("parallel", &[]);
+    let keys: Vec<String> = vec![
+        format!("{TOMO_DIR}/TS_026.mrc"),
+        "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc".into(),
+        format!("{TOMO_DIR}/TS_026.zarr/0/0/0/0"),
+        format!("{TOMO_DIR}/TS_026.zarr/0/1/1/1"),
+        format!("{TOMO_DIR}/TS_026.zarr/1/0/0/0"),
+        "10000/dataset_metadata.json".into(),
+        "10000/TS_026/Frames/frame_0999.tif".into(),
+        format!("{TOMO_DIR}/tomogram_metadata.json"),
+    ];
+    std::thread::scope(|scope| {
+        for key in &keys {
+            let path = mount.join(key);
+            let expected = &fixture.objects[key];
+            scope.spawn(move || {
+                let mut bytes = Vec::new();
+                File::open(&path).unwrap().read_to_end(&mut bytes).unwrap();
+                assert!(&bytes == expected, "{key}: bytes differ");
+            });
+        }
+    });
+}
+
+fn raw_os_error<T: std::fmt::Debug>(result: std::io::Result<T>) -> i32 {
+    result.expect_err("the operation should have failed").raw_os_error().unwrap()
+}
+
+fn c(path: &Path) -> CString {
+    CString::new(path.to_str().unwrap()).unwrap()
+}
+
+#[test]
+fn every_write_is_erofs_and_missing_names_are_enoent() {
+    let mount = Mounted::new("readonly", &[]);
+    let file = mount.join("10000/dataset_metadata.json");
+    let dir = mount.join("10000");
+    let erofs = libc::EROFS;
+    assert_eq!(raw_os_error(OpenOptions::new().write(true).open(&file)), erofs);
+    assert_eq!(raw_os_error(OpenOptions::new().append(true).open(&file)), erofs);
+    assert_eq!(raw_os_error(OpenOptions::new().read(true).write(true).open(&file)), erofs);
+    assert_eq!(raw_os_error(File::create(dir.join("new.json"))), erofs);
+    assert_eq!(raw_os_error(fs::create_dir(dir.join("newdir"))), erofs);
+    assert_eq!(raw_os_error(fs::remove_file(&file)), erofs);
+    assert_eq!(raw_os_error(fs::remove_dir(mount.join("10001/24apr23a_Position_12"))), erofs);
+    assert_eq!(raw_os_error(fs::rename(&file, dir.join("moved.json"))), erofs);
+    assert_eq!(raw_os_error(std::os::unix::fs::symlink("x", dir.join("link"))), erofs);
+    assert_eq!(raw_os_error(fs::hard_link(&file, dir.join("hard"))), erofs);
+    assert_eq!(raw_os_error(fs::set_permissions(&file, fs::Permissions::from_mode(0o644))), erofs);
+    let truncate = unsafe { libc::truncate(c(&file).as_ptr(), 0) };
+    assert_eq!((truncate, std::io::Error::last_os_error().raw_os_error()), (-1, Some(erofs)));
+    let name = CString::new("user.test").unwrap();
+    let set = unsafe { libc::setxattr(c(&file).as_ptr(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    assert_eq!((set, std::io::Error::last_os_error().raw_os_error()), (-1, Some(erofs)));
+    let mkfifo = unsafe { libc::mkfifo(c(&dir.join("fifo")).as_ptr(), 0o644) };
+    assert_eq!((mkfifo, std::io::Error::last_os_error().raw_os_error()), (-1, Some(erofs)));
+    // The file is unchanged and still readable.
+    assert!(fs::read(&file).unwrap().starts_with(b"{"));
+
+    for missing in ["nope", "10000/nope.json", "10000/TS_026/nope/deeper", "10000/TS_026/Frames/frame_9999.tif"] {
+        let error = fs::metadata(mount.join(missing)).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::NotFound, "{missing}");
+    }
+    assert_eq!(raw_os_error(fs::read_dir(&file)), libc::ENOTDIR);
+}
+
+#[test]
+fn statfs_and_root_look_sensible() {
+    let mount = Mounted::new("statfs", &[]);
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c(&mount.path).as_ptr(), &mut stat) }, 0);
+    assert_eq!(stat.f_namemax, 255);
+    assert!(stat.f_flag & libc::ST_RDONLY != 0, "mounted read-only");
+    let top: BTreeSet<String> =
+        fs::read_dir(&mount.path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(top, ["10000", "10001", "depositions_metadata"].map(String::from).into());
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts.lines().find(|l| l.contains(mount.path.to_str().unwrap())).unwrap();
+    assert!(line.contains("fuse.cdpfs") && line.contains("ro,"), "{line}");
+}
+
+#[test]
+fn prefix_option_mounts_one_dataset() {
+    let (fixture, _) = shared();
+    let mount = Mounted::new("prefix", &["--prefix", "10001"]);
+    let key = "24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc";
+    assert_eq!(fs::read(mount.join(key)).unwrap(), fixture.objects[&format!("10001/{key}")]);
+    assert!(!mount.join("10000").exists());
+    // ".." at the mount root leaves the mount, as for any mount point.
+    assert_eq!(fs::canonicalize(mount.join("24apr23a_Position_12/..")).unwrap(), mount.path);
+}
+
+#[test]
+fn foreground_mount_unmounts_cleanly_on_sigterm_and_sigint() {
+    common::require_fuse();
+    let (_, server) = shared();
+    for (name, signal) in [("sigterm", libc::SIGTERM), ("sigint", libc::SIGINT)] {
+        let path = common::scratch_dir(&format!("mnt-{name}"));
+        let mut child = common::cdpfs()
+            .args(["mount", path.to_str().unwrap(), "--foreground", "--endpoint-url", &server.addr_url()])
+            .args(["--bucket", common::BUCKET])
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !common::is_mounted(&path) {
+            assert!(started.elapsed() < Duration::from_secs(30), "foreground mount never appeared");
+            assert!(child.try_wait().unwrap().is_none(), "cdpfs exited early");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(path.join("10000/dataset_metadata.json").is_file());
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let stopping = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(stopping.elapsed() < Duration::from_secs(15), "cdpfs did not stop on {name}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "exit status after {name}: {status}");
+        assert!(!common::is_mounted(&path), "still mounted after {name}");
+        fs::remove_dir(&path).unwrap();
+    }
+}
+
+#[test]
+fn external_unmount_ends_the_background_process() {
+    let mount = Mounted::new("external", &[]);
+    let out = common::run_cdpfs(&["unmount", mount.path.to_str().unwrap()], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!common::is_mounted(&mount.path));
+    let again = common::run_cdpfs(&["unmount", mount.path.to_str().unwrap()], Duration::from_secs(30));
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not mounted"));
+    // No cdpfs process is left serving that mount point.
+    let started = Instant::now();
+    while process_serving(&mount.path) {
+        assert!(started.elapsed() < Duration::from_secs(10), "background cdpfs survived the unmount");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn process_serving(mountpoint: &Path) -> bool {
+    let wanted = mountpoint.to_str().unwrap();
+    fs::read_dir("/proc").unwrap().flatten().any(|p| {
+        fs::read(p.path().join("cmdline"))
+            .map(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.iter().any(|a| a.ends_with(b"cdpfs")) && args.contains(&wanted.as_bytes())
+            })
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn mrcfile_and_zarr_read_through_the_mount() {
+    let python = match std::env::var("CDPFS_TEST_PYTHON") {
+        Ok(python) => python,
+        Err(_) => {
+            let probe = Command::new("python3").args(["-c", "import mrcfile, zarr, numpy"]).output();
+            if !probe.is_ok_and(|o| o.status.success()) {
+                eprintln!("SKIPPED: python3 with mrcfile and zarr not found (set CDPFS_TEST_PYTHON)");
+                return;
+            }
+            "python3".into()
+        }
+    };
+    let (fixture, _) = shared();
+    let mount = Mounted::new("python", &[]);
+    let script = r#"
+import sys, numpy as np, mrcfile, zarr
+mnt, src, rel = sys.argv[1], sys.argv[2], sys.argv[3]
+with mrcfile.mmap(f"{mnt}/{rel}/TS_026.mrc", mode="r") as m, mrcfile.open(f"{src}/{rel}/TS_026.mrc") as s:
+    assert m.data.shape == (80, 320, 320), m.data.shape
+    assert m.data.dtype == np.float32
+    assert np.array_equal(m.data, s.data)
+    assert abs(float(m.voxel_size.x) - 13.48) < 1e-3, m.voxel_size
+    section = np.array(m.data[40])
+    assert np.array_equal(section, s.data[40])
+assert mrcfile.validate(f"{mnt}/{rel}/TS_026.mrc")
+g, gs = zarr.open(f"{mnt}/{rel}/TS_026.zarr", mode="r"), zarr.open(f"{src}/{rel}/TS_026.zarr", mode="r")
+for level in "012":
+    a, b = g[level][:], gs[level][:]
+    assert a.shape == b.shape and np.array_equal(a, b), level
+assert g["0"].shape == (64, 128, 128)
+assert np.array_equal(g["0"][10:40, 50:100, 3:70], gs["0"][10:40, 50:100, 3:70])
+print("python-ok")
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(&mount.path)
+        .arg(fixture.root.join(common::BUCKET))
+        .arg(TOMO_DIR)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("python-ok"),
+        "python check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
