@@ -18,9 +18,8 @@ use fuser::{
 };
 use tracing::warn;
 
-use crate::data::DataPath;
+use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
-use crate::store::ObjectMeta;
 
 /// Preferred I/O size reported in `st_blksize` and `statfs`: large, so stdio and `cp` read
 /// in big requests.
@@ -39,7 +38,7 @@ pub struct FsOptions {
 
 /// An open file or directory.
 enum Handle {
-    File(Arc<ObjectMeta>),
+    File(Arc<OpenFile>),
     Dir(Arc<Directory>),
 }
 
@@ -94,9 +93,9 @@ impl CdpFs {
         }
     }
 
-    fn file_handle(&self, fh: FileHandle) -> Option<Arc<ObjectMeta>> {
+    fn file_handle(&self, fh: FileHandle) -> Option<Arc<OpenFile>> {
         match self.handles.lock().expect("handle table poisoned").get(&fh.0) {
-            Some(Handle::File(object)) => Some(object.clone()),
+            Some(Handle::File(file)) => Some(file.clone()),
             _ => None,
         }
     }
@@ -184,7 +183,7 @@ impl Filesystem for CdpFs {
         }
         match self.namespace.node(ino.0) {
             Ok(Node::File(object)) => {
-                let fh = self.add_handle(Handle::File(object));
+                let fh = self.add_handle(Handle::File(Arc::new(self.data.open(object))));
                 // Objects are immutable per (key, ETag) and a new ETag gets a new inode, so the
                 // kernel may keep cached pages across opens.
                 reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
@@ -205,16 +204,16 @@ impl Filesystem for CdpFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(object) = self.file_handle(fh) else {
+        let Some(file) = self.file_handle(fh) else {
             reply.error(Errno::EBADF);
             return;
         };
         let data = self.data.clone();
         self.spawn(async move {
-            match data.read(&object, offset, size).await {
+            match data.read(&file, offset, size).await {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
-                    warn!(key = %object.key, offset, size, error = %e, "read failed");
+                    warn!(key = %file.object.key, offset, size, error = %e, "read failed");
                     reply.error(Errno::from_i32(e.errno()));
                 }
             }

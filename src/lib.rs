@@ -3,13 +3,15 @@
 //! Layers, each in its own module:
 //! - [`store`]: the object-store client (listing, ranged ETag-pinned GETs, retries);
 //! - [`namespace`]: inodes, key-to-name mapping and the directory cache;
-//! - [`data`]: the read path from a file range to object bytes;
+//! - [`cache`]: the block cache (memory and persistent disk tiers);
+//! - [`data`]: the read path from a file range to object bytes, with prefetch;
 //! - [`fuse`]: the thin FUSE adapter;
 //! - [`mount`]: the mount lifecycle (checks, background start, signals, unmount);
 //! - [`portal`]: what is specific to the CryoET Data Portal.
 //!
 //! The `cdpfs` binary (`main.rs`) is only the command line on top.
 
+pub mod cache;
 pub mod data;
 pub mod fuse;
 pub mod mount;

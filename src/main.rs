@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Mount the bucket at MOUNTPOINT (returns once the mount is ready; see --foreground).
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a cdpfs mount.
     Unmount {
         /// The mounted directory.
@@ -80,6 +80,23 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
 
+    /// Memory for cached and in-flight data blocks (e.g. `512M`, `4G`).
+    #[arg(long, env = "CDPFS_MAX_MEMORY", default_value = "1G", value_parser = parse_size)]
+    max_memory: u64,
+
+    /// Directory of the persistent block cache (kept across mounts; may be shared by several
+    /// mounts and nodes). Default: /var/cache/cdpfs for root, else $XDG_CACHE_HOME/cdpfs.
+    #[arg(long, env = "CDPFS_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Upper bound on the disk cache (e.g. `50G`); least recently used blocks are evicted.
+    #[arg(long, env = "CDPFS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
+    cache_size: u64,
+
+    /// Keep no data on disk: cache blocks in memory only.
+    #[arg(long, env = "CDPFS_NO_DISK_CACHE", conflicts_with = "cache_dir")]
+    no_disk_cache: bool,
+
     /// Log verbosity: error, warn, info, debug or trace.
     #[arg(long, env = "CDPFS_LOG_LEVEL", default_value = "info")]
     log_level: tracing::Level,
@@ -108,6 +125,12 @@ impl MountArgs {
             prefix,
             allow_other: self.allow_other,
             metadata_ttl: self.metadata_ttl,
+            max_memory: self.max_memory,
+            disk_cache: if self.no_disk_cache {
+                None
+            } else {
+                Some((self.cache_dir.clone().unwrap_or_else(default_cache_dir), self.cache_size))
+            },
         })
     }
 }
@@ -122,6 +145,37 @@ fn normalize_prefix(raw: &str) -> Result<String> {
         bail!("invalid --prefix {raw:?}: empty, `.` or `..` path segments");
     }
     Ok(format!("{trimmed}/"))
+}
+
+/// `/var/cache/cdpfs` for root, else `$XDG_CACHE_HOME/cdpfs` (or `~/.cache/cdpfs`).
+fn default_cache_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/cdpfs");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("cdpfs")
+}
+
+/// A byte count with an optional binary suffix: `4096`, `512K`, `64M`, `1G`, `2T` (`MiB`, `GB`
+/// and lower case work too; all are powers of 1024).
+fn parse_size(raw: &str) -> Result<u64, String> {
+    let text = raw.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| format!("{raw:?} is not a size like 512M or 4G"))?;
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{raw:?}: unknown unit (use K, M, G or T)")),
+    };
+    number.checked_mul(1 << shift).ok_or_else(|| format!("{raw:?} is too large"))
 }
 
 fn init_logging(args: &MountArgs) -> Result<()> {
@@ -167,7 +221,20 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize_prefix;
+    use super::{normalize_prefix, parse_size};
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("3gb"), Ok(3 << 30));
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 
     #[test]
     fn prefixes_are_normalized() {

@@ -204,7 +204,7 @@ fn foreground_mount_unmounts_cleanly_on_sigterm_and_sigint() {
         let path = common::scratch_dir(&format!("mnt-{name}"));
         let mut child = common::cdpfs()
             .args(["mount", path.to_str().unwrap(), "--foreground", "--endpoint-url", &server.addr_url()])
-            .args(["--bucket", common::BUCKET])
+            .args(["--bucket", common::BUCKET, "--no-disk-cache"])
             .spawn()
             .unwrap();
         let started = Instant::now();

@@ -1,31 +1,175 @@
-//! Data path: turns a read of (object, offset, length) into bytes.
+//! Data path: turns a read of (open file, offset, length) into bytes.
 //!
-//! Today every read becomes one ranged GET of exactly the bytes asked for, clamped to the
-//! object's end. This is the module that grows the block cache and the prefetcher.
+//! Small objects (JSON, ndjson, small chunks) are fetched whole, once, as block 0. For larger
+//! objects the per-file [`prefetch::Prefetcher`] decides: a random read (the first read, an MRC
+//! header, a seek) is served from cached blocks when they are all there and otherwise by one
+//! ranged GET of exactly the bytes asked for; a sequential read is served from whole blocks and
+//! starts background fetches of the blocks in its read-ahead window. All background fetches
+//! together hold at most a fixed number of blocks in flight (the prefetch budget): under
+//! pressure, windows are simply not filled, and the process does not grow.
+
+pub mod prefetch;
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Semaphore;
 
+use crate::cache::{BlockCache, BlockKey};
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use prefetch::{Pattern, Prefetcher};
 
-/// Reads object bytes through the object store.
+/// Tuning of the read path.
+#[derive(Clone, Copy, Debug)]
+pub struct DataConfig {
+    /// Objects up to this size are fetched whole on first read.
+    pub small_object: u64,
+    /// First read-ahead window of a sequential stream.
+    pub initial_window: u64,
+    /// Largest read-ahead window of one stream.
+    pub max_window: u64,
+    /// Blocks that background fetches may hold in flight, across all files.
+    pub prefetch_blocks: usize,
+}
+
+/// One open file: the object version it reads and its access-pattern state.
+pub struct OpenFile {
+    /// The object version this handle reads (pinned at open).
+    pub object: Arc<ObjectMeta>,
+    state: Mutex<StreamState>,
+}
+
+struct StreamState {
+    prefetcher: Prefetcher,
+    /// First block not yet handed to a background fetch in the current stream.
+    next_unrequested: u64,
+}
+
+/// Reads object bytes through the block cache and the object store.
 pub struct DataPath {
     store: Arc<dyn ObjectStore>,
+    cache: Arc<BlockCache>,
+    config: DataConfig,
+    prefetch_budget: Arc<Semaphore>,
 }
 
 impl DataPath {
-    /// A data path that fetches through `store`.
-    pub fn new(store: Arc<dyn ObjectStore>) -> DataPath {
-        DataPath { store }
+    /// A data path over `cache`, fetching through `store`.
+    pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>, config: DataConfig) -> DataPath {
+        let prefetch_budget = Arc::new(Semaphore::new(config.prefetch_blocks));
+        DataPath { store, cache, config, prefetch_budget }
     }
 
-    /// Up to `len` bytes of `object` from `offset`; fewer at the end, none past it.
-    pub async fn read(&self, object: &ObjectMeta, offset: u64, len: u32) -> Result<Bytes, StoreError> {
-        let range = clamp(object.size, offset, len);
-        self.store.get_range(object, range).await
+    /// The block cache (for statistics).
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
     }
+
+    /// Starts reading `object`.
+    pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
+        let prefetcher = Prefetcher::new(self.config.initial_window, self.config.max_window);
+        OpenFile { object, state: Mutex::new(StreamState { prefetcher, next_unrequested: 0 }) }
+    }
+
+    /// Up to `len` bytes of the file from `offset`; fewer at the end, none past it.
+    pub async fn read(self: &Arc<Self>, file: &OpenFile, offset: u64, len: u32) -> Result<Bytes, StoreError> {
+        let object = &file.object;
+        let range = clamp(object.size, offset, len);
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let block_size = self.cache.block_size();
+        let blocks = range.start / block_size..(range.end - 1) / block_size + 1;
+        if object.size <= self.config.small_object.min(block_size) {
+            return self.read_blocks(object, blocks, range).await;
+        }
+        let (pattern, prefetch) = {
+            let mut state = file.state.lock().expect("stream state poisoned");
+            let pattern = state.prefetcher.on_read(range.start, range.end - range.start);
+            let mut prefetch = 0..0;
+            if let Pattern::Sequential { window } = pattern {
+                let window_end = (range.end + window).min(object.size).div_ceil(block_size);
+                prefetch = state.next_unrequested.max(blocks.end)..window_end;
+                state.next_unrequested = state.next_unrequested.max(prefetch.end);
+            } else {
+                state.next_unrequested = 0;
+            }
+            (pattern, prefetch)
+        };
+        match pattern {
+            Pattern::Sequential { .. } => {
+                self.prefetch(object, prefetch);
+                self.read_blocks(object, blocks, range).await
+            }
+            Pattern::Random => {
+                let mut cached = Vec::new();
+                for index in blocks.clone() {
+                    match self.cache.cached(&BlockKey { object: object.clone(), index }).await {
+                        Some(block) => cached.push(block),
+                        None => return self.store.get_range(object, range).await,
+                    }
+                }
+                Ok(assemble(&cached, blocks.start * block_size, range))
+            }
+        }
+    }
+
+    /// Reads whole blocks (in parallel, through the cache) and cuts `range` out of them.
+    async fn read_blocks(
+        &self,
+        object: &Arc<ObjectMeta>,
+        blocks: Range<u64>,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let first = blocks.start * self.cache.block_size();
+        let loads: Vec<_> = blocks
+            .map(|index| {
+                let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
+                tokio::spawn(async move { cache.get(key).await })
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(loads.len());
+        for load in loads {
+            parts.push(load.await.map_err(|e| StoreError::Other(format!("block load failed: {e}")))??);
+        }
+        Ok(assemble(&parts, first, range))
+    }
+
+    /// Fetches `blocks` in the background, as far as the prefetch budget allows.
+    fn prefetch(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
+        for index in blocks {
+            let Ok(permit) = self.prefetch_budget.clone().try_acquire_owned() else {
+                return;
+            };
+            let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
+            tokio::spawn(async move {
+                let _ = cache.get(key).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// The bytes of `range` from consecutive `blocks`, the first starting at object offset `first`.
+fn assemble(blocks: &[Bytes], first: u64, range: Range<u64>) -> Bytes {
+    let start = (range.start - first) as usize;
+    let len = (range.end - range.start) as usize;
+    if let [block] = blocks {
+        return block.slice(start..start + len);
+    }
+    let mut out = BytesMut::with_capacity(len);
+    let mut skip = start;
+    for block in blocks {
+        if skip >= block.len() {
+            skip -= block.len();
+            continue;
+        }
+        let take = (block.len() - skip).min(len - out.len());
+        out.extend_from_slice(&block[skip..skip + take]);
+        skip = 0;
+    }
+    out.freeze()
 }
 
 /// The byte range a read of `len` bytes at `offset` covers in an object of `size` bytes.
@@ -36,7 +180,7 @@ fn clamp(size: u64, offset: u64, len: u32) -> Range<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::clamp;
+    use super::*;
 
     #[test]
     fn reads_are_clamped_to_the_object() {
@@ -46,5 +190,14 @@ mod tests {
         assert_eq!(clamp(100, 500, 10), 100..100);
         assert_eq!(clamp(0, 0, 4096), 0..0);
         assert_eq!(clamp(u64::MAX, u64::MAX - 1, 10), u64::MAX - 1..u64::MAX);
+    }
+
+    #[test]
+    fn assemble_cuts_across_blocks() {
+        let blocks: Vec<Bytes> =
+            vec![Bytes::from_static(b"abcd"), Bytes::from_static(b"efgh"), Bytes::from_static(b"ij")];
+        assert_eq!(&assemble(&blocks, 8, 9..17)[..], b"bcdefghi");
+        assert_eq!(&assemble(&blocks[1..2], 12, 13..15)[..], b"fg");
+        assert_eq!(&assemble(&blocks, 0, 4..10)[..], b"efghij");
     }
 }

@@ -330,7 +330,11 @@ impl Mounted {
         let (_, server) = shared();
         let path = scratch_dir(&format!("mnt-{name}"));
         let url = server.addr_url();
+        let cache = scratch_dir(&format!("cache-{name}"));
         let mut args = vec!["mount", path.to_str().unwrap(), "--endpoint-url", &url, "--bucket", BUCKET];
+        if !extra.contains(&"--cache-dir") && !extra.contains(&"--no-disk-cache") {
+            args.extend_from_slice(&["--cache-dir", cache.to_str().unwrap()]);
+        }
         args.extend_from_slice(extra);
         let out = run_cdpfs(&args, Duration::from_secs(60));
         assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -1,0 +1,252 @@
+//! Block cache: fixed-size blocks of object data keyed by (key, ETag, block index).
+//!
+//! Two tiers: memory (moka, bounded in bytes, LRU) in front of an optional persistent disk tier
+//! ([`disk::DiskCache`]). A block is loaded once however many readers want it at the same time
+//! (single-flight): memory, then disk, then one ranged GET, after which the block is written to
+//! disk in the background.
+
+pub mod disk;
+
+use std::hash::{Hash, Hasher};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use disk::DiskCache;
+
+/// One block of one object version.
+#[derive(Clone, Debug)]
+pub struct BlockKey {
+    /// The object (its key and ETag identify the block's bytes).
+    pub object: Arc<ObjectMeta>,
+    /// Block number: the block covers `index * block_size ..` of the object.
+    pub index: u64,
+}
+
+impl BlockKey {
+    /// A stable 64-bit hash of the object's key and ETag (FNV-1a), used for file names.
+    pub fn object_hash(&self) -> u64 {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for byte in self.object.key.bytes().chain([0]).chain(self.object.etag.bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+        hash
+    }
+}
+
+impl PartialEq for BlockKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index && self.object.key == other.object.key && self.object.etag == other.object.etag
+    }
+}
+
+impl Eq for BlockKey {}
+
+impl Hash for BlockKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.object.key.hash(state);
+        self.object.etag.hash(state);
+        self.index.hash(state);
+    }
+}
+
+/// Counters of where block data came from.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Blocks served from memory.
+    pub memory_hits: AtomicU64,
+    /// Blocks served from disk.
+    pub disk_hits: AtomicU64,
+    /// Blocks fetched from the object store.
+    pub fetches: AtomicU64,
+}
+
+/// Memory + disk block cache in front of an object store.
+pub struct BlockCache {
+    store: Arc<dyn ObjectStore>,
+    block_size: u64,
+    memory: moka::future::Cache<BlockKey, Bytes>,
+    disk: Option<Arc<DiskCache>>,
+    /// Where block data came from.
+    pub stats: CacheStats,
+}
+
+impl BlockCache {
+    /// A cache of `block_size` blocks holding at most `memory_bytes` in memory.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        block_size: u64,
+        memory_bytes: u64,
+        disk: Option<Arc<DiskCache>>,
+    ) -> BlockCache {
+        let memory = moka::future::Cache::builder()
+            .max_capacity(memory_bytes)
+            .weigher(|_, block: &Bytes| u32::try_from(block.len()).unwrap_or(u32::MAX))
+            // TinyLFU would refuse new sequential blocks in favour of old ones.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        BlockCache { store, block_size, memory, disk, stats: CacheStats::default() }
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// The byte range block `index` covers in `object`.
+    pub fn block_range(&self, object: &ObjectMeta, index: u64) -> Range<u64> {
+        let start = index * self.block_size;
+        start.min(object.size)..(start + self.block_size).min(object.size)
+    }
+
+    /// The block, if memory or disk has it; never fetches.
+    pub async fn cached(&self, key: &BlockKey) -> Option<Bytes> {
+        if let Some(block) = self.memory.get(key).await {
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(block);
+        }
+        let block = self.read_disk(key).await?;
+        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+        self.memory.insert(key.clone(), block.clone()).await;
+        Some(block)
+    }
+
+    /// The block, from memory, disk or one GET shared by all concurrent callers.
+    pub async fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
+        if let Some(block) = self.memory.get(&key).await {
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(block);
+        }
+        let loader_key = key.clone();
+        self.memory
+            .try_get_with(key, async move {
+                if let Some(block) = self.read_disk(&loader_key).await {
+                    self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(block);
+                }
+                let range = self.block_range(&loader_key.object, loader_key.index);
+                let block = self.store.get_range(&loader_key.object, range).await?;
+                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                if let Some(disk) = &self.disk {
+                    let (disk, block) = (disk.clone(), block.clone());
+                    tokio::task::spawn_blocking(move || disk.write(&loader_key, &block));
+                }
+                Ok(block)
+            })
+            .await
+            .map_err(|e: Arc<StoreError>| (*e).clone())
+    }
+
+    async fn read_disk(&self, key: &BlockKey) -> Option<Bytes> {
+        let disk = self.disk.clone()?;
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || disk.read(&key)).await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{PrefixListing, StoreFuture};
+    use std::time::{Duration, SystemTime};
+
+    /// A store whose objects are `size` bytes of `offset % 251`, counting GETs.
+    #[derive(Default)]
+    struct CountingStore {
+        gets: AtomicU64,
+    }
+
+    impl ObjectStore for CountingStore {
+        fn list_prefix<'a>(&'a self, _: &'a str) -> StoreFuture<'a, PrefixListing> {
+            Box::pin(async { Ok(PrefixListing::default()) })
+        }
+
+        fn get_range<'a>(&'a self, _: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {
+            Box::pin(async move {
+                self.gets.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Ok(range.map(|i| (i % 251) as u8).collect::<Vec<u8>>().into())
+            })
+        }
+    }
+
+    fn object() -> Arc<ObjectMeta> {
+        Arc::new(ObjectMeta { key: "k".into(), size: 10_000, etag: "\"e\"".into(), mtime: SystemTime::UNIX_EPOCH })
+    }
+
+    #[tokio::test]
+    async fn concurrent_readers_of_one_block_cause_one_get() {
+        let store = Arc::new(CountingStore::default());
+        let cache = Arc::new(BlockCache::new(store.clone(), 4096, 1 << 20, None));
+        let object = object();
+        let readers: Vec<_> = (0..16)
+            .map(|_| {
+                let (cache, object) = (cache.clone(), object.clone());
+                tokio::spawn(async move { cache.get(BlockKey { object, index: 1 }).await.unwrap() })
+            })
+            .collect();
+        for reader in readers {
+            let block = reader.await.unwrap();
+            assert_eq!(block.len(), 4096);
+            assert_eq!(block[0], (4096 % 251) as u8);
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+        // The last block is short.
+        assert_eq!(cache.get(BlockKey { object, index: 2 }).await.unwrap().len(), 10_000 - 8192);
+    }
+
+    #[tokio::test]
+    async fn memory_tier_respects_its_bound() {
+        let store = Arc::new(CountingStore::default());
+        let cache = BlockCache::new(store, 1000, 5000, None);
+        let object = Arc::new(ObjectMeta { size: 1_000_000, ..(*object()).clone() });
+        for index in 0..50 {
+            cache.get(BlockKey { object: object.clone(), index }).await.unwrap();
+        }
+        cache.memory.run_pending_tasks().await;
+        assert!(cache.memory.weighted_size() <= 5000, "{}", cache.memory.weighted_size());
+    }
+
+    #[tokio::test]
+    async fn disk_tier_serves_a_new_cache_without_gets_and_refetches_bad_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CountingStore::default());
+        let object = object();
+        let key = BlockKey { object: object.clone(), index: 0 };
+        {
+            let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
+            let cache = BlockCache::new(store.clone(), 4096, 1 << 20, Some(disk.clone()));
+            cache.get(key.clone()).await.unwrap();
+            // Let the background write land.
+            for _ in 0..100 {
+                if disk.used_bytes() > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
+        let fresh = BlockCache::new(store.clone(), 4096, 1 << 20, Some(disk));
+        let block = fresh.get(key.clone()).await.unwrap();
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1, "a persisted block was fetched again");
+        assert_eq!(block[..], (0..4096u64).map(|i| (i % 251) as u8).collect::<Vec<_>>()[..]);
+
+        // Corrupt the file: the next cold cache must refetch, and serve the right bytes.
+        for shard in std::fs::read_dir(dir.path().join("blocks")).unwrap().flatten() {
+            for file in std::fs::read_dir(shard.path()).unwrap().flatten() {
+                let mut raw = std::fs::read(file.path()).unwrap();
+                let last = raw.len() - 1;
+                raw[last] ^= 0x55;
+                std::fs::write(file.path(), raw).unwrap();
+            }
+        }
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
+        let cold = BlockCache::new(store.clone(), 4096, 1 << 20, Some(disk));
+        assert_eq!(cold.get(key).await.unwrap(), block);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 2);
+    }
+}
