@@ -93,8 +93,8 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
     cache_size: u64,
 
-    /// Keep no data on disk: cache blocks in memory only.
-    #[arg(long, env = "CDPFS_NO_DISK_CACHE", conflicts_with = "cache_dir")]
+    /// Keep no data on disk: cache blocks in memory only (overrides --cache-dir).
+    #[arg(long, env = "CDPFS_NO_DISK_CACHE")]
     no_disk_cache: bool,
 
     /// Log verbosity: error, warn, info, debug or trace.
