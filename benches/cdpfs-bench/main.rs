@@ -189,7 +189,13 @@ impl Raw {
     }
 
     /// Fetches `ranges` of `key` with at most `parallel` GETs in flight; returns the time taken.
-    fn fetch(&self, key: &str, size: u64, ranges: Vec<std::ops::Range<u64>>, parallel: usize) -> Duration {
+    fn fetch(
+        &self,
+        key: &str,
+        size: u64,
+        ranges: impl IntoIterator<Item = std::ops::Range<u64>>,
+        parallel: usize,
+    ) -> Duration {
         let object = Arc::new(self.meta(key, size));
         let started = Instant::now();
         self.runtime.block_on(async {
@@ -316,7 +322,7 @@ fn main() {
         drop(mount);
         let raw_lat: Vec<f64> = offsets
             .iter()
-            .map(|&o| raw.fetch(MRC_KEY, mrc_size, vec![o..o + (64 << 10)], 1).as_secs_f64() * 1000.0)
+            .map(|&o| raw.fetch(MRC_KEY, mrc_size, std::iter::once(o..o + (64 << 10)), 1).as_secs_f64() * 1000.0)
             .collect();
         raw_p50s.push(median(raw_lat));
         let _ = fs::remove_dir_all(&cache);
@@ -350,7 +356,7 @@ fn main() {
         drop(file);
         drop(mount);
         let t = Instant::now();
-        raw.fetch(MRC_KEY, mrc_size, vec![0..1024], 1);
+        raw.fetch(MRC_KEY, mrc_size, std::iter::once(0..1024), 1);
         for &z in &zs {
             let start = 1024 + z * section;
             raw.fetch(MRC_KEY, mrc_size, blocks_of(start, start + section, BLOCK), 8);
