@@ -248,6 +248,8 @@ impl Filesystem for CdpFs {
                     // A snapshot: offsets stay valid however long the reader takes.
                     handles.lock().expect("handle table poisoned").insert(fh, Handle::Dir(dir));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
+                    // Whoever lists a directory often walks it: list what lies below ahead of them.
+                    namespace.warm_subtree(ino.0);
                 }
                 Err(e) => reply.error(errno(&e)),
             }

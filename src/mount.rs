@@ -20,6 +20,7 @@ use crate::cache::disk::DiskCache;
 use crate::cache::BlockCache;
 use crate::data::{DataConfig, DataPath};
 use crate::fuse::{CdpFs, FsOptions};
+use crate::namespace::persist::ListingStore;
 use crate::namespace::Namespace;
 use crate::store::s3::{S3Config, S3Store};
 use crate::store::{ObjectStore, StoreError};
@@ -64,8 +65,16 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     let store: Arc<dyn ObjectStore> = Arc::new(runtime.block_on(S3Store::new(&config.s3)));
     probe_bucket(&runtime, store.as_ref(), config)?;
 
-    let namespace = Arc::new(Namespace::new(store.clone(), &config.prefix, config.metadata_ttl));
-    let data = Arc::new(data_path(store, config)?);
+    // The block cache first: it creates the cache directory with its 0700 mode.
+    let data = Arc::new(data_path(store.clone(), config)?);
+    let saved_listings = match &config.disk_cache {
+        Some((dir, _)) => Some(Arc::new(
+            ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl)
+                .with_context(|| format!("opening the cache directory {}", dir.display()))?,
+        )),
+        None => None,
+    };
+    let namespace = Arc::new(Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings));
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let options = FsOptions { uid, gid, ttl: config.metadata_ttl };
@@ -100,8 +109,8 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     }
 }
 
-/// The block cache and read path sized from the configuration: a quarter of the memory budget
-/// for blocks in flight, the rest for cached blocks.
+/// The block cache and read path sized from the configuration: half the memory budget for
+/// cached blocks, a quarter for blocks being fetched, a quarter of headroom for the rest.
 fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig) -> Result<DataPath> {
     let disk = match &config.disk_cache {
         Some((dir, size)) => Some(Arc::new(
@@ -109,15 +118,10 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig) -> Result<DataPa
         )),
         None => None,
     };
-    let in_flight = (config.max_memory / 4 / BLOCK_SIZE).max(4);
-    let cached = config.max_memory.saturating_sub(in_flight * BLOCK_SIZE).max(BLOCK_SIZE);
-    let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, disk));
-    let tuning = DataConfig {
-        small_object: 1 << 20,
-        initial_window: 2 * BLOCK_SIZE,
-        max_window: 32 * BLOCK_SIZE,
-        prefetch_blocks: in_flight as usize,
-    };
+    let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
+    let cached = (config.max_memory / 2).max(BLOCK_SIZE);
+    let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
+    let tuning = DataConfig { small_object: 1 << 20, initial_window: 2 * BLOCK_SIZE, max_window: 32 * BLOCK_SIZE };
     Ok(DataPath::new(store, cache, tuning))
 }
 

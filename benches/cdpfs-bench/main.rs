@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench --bench cdpfs-bench` (as root). Options: `--latency-ms N` (30),
 //! `--bandwidth-mbps N` (80, MB/s per connection), `--mrc-mib N` (2048), `--runs N` (3),
-//! `--smoke` (tiny sizes, one run: checks the harness, not the speed).
+//! `--smoke` (tiny sizes, one run: checks the harness, not the speed), `--only 1,4,5,6,7,9`
+//! (case groups: 1 sequential/re-read/remount, 4 random, 5 IMOD, 6 Zarr, 7 walk, 9 readers).
 
 mod origin;
 
@@ -36,6 +37,14 @@ struct Options {
     zarr_chunks: u64,
     runs: usize,
     runs_dataset: usize,
+    /// Case groups to run (1: sequential, 4: random, 5: IMOD, 6: Zarr, 7: walk, 9: readers).
+    only: Option<Vec<u32>>,
+}
+
+impl Options {
+    fn wants(&self, case: u32) -> bool {
+        self.only.as_ref().is_none_or(|cases| cases.contains(&case))
+    }
 }
 
 fn options() -> Options {
@@ -56,6 +65,11 @@ fn options() -> Options {
         zarr_chunks: 16,
         runs: value("--runs", if smoke { 1 } else { 3 }) as usize,
         runs_dataset: if smoke { 20 } else { 300 },
+        only: args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect()),
     }
 }
 
@@ -126,20 +140,30 @@ impl Mount {
         self.path.join(key)
     }
 
+    /// The /proc directory of the cdpfs process serving this mount.
+    fn process(&self) -> PathBuf {
+        let wanted = self.path.to_str().unwrap().as_bytes().to_vec();
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .map(|p| p.path())
+            .find(|p| fs::read(p.join("cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == wanted)))
+            .expect("no cdpfs process serves the mount")
+    }
+
     /// Peak resident memory of the cdpfs process serving this mount, in bytes.
     fn peak_rss(&self) -> u64 {
-        let wanted = self.path.to_str().unwrap().as_bytes().to_vec();
-        for proc_dir in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmdline) = fs::read(proc_dir.path().join("cmdline")) else { continue };
-            if cmdline.split(|b| *b == 0).any(|a| a == wanted) {
-                let status = fs::read_to_string(proc_dir.path().join("status")).unwrap_or_default();
-                if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
-                    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-                    return kib * 1024;
-                }
-            }
-        }
-        0
+        let status = fs::read_to_string(self.process().join("status")).unwrap_or_default();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in status");
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    /// CPU time (user + system) the cdpfs process has used so far, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = fs::read_to_string(self.process().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
     }
 }
 
@@ -253,237 +277,251 @@ fn main() {
         opts.runs
     );
 
-    // 1-3: cold sequential, warm re-read, re-read after remount (disk cache).
-    let (mut cold, mut warm, mut remount, mut remount_gets, mut raw_seq) = (vec![], vec![], vec![], vec![], vec![]);
-    for _ in 0..opts.runs {
-        let cache = fresh_cache_dir();
-        {
+    if opts.wants(1) {
+        // 1-3: cold sequential, warm re-read, re-read after remount (disk cache).
+        let (mut cold, mut warm, mut remount, mut remount_gets, mut raw_seq) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut cold_cpu = vec![];
+        for _ in 0..opts.runs {
+            let cache = fresh_cache_dir();
+            {
+                let mount = Mount::new(&endpoint, &cache, &[]);
+                let t = Instant::now();
+                let n = read_sequential(&mount.file(MRC_KEY));
+                cold.push(mbps(n, t.elapsed()));
+                cold_cpu.push(mount.cpu_seconds() / t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let n = read_sequential(&mount.file(MRC_KEY));
+                warm.push(mbps(n, t.elapsed()));
+                std::thread::sleep(Duration::from_secs(1)); // let background disk writes land
+            }
+            let mount = Mount::new(&endpoint, &cache, &[]);
+            let before = counters.snapshot().0;
+            let t = Instant::now();
+            let n = read_sequential(&mount.file(MRC_KEY));
+            remount.push(mbps(n, t.elapsed()));
+            remount_gets.push((counters.snapshot().0 - before) as f64);
+            drop(mount);
+            raw_seq.push(mbps(mrc_size, raw.fetch(MRC_KEY, mrc_size, blocks_of(0, mrc_size, BLOCK), 32)));
+            let _ = fs::remove_dir_all(&cache);
+        }
+        let (c, r) = (median(cold), median(raw_seq));
+        rows.push(Row {
+            case: "cold sequential read, MRC (MB/s)",
+            cdpfs: format!("{c:.0} (cdpfs CPU {:.0}%)", median(cold_cpu) * 100.0),
+            raw: format!("{r:.0} (32 x 2 MiB GETs)"),
+            ratio: format!("{:.2}x", c / r),
+            target: ">= 0.9x",
+        });
+        rows.push(Row {
+            case: "warm re-read, same mount (MB/s)",
+            cdpfs: format!("{:.0}", median(warm)),
+            raw: "-".into(),
+            ratio: "-".into(),
+            target: ">= 2000 MB/s",
+        });
+        rows.push(Row {
+            case: "re-read after remount (MB/s, GETs)",
+            cdpfs: format!("{:.0} MB/s, {:.0} GETs", median(remount), median(remount_gets)),
+            raw: "-".into(),
+            ratio: "-".into(),
+            target: "0 GETs, >= 1000 MB/s",
+        });
+    }
+
+    if opts.wants(4) {
+        // 4: random 64 KiB preads, one thread.
+        let (mut p50s, mut raw_p50s, mut amplification) = (vec![], vec![], vec![]);
+        for run in 0..opts.runs {
+            let cache = fresh_cache_dir();
+            let mount = Mount::new(&endpoint, &cache, &[]);
+            let file = File::open(mount.file(MRC_KEY)).unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let offsets: Vec<u64> =
+                (0..100u64).map(|i| (i * 7919 + run as u64 * 104_729) * 4096 * 37 % (mrc_size - (64 << 10))).collect();
+            let before = counters.snapshot().2;
+            let mut latencies = Vec::new();
+            for &offset in &offsets {
+                let t = Instant::now();
+                file.read_exact_at(&mut buf, offset).unwrap();
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            amplification.push((counters.snapshot().2 - before) as f64 / (offsets.len() as f64 * 65536.0));
+            p50s.push(median(latencies));
+            drop(file);
+            drop(mount);
+            let raw_lat: Vec<f64> = offsets
+                .iter()
+                .map(|&o| raw.fetch(MRC_KEY, mrc_size, std::iter::once(o..o + (64 << 10)), 1).as_secs_f64() * 1000.0)
+                .collect();
+            raw_p50s.push(median(raw_lat));
+            let _ = fs::remove_dir_all(&cache);
+        }
+        let (c, r) = (median(p50s), median(raw_p50s));
+        rows.push(Row {
+            case: "random 64 KiB preads, p50 (ms); bytes fetched/read",
+            cdpfs: format!("{c:.1} ms; {:.2}x bytes", median(amplification)),
+            raw: format!("{r:.1} ms"),
+            ratio: format!("{:.2}x", c / r),
+            target: "<= 1.2x; <= 2x bytes",
+        });
+    }
+
+    if opts.wants(5) {
+        // 5: IMOD-like: header, then 50 XY sections at random z.
+        let section = SECTION_NX * SECTION_NX * 4;
+        let nz = (mrc_size - 1024) / section;
+        let (mut imod, mut raw_imod) = (vec![], vec![]);
+        for run in 0..opts.runs {
+            let zs: Vec<u64> = (0..50u64).map(|i| (i * 37 + run as u64 * 11) % nz).collect();
+            let cache = fresh_cache_dir();
             let mount = Mount::new(&endpoint, &cache, &[]);
             let t = Instant::now();
-            let n = read_sequential(&mount.file(MRC_KEY));
-            cold.push(mbps(n, t.elapsed()));
+            let file = File::open(mount.file(MRC_KEY)).unwrap();
+            let mut header = vec![0u8; 1024];
+            file.read_exact_at(&mut header, 0).unwrap();
+            let mut buf = vec![0u8; section as usize];
+            for &z in &zs {
+                file.read_exact_at(&mut buf, 1024 + z * section).unwrap();
+            }
+            imod.push(t.elapsed().as_secs_f64());
+            drop(file);
+            drop(mount);
             let t = Instant::now();
-            let n = read_sequential(&mount.file(MRC_KEY));
-            warm.push(mbps(n, t.elapsed()));
-            std::thread::sleep(Duration::from_secs(1)); // let background disk writes land
+            raw.fetch(MRC_KEY, mrc_size, std::iter::once(0..1024), 1);
+            for &z in &zs {
+                let start = 1024 + z * section;
+                raw.fetch(MRC_KEY, mrc_size, blocks_of(start, start + section, BLOCK), 8);
+            }
+            raw_imod.push(t.elapsed().as_secs_f64());
+            let _ = fs::remove_dir_all(&cache);
         }
-        let mount = Mount::new(&endpoint, &cache, &[]);
-        let before = counters.snapshot().0;
-        let t = Instant::now();
-        let n = read_sequential(&mount.file(MRC_KEY));
-        remount.push(mbps(n, t.elapsed()));
-        remount_gets.push((counters.snapshot().0 - before) as f64);
-        drop(mount);
-        raw_seq.push(mbps(mrc_size, raw.fetch(MRC_KEY, mrc_size, blocks_of(0, mrc_size, BLOCK), 32)));
-        let _ = fs::remove_dir_all(&cache);
+        let (c, r) = (median(imod), median(raw_imod));
+        rows.push(Row {
+            case: "IMOD-like: header + 50 XY sections (s)",
+            cdpfs: format!("{c:.2}"),
+            raw: format!("{r:.2} (2 MiB parts, parallel)"),
+            ratio: format!("{:.2}x", c / r),
+            target: "<= 1.2x",
+        });
     }
-    let (c, r) = (median(cold), median(raw_seq));
-    rows.push(Row {
-        case: "cold sequential read, MRC (MB/s)",
-        cdpfs: format!("{c:.0}"),
-        raw: format!("{r:.0} (32 x 2 MiB GETs)"),
-        ratio: format!("{:.2}x", c / r),
-        target: ">= 0.9x",
-    });
-    rows.push(Row {
-        case: "warm re-read, same mount (MB/s)",
-        cdpfs: format!("{:.0}", median(warm)),
-        raw: "-".into(),
-        ratio: "-".into(),
-        target: ">= 2000 MB/s",
-    });
-    rows.push(Row {
-        case: "re-read after remount (MB/s, GETs)",
-        cdpfs: format!("{:.0} MB/s, {:.0} GETs", median(remount), median(remount_gets)),
-        raw: "-".into(),
-        ratio: "-".into(),
-        target: "0 GETs, >= 1000 MB/s",
-    });
 
-    // 4: random 64 KiB preads, one thread.
-    let (mut p50s, mut raw_p50s, mut amplification) = (vec![], vec![], vec![]);
-    for run in 0..opts.runs {
-        let cache = fresh_cache_dir();
-        let mount = Mount::new(&endpoint, &cache, &[]);
-        let file = File::open(mount.file(MRC_KEY)).unwrap();
-        let mut buf = vec![0u8; 64 << 10];
-        let offsets: Vec<u64> =
-            (0..100u64).map(|i| (i * 7919 + run as u64 * 104_729) * 4096 * 37 % (mrc_size - (64 << 10))).collect();
-        let before = counters.snapshot().2;
-        let mut latencies = Vec::new();
-        for &offset in &offsets {
+    if opts.wants(6) {
+        // 6: Zarr level 0, every chunk, 4 threads.
+        let chunk_keys: Vec<String> =
+            (0..opts.zarr_chunks).map(|i| format!("{ZARR_PREFIX}/0/{}/{}", i / 4, i % 4)).collect();
+        let total = opts.zarr_chunk * opts.zarr_chunks;
+        let (mut zarr, mut raw_zarr) = (vec![], vec![]);
+        for _ in 0..opts.runs {
+            let cache = fresh_cache_dir();
+            let mount = Mount::new(&endpoint, &cache, &[]);
             let t = Instant::now();
-            file.read_exact_at(&mut buf, offset).unwrap();
-            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            std::thread::scope(|scope| {
+                for worker in 0..4 {
+                    let (keys, mount) = (&chunk_keys, &mount);
+                    scope.spawn(move || {
+                        for key in keys.iter().skip(worker).step_by(4) {
+                            fs::read(mount.file(key)).unwrap();
+                        }
+                    });
+                }
+            });
+            zarr.push(mbps(total, t.elapsed()));
+            drop(mount);
+            let t = Instant::now();
+            raw.runtime.block_on(async {
+                let gate = Arc::new(tokio::sync::Semaphore::new(4));
+                let mut tasks = tokio::task::JoinSet::new();
+                for key in &chunk_keys {
+                    let (store, gate) = (raw.store.clone(), gate.clone());
+                    let object = raw.meta(key, opts.zarr_chunk);
+                    tasks.spawn(async move {
+                        let _p = gate.acquire_owned().await.unwrap();
+                        store.get_range(&object, 0..object.size).await.unwrap().len()
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+            raw_zarr.push(mbps(total, t.elapsed()));
+            let _ = fs::remove_dir_all(&cache);
         }
-        amplification.push((counters.snapshot().2 - before) as f64 / (offsets.len() as f64 * 65536.0));
-        p50s.push(median(latencies));
-        drop(file);
-        drop(mount);
-        let raw_lat: Vec<f64> = offsets
-            .iter()
-            .map(|&o| raw.fetch(MRC_KEY, mrc_size, std::iter::once(o..o + (64 << 10)), 1).as_secs_f64() * 1000.0)
-            .collect();
-        raw_p50s.push(median(raw_lat));
-        let _ = fs::remove_dir_all(&cache);
+        let (c, r) = (median(zarr), median(raw_zarr));
+        rows.push(Row {
+            case: "Zarr level 0, all chunks, 4 threads (MB/s)",
+            cdpfs: format!("{c:.0}"),
+            raw: format!("{r:.0} (4 whole-chunk GETs at a time)"),
+            ratio: format!("{:.2}x", c / r),
+            target: ">= 0.8x",
+        });
     }
-    let (c, r) = (median(p50s), median(raw_p50s));
-    rows.push(Row {
-        case: "random 64 KiB preads, p50 (ms); bytes fetched/read",
-        cdpfs: format!("{c:.1} ms; {:.2}x bytes", median(amplification)),
-        raw: format!("{r:.1} ms"),
-        ratio: format!("{:.2}x", c / r),
-        target: "<= 1.2x; <= 2x bytes",
-    });
 
-    // 5: IMOD-like: header, then 50 XY sections at random z.
-    let section = SECTION_NX * SECTION_NX * 4;
-    let nz = (mrc_size - 1024) / section;
-    let (mut imod, mut raw_imod) = (vec![], vec![]);
-    for run in 0..opts.runs {
-        let zs: Vec<u64> = (0..50u64).map(|i| (i * 37 + run as u64 * 11) % nz).collect();
-        let cache = fresh_cache_dir();
-        let mount = Mount::new(&endpoint, &cache, &[]);
-        let t = Instant::now();
-        let file = File::open(mount.file(MRC_KEY)).unwrap();
-        let mut header = vec![0u8; 1024];
-        file.read_exact_at(&mut header, 0).unwrap();
-        let mut buf = vec![0u8; section as usize];
-        for &z in &zs {
-            file.read_exact_at(&mut buf, 1024 + z * section).unwrap();
+    if opts.wants(7) {
+        // 7-8: find + stat over the dataset tree, cold and after remount.
+        let (mut walk_cold, mut walk_again, mut raw_walk) = (vec![], vec![], vec![]);
+        for _ in 0..opts.runs {
+            let cache = fresh_cache_dir();
+            for times in [&mut walk_cold, &mut walk_again] {
+                let mount = Mount::new(&endpoint, &cache, &[]);
+                let t = Instant::now();
+                let found = walk(&mount.file("10001"));
+                times.push(t.elapsed().as_secs_f64());
+                assert_eq!(found, opts.runs_dataset * 5);
+            }
+            let t = Instant::now();
+            let listed = raw.runtime.block_on(list_serially(raw.store.as_ref(), "10001/".into()));
+            raw_walk.push(t.elapsed().as_secs_f64());
+            assert_eq!(listed, opts.runs_dataset * 5);
+            let _ = fs::remove_dir_all(&cache);
         }
-        imod.push(t.elapsed().as_secs_f64());
-        drop(file);
-        drop(mount);
-        let t = Instant::now();
-        raw.fetch(MRC_KEY, mrc_size, std::iter::once(0..1024), 1);
-        for &z in &zs {
-            let start = 1024 + z * section;
-            raw.fetch(MRC_KEY, mrc_size, blocks_of(start, start + section, BLOCK), 8);
-        }
-        raw_imod.push(t.elapsed().as_secs_f64());
-        let _ = fs::remove_dir_all(&cache);
+        let (c, r) = (median(walk_cold), median(raw_walk));
+        rows.push(Row {
+            case: "find + stat, dataset tree, cold (s)",
+            cdpfs: format!("{c:.2}"),
+            raw: format!("{r:.2} (one LIST per dir, serial)"),
+            ratio: format!("{:.1}x faster", r / c),
+            target: ">= 10x faster",
+        });
+        rows.push(Row {
+            case: "same walk after remount (s)",
+            cdpfs: format!("{:.2}", median(walk_again)),
+            raw: "-".into(),
+            ratio: "-".into(),
+            target: "<= 1 s",
+        });
     }
-    let (c, r) = (median(imod), median(raw_imod));
-    rows.push(Row {
-        case: "IMOD-like: header + 50 XY sections (s)",
-        cdpfs: format!("{c:.2}"),
-        raw: format!("{r:.2} (2 MiB parts, parallel)"),
-        ratio: format!("{:.2}x", c / r),
-        target: "<= 1.2x",
-    });
 
-    // 6: Zarr level 0, every chunk, 4 threads.
-    let chunk_keys: Vec<String> =
-        (0..opts.zarr_chunks).map(|i| format!("{ZARR_PREFIX}/0/{}/{}", i / 4, i % 4)).collect();
-    let total = opts.zarr_chunk * opts.zarr_chunks;
-    let (mut zarr, mut raw_zarr) = (vec![], vec![]);
-    for _ in 0..opts.runs {
+    if opts.wants(9) {
+        // 9: 32 concurrent sequential readers under a 256 MiB memory budget.
         let cache = fresh_cache_dir();
-        let mount = Mount::new(&endpoint, &cache, &[]);
+        let mount = Mount::new(&endpoint, &cache, &["--max-memory", "256M", "--no-disk-cache"]);
+        let stripe = mrc_size / 32;
         let t = Instant::now();
         std::thread::scope(|scope| {
-            for worker in 0..4 {
-                let (keys, mount) = (&chunk_keys, &mount);
+            for i in 0..32u64 {
+                let path = mount.file(MRC_KEY);
                 scope.spawn(move || {
-                    for key in keys.iter().skip(worker).step_by(4) {
-                        fs::read(mount.file(key)).unwrap();
+                    let file = File::open(path).unwrap();
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut offset = i * stripe;
+                    while offset < (i + 1) * stripe {
+                        let n = file.read_at(&mut buf, offset).unwrap();
+                        assert!(n > 0);
+                        offset += n as u64;
                     }
                 });
             }
         });
-        zarr.push(mbps(total, t.elapsed()));
+        let elapsed = t.elapsed();
+        let rss = mount.peak_rss();
         drop(mount);
-        let t = Instant::now();
-        raw.runtime.block_on(async {
-            let gate = Arc::new(tokio::sync::Semaphore::new(4));
-            let mut tasks = tokio::task::JoinSet::new();
-            for key in &chunk_keys {
-                let (store, gate) = (raw.store.clone(), gate.clone());
-                let object = raw.meta(key, opts.zarr_chunk);
-                tasks.spawn(async move {
-                    let _p = gate.acquire_owned().await.unwrap();
-                    store.get_range(&object, 0..object.size).await.unwrap().len()
-                });
-            }
-            while tasks.join_next().await.is_some() {}
+        let _ = fs::remove_dir_all(&cache);
+        rows.push(Row {
+            case: "32 concurrent sequential readers, --max-memory 256M",
+            cdpfs: format!("peak RSS {} MiB, {:.0} MB/s", rss >> 20, mbps(mrc_size, elapsed)),
+            raw: "-".into(),
+            ratio: "-".into(),
+            target: "RSS <= 356 MiB",
         });
-        raw_zarr.push(mbps(total, t.elapsed()));
-        let _ = fs::remove_dir_all(&cache);
     }
-    let (c, r) = (median(zarr), median(raw_zarr));
-    rows.push(Row {
-        case: "Zarr level 0, all chunks, 4 threads (MB/s)",
-        cdpfs: format!("{c:.0}"),
-        raw: format!("{r:.0} (4 whole-chunk GETs at a time)"),
-        ratio: format!("{:.2}x", c / r),
-        target: ">= 0.8x",
-    });
-
-    // 7-8: find + stat over the dataset tree, cold and after remount.
-    let (mut walk_cold, mut walk_again, mut raw_walk) = (vec![], vec![], vec![]);
-    for _ in 0..opts.runs {
-        let cache = fresh_cache_dir();
-        for times in [&mut walk_cold, &mut walk_again] {
-            let mount = Mount::new(&endpoint, &cache, &[]);
-            let t = Instant::now();
-            let found = walk(&mount.file("10001"));
-            times.push(t.elapsed().as_secs_f64());
-            assert_eq!(found, opts.runs_dataset * 5);
-        }
-        let t = Instant::now();
-        let listed = raw.runtime.block_on(list_serially(raw.store.as_ref(), "10001/".into()));
-        raw_walk.push(t.elapsed().as_secs_f64());
-        assert_eq!(listed, opts.runs_dataset * 5);
-        let _ = fs::remove_dir_all(&cache);
-    }
-    let (c, r) = (median(walk_cold), median(raw_walk));
-    rows.push(Row {
-        case: "find + stat, dataset tree, cold (s)",
-        cdpfs: format!("{c:.2}"),
-        raw: format!("{r:.2} (one LIST per dir, serial)"),
-        ratio: format!("{:.1}x faster", r / c),
-        target: ">= 10x faster",
-    });
-    rows.push(Row {
-        case: "same walk after remount (s)",
-        cdpfs: format!("{:.2}", median(walk_again)),
-        raw: "-".into(),
-        ratio: "-".into(),
-        target: "<= 1 s",
-    });
-
-    // 9: 32 concurrent sequential readers under a 256 MiB memory budget.
-    let cache = fresh_cache_dir();
-    let mount = Mount::new(&endpoint, &cache, &["--max-memory", "256M", "--no-disk-cache"]);
-    let stripe = mrc_size / 32;
-    let t = Instant::now();
-    std::thread::scope(|scope| {
-        for i in 0..32u64 {
-            let path = mount.file(MRC_KEY);
-            scope.spawn(move || {
-                let file = File::open(path).unwrap();
-                let mut buf = vec![0u8; 1 << 20];
-                let mut offset = i * stripe;
-                while offset < (i + 1) * stripe {
-                    let n = file.read_at(&mut buf, offset).unwrap();
-                    assert!(n > 0);
-                    offset += n as u64;
-                }
-            });
-        }
-    });
-    let elapsed = t.elapsed();
-    let rss = mount.peak_rss();
-    drop(mount);
-    let _ = fs::remove_dir_all(&cache);
-    rows.push(Row {
-        case: "32 concurrent sequential readers, --max-memory 256M",
-        cdpfs: format!("peak RSS {} MiB, {:.0} MB/s", rss >> 20, mbps(mrc_size, elapsed)),
-        raw: "-".into(),
-        ratio: "-".into(),
-        target: "RSS <= 356 MiB",
-    });
 
     println!("| case | cdpfs | raw baseline | ratio | target |");
     println!("|---|---|---|---|---|");

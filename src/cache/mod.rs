@@ -3,7 +3,8 @@
 //! Two tiers: memory (moka, bounded in bytes, LRU) in front of an optional persistent disk tier
 //! ([`disk::DiskCache`]). A block is loaded once however many readers want it at the same time
 //! (single-flight): memory, then disk, then one ranged GET, after which the block is written to
-//! disk in the background.
+//! disk in the background. GETs in flight are capped by a fixed number of fetch slots, so the
+//! bytes being downloaded stay within the memory budget however many files are read at once.
 
 pub mod disk;
 
@@ -70,16 +71,19 @@ pub struct BlockCache {
     block_size: u64,
     memory: moka::future::Cache<BlockKey, Bytes>,
     disk: Option<Arc<DiskCache>>,
+    fetch_slots: Arc<tokio::sync::Semaphore>,
     /// Where block data came from.
     pub stats: CacheStats,
 }
 
 impl BlockCache {
-    /// A cache of `block_size` blocks holding at most `memory_bytes` in memory.
+    /// A cache of `block_size` blocks holding at most `memory_bytes` in memory, with at most
+    /// `fetch_slots` blocks being fetched at once.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         block_size: u64,
         memory_bytes: u64,
+        fetch_slots: usize,
         disk: Option<Arc<DiskCache>>,
     ) -> BlockCache {
         let memory = moka::future::Cache::builder()
@@ -88,7 +92,13 @@ impl BlockCache {
             // TinyLFU would refuse new sequential blocks in favour of old ones.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        BlockCache { store, block_size, memory, disk, stats: CacheStats::default() }
+        let fetch_slots = Arc::new(tokio::sync::Semaphore::new(fetch_slots.max(1)));
+        BlockCache { store, block_size, memory, disk, fetch_slots, stats: CacheStats::default() }
+    }
+
+    /// Whether a fetch could start now without waiting for a slot.
+    pub fn has_free_fetch_slot(&self) -> bool {
+        self.fetch_slots.available_permits() > 0
     }
 
     /// Block size in bytes.
@@ -128,6 +138,7 @@ impl BlockCache {
                     return Ok(block);
                 }
                 let range = self.block_range(&loader_key.object, loader_key.index);
+                let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
                 let block = self.store.get_range(&loader_key.object, range).await?;
                 self.stats.fetches.fetch_add(1, Ordering::Relaxed);
                 if let Some(disk) = &self.disk {
@@ -180,7 +191,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_readers_of_one_block_cause_one_get() {
         let store = Arc::new(CountingStore::default());
-        let cache = Arc::new(BlockCache::new(store.clone(), 4096, 1 << 20, None));
+        let cache = Arc::new(BlockCache::new(store.clone(), 4096, 1 << 20, 8, None));
         let object = object();
         let readers: Vec<_> = (0..16)
             .map(|_| {
@@ -201,7 +212,7 @@ mod tests {
     #[tokio::test]
     async fn memory_tier_respects_its_bound() {
         let store = Arc::new(CountingStore::default());
-        let cache = BlockCache::new(store, 1000, 5000, None);
+        let cache = BlockCache::new(store, 1000, 5000, 8, None);
         let object = Arc::new(ObjectMeta { size: 1_000_000, ..(*object()).clone() });
         for index in 0..50 {
             cache.get(BlockKey { object: object.clone(), index }).await.unwrap();
@@ -218,7 +229,7 @@ mod tests {
         let key = BlockKey { object: object.clone(), index: 0 };
         {
             let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
-            let cache = BlockCache::new(store.clone(), 4096, 1 << 20, Some(disk.clone()));
+            let cache = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(disk.clone()));
             cache.get(key.clone()).await.unwrap();
             // Let the background write land.
             for _ in 0..100 {
@@ -230,7 +241,7 @@ mod tests {
         }
         assert_eq!(store.gets.load(Ordering::SeqCst), 1);
         let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
-        let fresh = BlockCache::new(store.clone(), 4096, 1 << 20, Some(disk));
+        let fresh = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(disk));
         let block = fresh.get(key.clone()).await.unwrap();
         assert_eq!(store.gets.load(Ordering::SeqCst), 1, "a persisted block was fetched again");
         assert_eq!(block[..], (0..4096u64).map(|i| (i % 251) as u8).collect::<Vec<_>>()[..]);
@@ -245,7 +256,7 @@ mod tests {
             }
         }
         let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
-        let cold = BlockCache::new(store.clone(), 4096, 1 << 20, Some(disk));
+        let cold = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(disk));
         assert_eq!(cold.get(key).await.unwrap(), block);
         assert_eq!(store.gets.load(Ordering::SeqCst), 2);
     }

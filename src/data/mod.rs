@@ -4,9 +4,9 @@
 //! objects the per-file [`prefetch::Prefetcher`] decides: a random read (the first read, an MRC
 //! header, a seek) is served from cached blocks when they are all there and otherwise by one
 //! ranged GET of exactly the bytes asked for; a sequential read is served from whole blocks and
-//! starts background fetches of the blocks in its read-ahead window. All background fetches
-//! together hold at most a fixed number of blocks in flight (the prefetch budget): under
-//! pressure, windows are simply not filled, and the process does not grow.
+//! starts background fetches of the blocks in its read-ahead window. Fetches share the block
+//! cache's fixed number of fetch slots: when all are busy, windows are simply not filled, and
+//! the process does not grow.
 
 pub mod prefetch;
 
@@ -14,7 +14,6 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::Semaphore;
 
 use crate::cache::{BlockCache, BlockKey};
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
@@ -29,8 +28,6 @@ pub struct DataConfig {
     pub initial_window: u64,
     /// Largest read-ahead window of one stream.
     pub max_window: u64,
-    /// Blocks that background fetches may hold in flight, across all files.
-    pub prefetch_blocks: usize,
 }
 
 /// One open file: the object version it reads and its access-pattern state.
@@ -51,14 +48,12 @@ pub struct DataPath {
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
     config: DataConfig,
-    prefetch_budget: Arc<Semaphore>,
 }
 
 impl DataPath {
     /// A data path over `cache`, fetching through `store`.
     pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>, config: DataConfig) -> DataPath {
-        let prefetch_budget = Arc::new(Semaphore::new(config.prefetch_blocks));
-        DataPath { store, cache, config, prefetch_budget }
+        DataPath { store, cache, config }
     }
 
     /// The block cache (for statistics).
@@ -136,17 +131,14 @@ impl DataPath {
         Ok(assemble(&parts, first, range))
     }
 
-    /// Fetches `blocks` in the background, as far as the prefetch budget allows.
+    /// Fetches `blocks` in the background while fetch slots are free.
     fn prefetch(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
         for index in blocks {
-            let Ok(permit) = self.prefetch_budget.clone().try_acquire_owned() else {
+            if !self.cache.has_free_fetch_slot() {
                 return;
-            };
+            }
             let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
-            tokio::spawn(async move {
-                let _ = cache.get(key).await;
-                drop(permit);
-            });
+            tokio::spawn(async move { cache.get(key).await });
         }
     }
 }

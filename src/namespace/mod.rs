@@ -6,21 +6,36 @@
 //! time. Inode numbers are stable for the life of the mount: a directory is identified by its
 //! prefix and a file by its key *and* ETag, so a re-ingested object gets a fresh inode (and the
 //! kernel never serves its old pages for the new bytes).
+//!
+//! Two things keep a recursive walk (`find`, `du`, `ls -R`) from paying one serial round trip per
+//! directory: listings are saved in the cache directory ([`persist`]) and reused by later mounts
+//! while the TTL lasts, and opening a directory warms the listings of the directories below it,
+//! a few levels deep, many at a time, ahead of the walker.
 
 pub mod names;
+pub mod persist;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use tokio::sync::Semaphore;
+
+use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError};
 use names::Child;
+use persist::ListingStore;
 
 /// Inode number of the mount's root directory.
 pub const ROOT_INO: u64 = 1;
 
 /// Upper bound on the directory cache, counted in entries across all cached directories.
 const MAX_CACHED_ENTRIES: u64 = 1_000_000;
+/// How many levels below an opened directory are listed ahead of the walker.
+const WARM_DEPTH: usize = 3;
+/// Most listings one opened directory may start ahead of the walker.
+const WARM_BUDGET: usize = 2048;
+/// Most background listings in flight at once, across the mount.
+const WARM_PARALLEL: usize = 32;
 
 /// What an inode stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,13 +134,21 @@ impl InodeTable {
 /// The inode table plus directory cache over one bucket prefix.
 pub struct Namespace {
     store: Arc<dyn ObjectStore>,
+    saved: Option<Arc<ListingStore>>,
     inodes: RwLock<InodeTable>,
     directories: moka::future::Cache<u64, Arc<Directory>>,
+    warm_gate: Arc<Semaphore>,
 }
 
 impl Namespace {
-    /// A namespace rooted at `root_prefix` (empty or ending in `/`), caching listings for `ttl`.
-    pub fn new(store: Arc<dyn ObjectStore>, root_prefix: &str, ttl: Duration) -> Namespace {
+    /// A namespace rooted at `root_prefix` (empty or ending in `/`), caching listings for `ttl`,
+    /// and reusing (and saving) listings in `saved` when given.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        root_prefix: &str,
+        ttl: Duration,
+        saved: Option<Arc<ListingStore>>,
+    ) -> Namespace {
         let mut table = InodeTable { next: ROOT_INO, ..InodeTable::default() };
         let root = Node::Dir { prefix: root_prefix.to_owned() };
         table.by_identity.insert(InodeTable::identity(&root), ROOT_INO);
@@ -135,7 +158,13 @@ impl Namespace {
             .weigher(|_, dir: &Arc<Directory>| u32::try_from(dir.entries.len() + 1).unwrap_or(u32::MAX))
             .time_to_live(ttl)
             .build();
-        Namespace { store, inodes: RwLock::new(table), directories }
+        Namespace {
+            store,
+            saved,
+            inodes: RwLock::new(table),
+            directories,
+            warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
+        }
     }
 
     /// The node behind `ino`.
@@ -169,11 +198,63 @@ impl Namespace {
         };
         self.directories
             .try_get_with(ino, async {
-                let listing = self.store.list_prefix(&prefix).await?;
+                let listing = self.list(&prefix).await?;
                 Ok::<_, StoreError>(Arc::new(self.build_directory(&prefix, listing)))
             })
             .await
             .map_err(|e: Arc<StoreError>| NamespaceError::Store((*e).clone()))
+    }
+
+    /// A listing of `prefix`: a saved one while it is fresh, else from the store (then saved).
+    async fn list(&self, prefix: &str) -> Result<PrefixListing, StoreError> {
+        if let Some(saved) = self.saved.as_ref().and_then(|s| s.load(prefix)) {
+            return Ok(saved);
+        }
+        let listing = self.store.list_prefix(prefix).await?;
+        if let Some(store) = &self.saved {
+            let (store, prefix, copy) = (store.clone(), prefix.to_owned(), listing.clone());
+            tokio::task::spawn_blocking(move || store.save(&prefix, &copy));
+        }
+        Ok(listing)
+    }
+
+    /// Lists, in the background, the directories up to [`WARM_DEPTH`] levels below `ino`
+    /// (which must be listed already), so that a walk finds them cached.
+    pub fn warm_subtree(self: &Arc<Self>, ino: u64) {
+        let namespace = self.clone();
+        tokio::spawn(async move {
+            let mut frontier = vec![ino];
+            let mut budget = WARM_BUDGET;
+            for _ in 0..WARM_DEPTH {
+                let mut next = Vec::new();
+                let mut listings = tokio::task::JoinSet::new();
+                for dir in frontier {
+                    let Some(listing) = namespace.directories.get(&dir).await else { continue };
+                    for entry in listing.entries.iter().filter(|e| matches!(e.node, Node::Dir { .. })) {
+                        if namespace.directories.contains_key(&entry.ino) {
+                            next.push(entry.ino);
+                        } else if budget > 0 {
+                            budget -= 1;
+                            let (namespace, child) = (namespace.clone(), entry.ino);
+                            let gate = namespace.warm_gate.clone();
+                            listings.spawn(async move {
+                                let _permit = gate.acquire_owned().await;
+                                namespace.directory(child).await.map(|_| child)
+                            });
+                        }
+                    }
+                }
+                while let Some(done) = listings.join_next().await {
+                    if let Ok(Ok(child)) = done {
+                        next.push(child);
+                    }
+                }
+                if next.is_empty() {
+                    return;
+                }
+                frontier = next;
+            }
+        });
     }
 
     /// The entry `name` inside directory `parent`.
@@ -182,7 +263,7 @@ impl Namespace {
         dir.find(name).cloned().ok_or(NamespaceError::NotFound)
     }
 
-    fn build_directory(&self, prefix: &str, listing: crate::store::PrefixListing) -> Directory {
+    fn build_directory(&self, prefix: &str, listing: PrefixListing) -> Directory {
         let children = names::children(prefix, listing);
         let mut table = self.inodes.write().expect("inode table lock poisoned");
         let entries = children
@@ -203,7 +284,7 @@ impl Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{PrefixListing, StoreFuture};
+    use crate::store::StoreFuture;
     use bytes::Bytes;
     use std::ops::Range;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -257,7 +338,7 @@ mod tests {
         let store = Arc::new(MemoryStore::default());
         store.put("10000/TS_026/a.mrc", "\"1\"");
         store.put("10000/dataset_metadata.json", "\"2\"");
-        let ns = Arc::new(Namespace::new(store.clone(), "", Duration::from_secs(60)));
+        let ns = Arc::new(Namespace::new(store.clone(), "", Duration::from_secs(60), None));
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let ns = ns.clone();
@@ -283,7 +364,7 @@ mod tests {
     async fn changed_etag_gets_a_new_inode_after_ttl() {
         let store = Arc::new(MemoryStore::default());
         store.put("x.json", "\"1\"");
-        let ns = Namespace::new(store.clone(), "", Duration::from_millis(50));
+        let ns = Namespace::new(store.clone(), "", Duration::from_millis(50), None);
         let first = ns.lookup(ROOT_INO, "x.json").await.unwrap().ino;
         assert_eq!(ns.lookup(ROOT_INO, "x.json").await.unwrap().ino, first);
         store.put("x.json", "\"2\"");

@@ -1,0 +1,151 @@
+//! Persisted listings: directory listings saved in the cache directory, so a remount (or another
+//! mount sharing the directory) walks a known tree without asking S3 again while the metadata TTL
+//! has not run out.
+//!
+//! One JSON file per listed prefix, written atomically (temp file + rename). A file that cannot be
+//! parsed, belongs to another bucket or prefix, or is older than the TTL is ignored.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{ObjectMeta, PrefixListing};
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    bucket: String,
+    prefix: String,
+    fetched_at: u64,
+    prefixes: Vec<String>,
+    objects: Vec<SavedObject>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedObject {
+    key: String,
+    size: u64,
+    etag: String,
+    mtime_ns: u128,
+}
+
+/// Listings of one bucket kept under `<cache dir>/listings`.
+pub struct ListingStore {
+    dir: PathBuf,
+    bucket: String,
+    ttl: Duration,
+    temp_counter: AtomicU64,
+}
+
+impl ListingStore {
+    /// A store in `cache_dir/listings` for `bucket`, trusting saved listings for `ttl`.
+    pub fn open(cache_dir: &Path, bucket: &str, ttl: Duration) -> std::io::Result<ListingStore> {
+        let dir = cache_dir.join("listings");
+        fs::create_dir_all(&dir)?;
+        Ok(ListingStore { dir, bucket: bucket.to_owned(), ttl, temp_counter: AtomicU64::new(0) })
+    }
+
+    fn path(&self, prefix: &str) -> PathBuf {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for byte in self.bucket.bytes().chain([0]).chain(prefix.bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+        self.dir.join(format!("{hash:016x}.json"))
+    }
+
+    /// The saved listing of `prefix`, if there is a valid one younger than the TTL.
+    pub fn load(&self, prefix: &str) -> Option<PrefixListing> {
+        let saved: Saved = serde_json::from_slice(&fs::read(self.path(prefix)).ok()?).ok()?;
+        let age = now_secs().saturating_sub(saved.fetched_at);
+        if saved.bucket != self.bucket || saved.prefix != prefix || age >= self.ttl.as_secs() {
+            return None;
+        }
+        let objects = saved
+            .objects
+            .into_iter()
+            .map(|o| ObjectMeta {
+                key: o.key,
+                size: o.size,
+                etag: o.etag,
+                mtime: UNIX_EPOCH + Duration::from_nanos(u64::try_from(o.mtime_ns).unwrap_or(u64::MAX)),
+            })
+            .collect();
+        Some(PrefixListing { prefixes: saved.prefixes, objects })
+    }
+
+    /// Saves a fresh listing of `prefix`. Failures are ignored: this is only a cache.
+    pub fn save(&self, prefix: &str, listing: &PrefixListing) {
+        let saved = Saved {
+            bucket: self.bucket.clone(),
+            prefix: prefix.to_owned(),
+            fetched_at: now_secs(),
+            prefixes: listing.prefixes.clone(),
+            objects: listing
+                .objects
+                .iter()
+                .map(|o| SavedObject {
+                    key: o.key.clone(),
+                    size: o.size,
+                    etag: o.etag.clone(),
+                    mtime_ns: o.mtime.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+                })
+                .collect(),
+        };
+        let Ok(json) = serde_json::to_vec(&saved) else { return };
+        let target = self.path(prefix);
+        let temp = target.with_extension(format!(
+            "tmp.{}.{}",
+            std::process::id(),
+            self.temp_counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        if fs::write(&temp, json).and_then(|()| fs::rename(&temp, &target)).is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing() -> PrefixListing {
+        PrefixListing {
+            prefixes: vec!["a/b/".into()],
+            objects: vec![ObjectMeta {
+                key: "a/x y é.json".into(),
+                size: 12,
+                etag: "\"e\"".into(),
+                mtime: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+            }],
+        }
+    }
+
+    #[test]
+    fn saved_listings_round_trip_per_bucket_and_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ListingStore::open(dir.path(), "bucket", Duration::from_secs(60)).unwrap();
+        assert!(store.load("a/").is_none());
+        store.save("a/", &listing());
+        assert_eq!(store.load("a/"), Some(listing()));
+        assert!(store.load("b/").is_none());
+        let other = ListingStore::open(dir.path(), "other-bucket", Duration::from_secs(60)).unwrap();
+        assert!(other.load("a/").is_none());
+    }
+
+    #[test]
+    fn expired_or_damaged_listings_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let expired = ListingStore::open(dir.path(), "bucket", Duration::ZERO).unwrap();
+        expired.save("a/", &listing());
+        assert!(expired.load("a/").is_none());
+        let store = ListingStore::open(dir.path(), "bucket", Duration::from_secs(60)).unwrap();
+        fs::write(store.path("a/"), b"{not json").unwrap();
+        assert!(store.load("a/").is_none());
+    }
+}
