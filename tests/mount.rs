@@ -240,22 +240,10 @@ fn external_unmount_ends_the_background_process() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("not mounted"));
     // No cdpfs process is left serving that mount point.
     let started = Instant::now();
-    while process_serving(&mount.path) {
+    while common::serving_pid(&mount.path).is_some() {
         assert!(started.elapsed() < Duration::from_secs(10), "background cdpfs survived the unmount");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn process_serving(mountpoint: &Path) -> bool {
-    let wanted = mountpoint.to_str().unwrap();
-    fs::read_dir("/proc").unwrap().flatten().any(|p| {
-        fs::read(p.path().join("cmdline"))
-            .map(|c| {
-                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-                args.iter().any(|a| a.ends_with(b"cdpfs")) && args.contains(&wanted.as_bytes())
-            })
-            .unwrap_or(false)
-    })
 }
 
 #[test]

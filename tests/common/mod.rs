@@ -8,7 +8,8 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Bucket name used by the fixture.
@@ -42,6 +43,10 @@ impl Fixture {
 pub struct Server {
     /// Its address.
     pub addr: SocketAddr,
+    /// Object GETs served so far.
+    pub gets: Arc<AtomicU64>,
+    /// Body bytes of those GETs.
+    pub bytes: Arc<AtomicU64>,
 }
 
 impl Server {
@@ -87,6 +92,8 @@ fn remove_stale_scratch_dirs() {
 pub fn start_server(root: &Path) -> Server {
     let root = root.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (gets, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (gets_counter, bytes_counter) = (gets.clone(), bytes.clone());
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
@@ -96,15 +103,30 @@ pub fn start_server(root: &Path) -> Server {
             tx.send(listener.local_addr().unwrap()).unwrap();
             loop {
                 let Ok((socket, _)) = listener.accept().await else { continue };
-                let service = service.clone();
+                let (service, gets, bytes) = (service.clone(), gets_counter.clone(), bytes_counter.clone());
+                // Counts object GETs (not listings) and their body bytes, as the origin sees them.
+                let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (service, gets, bytes) = (service.clone(), gets.clone(), bytes.clone());
+                    async move {
+                        let object_get =
+                            req.method() == "GET" && !req.uri().query().unwrap_or("").contains("list-type");
+                        let response = service.call(req.map(s3s::Body::from)).await?;
+                        if object_get && response.status().is_success() {
+                            gets.fetch_add(1, Ordering::SeqCst);
+                            let length = response.headers().get("content-length").and_then(|v| v.to_str().ok());
+                            bytes.fetch_add(length.and_then(|v| v.parse().ok()).unwrap_or(0), Ordering::SeqCst);
+                        }
+                        Ok::<_, s3s::HttpError>(response)
+                    }
+                });
                 tokio::spawn(async move {
                     let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), service).await;
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), counted).await;
                 });
             }
         });
     });
-    Server { addr: rx.recv().unwrap() }
+    Server { addr: rx.recv().unwrap(), gets, bytes }
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so a misplaced byte never goes unnoticed.
@@ -317,6 +339,21 @@ pub fn is_mounted(path: &Path) -> bool {
     fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
 }
 
+/// The pid of the `cdpfs` process serving `mountpoint`, if one runs.
+pub fn serving_pid(mountpoint: &Path) -> Option<u32> {
+    let wanted = mountpoint.to_str().unwrap().as_bytes();
+    fs::read_dir("/proc").unwrap().flatten().find_map(|p| {
+        let cmdline = fs::read(p.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let serving = args.iter().any(|a| a.ends_with(b"cdpfs")) && args.contains(&wanted);
+        if serving {
+            p.file_name().to_str()?.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
 /// A live mount of the shared fixture; unmounted on drop.
 pub struct Mounted {
     /// The mount point.
@@ -342,6 +379,11 @@ impl Mounted {
         Mounted { path }
     }
 
+    /// Mounts the shared fixture with the disk cache in `cache_dir`.
+    pub fn with_cache(name: &str, cache_dir: &Path) -> Mounted {
+        Mounted::new(name, &["--cache-dir", cache_dir.to_str().unwrap()])
+    }
+
     /// The mounted path of `key`.
     pub fn join(&self, key: &str) -> PathBuf {
         self.path.join(key)
@@ -350,6 +392,10 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        if !is_mounted(&self.path) {
+            let _ = fs::remove_dir(&self.path);
+            return;
+        }
         let out = run_cdpfs(&["unmount", self.path.to_str().unwrap()], Duration::from_secs(30));
         if !out.status.success() {
             let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.path).status();

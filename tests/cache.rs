@@ -1,0 +1,188 @@
+//! The data path through a real mount: what the S3 server sees (GET counts and bytes) for
+//! header reads, sequential streams and remounts, and that damaged, shared or interrupted disk
+//! caches never serve a wrong byte.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{shared, Mounted, TOMO_DIR};
+
+/// These tests read the shared server's counters: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn counters() -> (u64, u64) {
+    let (_, server) = shared();
+    (server.gets.load(Ordering::SeqCst), server.bytes.load(Ordering::SeqCst))
+}
+
+fn mrc_key() -> String {
+    format!("{TOMO_DIR}/TS_026.mrc")
+}
+
+/// Reads `path` start to end with 1 MiB reads, as `dd bs=1M` would.
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    File::open(path).unwrap().read_to_end(&mut out).unwrap();
+    out
+}
+
+/// Block files in a cache directory.
+fn block_files(cache: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for shard in fs::read_dir(cache.join("blocks")).unwrap().flatten() {
+        files.extend(fs::read_dir(shard.path()).unwrap().flatten().map(|f| f.path()));
+    }
+    files
+}
+
+/// Waits until the background disk writes of `expected_bytes` have landed.
+fn wait_for_blocks(cache: &Path, expected_bytes: u64) {
+    let started = Instant::now();
+    while block_files(cache).iter().map(|f| f.metadata().map_or(0, |m| m.len())).sum::<u64>() < expected_bytes {
+        assert!(started.elapsed() < Duration::from_secs(20), "disk cache never filled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn header_read_does_not_fetch_the_whole_file() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-header");
+    let mount = Mounted::with_cache("header", &cache);
+    let size = fixture.objects[&mrc_key()].len() as u64;
+    let before = counters();
+    let mut header = [0u8; 1024];
+    File::open(mount.join(&mrc_key())).unwrap().read_exact_at(&mut header, 0).unwrap();
+    assert_eq!(header[..], fixture.objects[&mrc_key()][..1024]);
+    let after = counters();
+    assert!(after.1 - before.1 <= 2 << 20, "a 1 KiB header read fetched {} of {size} bytes", after.1 - before.1);
+}
+
+#[test]
+fn sequential_read_uses_block_sized_gets_and_a_remount_uses_none() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-remount");
+    let key = mrc_key();
+    let expected = &fixture.objects[&key];
+    {
+        let mount = Mounted::with_cache("remount-1", &cache);
+        let before = counters();
+        assert!(read_all(&mount.join(&key)) == *expected);
+        let gets = counters().0 - before.0;
+        let blocks = (expected.len() as u64).div_ceil(2 << 20);
+        assert!(gets <= blocks + 2, "{gets} GETs for {blocks} blocks: not streaming in blocks");
+        assert_eq!(
+            read_all(&mount.join("10000/dataset_metadata.json")),
+            fixture.objects["10000/dataset_metadata.json"]
+        );
+        wait_for_blocks(&cache, expected.len() as u64);
+    }
+    let mount = Mounted::with_cache("remount-2", &cache);
+    let before = counters();
+    assert!(read_all(&mount.join(&key)) == *expected);
+    assert_eq!(read_all(&mount.join("10000/dataset_metadata.json")), fixture.objects["10000/dataset_metadata.json"]);
+    assert_eq!(counters().0 - before.0, 0, "a remount over a warm disk cache sent GETs");
+    // Listings were persisted too: the tree is there without asking S3.
+    assert!(cache.join("listings").read_dir().unwrap().count() > 0);
+}
+
+#[test]
+fn corrupted_and_truncated_cached_blocks_are_refetched() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-corrupt");
+    let key = mrc_key();
+    let expected = &fixture.objects[&key];
+    {
+        let mount = Mounted::with_cache("corrupt-1", &cache);
+        assert!(read_all(&mount.join(&key)) == *expected);
+        wait_for_blocks(&cache, expected.len() as u64);
+    }
+    let files = block_files(&cache);
+    assert!(files.len() > 4);
+    for (i, file) in files.iter().enumerate() {
+        let mut raw = fs::read(file).unwrap();
+        match i % 3 {
+            0 => {
+                let middle = raw.len() / 2;
+                raw[middle] ^= 0x01;
+            }
+            1 => raw.truncate(raw.len() * 2 / 3),
+            _ => raw[20] ^= 0xff, // inside the header
+        }
+        fs::write(file, raw).unwrap();
+    }
+    let mount = Mounted::with_cache("corrupt-2", &cache);
+    let before = counters();
+    assert!(read_all(&mount.join(&key)) == *expected, "a damaged cached block was served");
+    assert!(counters().0 > before.0, "damaged blocks must be fetched again");
+}
+
+#[test]
+fn two_mounts_sharing_one_cache_directory_read_correct_bytes() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-shared");
+    let first = Mounted::with_cache("shared-1", &cache);
+    let second = Mounted::with_cache("shared-2", &cache);
+    let keys = [
+        mrc_key(),
+        "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc".to_owned(),
+        format!("{TOMO_DIR}/TS_026.zarr/0/1/1/1"),
+    ];
+    std::thread::scope(|scope| {
+        for round in 0..2 {
+            for mount in [&first, &second] {
+                for key in &keys {
+                    let expected = &fixture.objects[key];
+                    scope.spawn(move || {
+                        assert!(read_all(&mount.join(key)) == *expected, "{key} (round {round})");
+                    });
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn kill_9_while_caching_leaves_nothing_wrong_behind() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-kill");
+    let key = mrc_key();
+    let mount = Mounted::with_cache("kill", &cache);
+    let path = mount.join(&key);
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = File::open(path).and_then(|mut f| f.read_to_end(&mut buf));
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = common::serving_pid(&mount.path).expect("the mount's process");
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = reader.join();
+    let started = Instant::now();
+    while common::is_mounted(&mount.path) && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if common::is_mounted(&mount.path) {
+        let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&mount.path).status();
+    }
+    drop(mount);
+    let again = Mounted::with_cache("kill-again", &cache);
+    for (key, bytes) in fixture.objects.iter().filter(|(k, _)| !k.contains("/Frames/")) {
+        assert!(read_all(&again.join(key)) == *bytes, "{key} differs after kill -9 and remount");
+    }
+}
