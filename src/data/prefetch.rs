@@ -2,7 +2,10 @@
 //! how far ahead should we fetch?
 //!
 //! The first read, and any read far from where the last one ended, is *random*: it fetches
-//! only what it needs, so reading an MRC header (offset 0) never pulls the whole file. Reads that
+//! only what it needs, so reading an MRC header (offset 0) never pulls the whole file. The one
+//! exception is a first read at offset 0 as large as the kernel's read-ahead: that is a program
+//! reading the file from the start (zarr reading a chunk, `cp`), and it starts a stream at
+//! once, with the initial window. Reads that
 //! continue where the previous ones ended (allowing for the kernel's small reorderings of
 //! concurrent readahead requests) are *sequential*, and the read-ahead window doubles with each
 //! one up to a cap; a real seek resets it.
@@ -11,6 +14,8 @@
 const BACKWARD_TOLERANCE: u64 = 1 << 20;
 /// How far beyond it a read may start and still count as sequential.
 const FORWARD_TOLERANCE: u64 = 16 << 20;
+/// A first read at offset 0 at least this large starts a stream.
+const STREAM_START: u64 = 512 << 10;
 
 /// What the data path should do for one read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,9 +44,10 @@ impl Prefetcher {
     /// Classifies a read of `len` bytes at `offset` and updates the state.
     pub fn on_read(&mut self, offset: u64, len: u64) -> Pattern {
         let end = offset + len;
-        let sequential = self
-            .stream_end
-            .is_some_and(|prev| offset + BACKWARD_TOLERANCE >= prev && offset <= prev + FORWARD_TOLERANCE);
+        let sequential = match self.stream_end {
+            Some(prev) => offset + BACKWARD_TOLERANCE >= prev && offset <= prev + FORWARD_TOLERANCE,
+            None => offset == 0 && len >= STREAM_START,
+        };
         if sequential {
             self.window = if self.window == 0 { self.initial_window } else { (self.window * 2).min(self.max_window) };
             // A reordered (earlier) request must not pull the stream back.
@@ -67,6 +73,16 @@ mod tests {
         assert_eq!(p.on_read(0, 1024), Pattern::Random);
         let windows: Vec<Pattern> = (0..6).map(|i| p.on_read(1024 + i * 128 * 1024, 128 * 1024)).collect();
         assert_eq!(windows, [4, 8, 16, 32, 32, 32].map(|w| Pattern::Sequential { window: w * MIB }).to_vec());
+    }
+
+    #[test]
+    fn a_large_first_read_from_the_start_is_a_stream_but_a_small_one_is_not() {
+        let mut whole = Prefetcher::new(4 * MIB, 32 * MIB);
+        assert_eq!(whole.on_read(0, MIB), Pattern::Sequential { window: 4 * MIB });
+        let mut header = Prefetcher::new(4 * MIB, 32 * MIB);
+        assert_eq!(header.on_read(0, 16 * 1024), Pattern::Random);
+        let mut elsewhere = Prefetcher::new(4 * MIB, 32 * MIB);
+        assert_eq!(elsewhere.on_read(8 * MIB, MIB), Pattern::Random);
     }
 
     #[test]
