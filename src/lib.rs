@@ -14,6 +14,7 @@
 pub mod cache;
 pub mod data;
 pub mod fuse;
+pub mod hash;
 pub mod mount;
 pub mod namespace;
 pub mod portal;

@@ -97,6 +97,15 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_NO_DISK_CACHE")]
     no_disk_cache: bool,
 
+    /// When a folder is opened, list up to this many folders below it in the background, so
+    /// `find`/`du`/`ls -R` don't wait for one request per folder (0 turns this off).
+    #[arg(long, env = "CDPFS_LIST_AHEAD", default_value_t = 4096)]
+    list_ahead: usize,
+
+    /// Abandon and retry a download that delivers no data for this long.
+    #[arg(long, env = "CDPFS_STALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
+
     /// Log verbosity: error, warn, info, debug or trace.
     #[arg(long, env = "CDPFS_LOG_LEVEL", default_value = "info")]
     log_level: tracing::Level,
@@ -112,7 +121,11 @@ impl MountArgs {
         if self.bucket.is_empty() || self.bucket.contains('/') {
             bail!("invalid bucket name {:?}", self.bucket);
         }
-        let retry = RetryPolicy { total_timeout: self.request_timeout, ..RetryPolicy::default() };
+        let retry = RetryPolicy {
+            total_timeout: self.request_timeout,
+            stall_timeout: self.stall_timeout,
+            ..RetryPolicy::default()
+        };
         Ok(MountConfig {
             mountpoint: self.mountpoint.clone(),
             s3: S3Config {
@@ -126,6 +139,7 @@ impl MountArgs {
             allow_other: self.allow_other,
             metadata_ttl: self.metadata_ttl,
             max_memory: self.max_memory,
+            list_ahead: self.list_ahead,
             disk_cache: if self.no_disk_cache {
                 None
             } else {

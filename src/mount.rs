@@ -48,6 +48,8 @@ pub struct MountConfig {
     pub max_memory: u64,
     /// The persistent block cache, if enabled: directory and size bound.
     pub disk_cache: Option<(PathBuf, u64)>,
+    /// Directories listed in the background ahead of a walker, per opened directory.
+    pub list_ahead: usize,
 }
 
 /// Size of one cached block, and of one ranged GET of a sequential stream.
@@ -74,7 +76,8 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         )),
         None => None,
     };
-    let namespace = Arc::new(Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings));
+    let namespace =
+        Arc::new(Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead));
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let options = FsOptions { uid, gid, ttl: config.metadata_ttl };

@@ -30,11 +30,7 @@ pub struct BlockKey {
 impl BlockKey {
     /// A stable 64-bit hash of the object's key and ETag (FNV-1a), used for file names.
     pub fn object_hash(&self) -> u64 {
-        let mut hash = 0xcbf2_9ce4_8422_2325u64;
-        for byte in self.object.key.bytes().chain([0]).chain(self.object.etag.bytes()) {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-        }
-        hash
+        crate::hash::stable_hash(&[self.object.key.as_bytes(), self.object.etag.as_bytes()])
     }
 }
 

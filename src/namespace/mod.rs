@@ -10,7 +10,7 @@
 //! Two things keep a recursive walk (`find`, `du`, `ls -R`) from paying one serial round trip per
 //! directory: listings are saved in the cache directory ([`persist`]) and reused by later mounts
 //! while the TTL lasts, and opening a directory warms the listings of the directories below it,
-//! a few levels deep, many at a time, ahead of the walker.
+//! breadth first, many at a time, up to a budget of listings per opened directory.
 
 pub mod names;
 pub mod persist;
@@ -30,10 +30,9 @@ pub const ROOT_INO: u64 = 1;
 
 /// Upper bound on the directory cache, counted in entries across all cached directories.
 const MAX_CACHED_ENTRIES: u64 = 1_000_000;
-/// How many levels below an opened directory are listed ahead of the walker.
-const WARM_DEPTH: usize = 3;
-/// Most listings one opened directory may start ahead of the walker.
-const WARM_BUDGET: usize = 2048;
+/// How many levels below an opened directory are listed ahead of the walker (a run's data sits
+/// about seven levels below its dataset).
+const WARM_DEPTH: usize = 8;
 /// Most background listings in flight at once, across the mount.
 const WARM_PARALLEL: usize = 32;
 
@@ -138,16 +137,19 @@ pub struct Namespace {
     inodes: RwLock<InodeTable>,
     directories: moka::future::Cache<u64, Arc<Directory>>,
     warm_gate: Arc<Semaphore>,
+    warm_budget: usize,
 }
 
 impl Namespace {
     /// A namespace rooted at `root_prefix` (empty or ending in `/`), caching listings for `ttl`,
-    /// and reusing (and saving) listings in `saved` when given.
+    /// reusing (and saving) listings in `saved` when given, and listing up to `warm_budget`
+    /// directories ahead of a walker per opened directory.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         root_prefix: &str,
         ttl: Duration,
         saved: Option<Arc<ListingStore>>,
+        warm_budget: usize,
     ) -> Namespace {
         let mut table = InodeTable { next: ROOT_INO, ..InodeTable::default() };
         let root = Node::Dir { prefix: root_prefix.to_owned() };
@@ -164,6 +166,7 @@ impl Namespace {
             inodes: RwLock::new(table),
             directories,
             warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
+            warm_budget,
         }
     }
 
@@ -221,10 +224,13 @@ impl Namespace {
     /// Lists, in the background, the directories up to [`WARM_DEPTH`] levels below `ino`
     /// (which must be listed already), so that a walk finds them cached.
     pub fn warm_subtree(self: &Arc<Self>, ino: u64) {
+        if self.warm_budget == 0 {
+            return;
+        }
         let namespace = self.clone();
         tokio::spawn(async move {
             let mut frontier = vec![ino];
-            let mut budget = WARM_BUDGET;
+            let mut budget = namespace.warm_budget;
             for _ in 0..WARM_DEPTH {
                 let mut next = Vec::new();
                 let mut listings = tokio::task::JoinSet::new();
@@ -338,7 +344,7 @@ mod tests {
         let store = Arc::new(MemoryStore::default());
         store.put("10000/TS_026/a.mrc", "\"1\"");
         store.put("10000/dataset_metadata.json", "\"2\"");
-        let ns = Arc::new(Namespace::new(store.clone(), "", Duration::from_secs(60), None));
+        let ns = Arc::new(Namespace::new(store.clone(), "", Duration::from_secs(60), None, 0));
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let ns = ns.clone();
@@ -364,7 +370,7 @@ mod tests {
     async fn changed_etag_gets_a_new_inode_after_ttl() {
         let store = Arc::new(MemoryStore::default());
         store.put("x.json", "\"1\"");
-        let ns = Namespace::new(store.clone(), "", Duration::from_millis(50), None);
+        let ns = Namespace::new(store.clone(), "", Duration::from_millis(50), None, 0);
         let first = ns.lookup(ROOT_INO, "x.json").await.unwrap().ino;
         assert_eq!(ns.lookup(ROOT_INO, "x.json").await.unwrap().ino, first);
         store.put("x.json", "\"2\"");

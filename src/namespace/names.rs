@@ -117,4 +117,31 @@ mod tests {
         let b = PrefixListing { prefixes: vec!["x/".into()], objects: vec![object("b"), object("x")] };
         assert_eq!(children("", a), children("", b));
     }
+
+    proptest::proptest! {
+        /// Whatever the keys, a shown name is a single, harmless path component, and a listing
+        /// gives sorted, unique names.
+        #[test]
+        fn any_key_maps_to_a_safe_name_or_none(
+            parent in "[a-z/]{0,6}",
+            rest in proptest::collection::vec("(\\PC|/|\\.|\\x00){0,12}", 0..20),
+        ) {
+            let parent = if parent.is_empty() || parent.ends_with('/') { parent } else { format!("{parent}/") };
+            let keys: Vec<String> = rest.iter().map(|r| format!("{parent}{r}")).collect();
+            for key in &keys {
+                if let Some(name) = child_name(&parent, key) {
+                    proptest::prop_assert!(!name.is_empty() && name != "." && name != "..");
+                    proptest::prop_assert!(!name.contains('/') && !name.contains('\0'));
+                    proptest::prop_assert!(name.len() <= MAX_NAME_BYTES);
+                }
+            }
+            let listing = PrefixListing {
+                prefixes: keys.iter().filter(|k| k.ends_with('/')).cloned().collect(),
+                objects: keys.iter().filter(|k| !k.ends_with('/')).map(|k| object(k)).collect(),
+            };
+            let entries = children(&parent, listing);
+            let names: Vec<&str> = entries.iter().map(Child::name).collect();
+            proptest::prop_assert!(names.windows(2).all(|w| w[0] < w[1]), "not sorted and unique: {:?}", names);
+        }
+    }
 }

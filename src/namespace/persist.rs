@@ -48,10 +48,7 @@ impl ListingStore {
     }
 
     fn path(&self, prefix: &str) -> PathBuf {
-        let mut hash = 0xcbf2_9ce4_8422_2325u64;
-        for byte in self.bucket.bytes().chain([0]).chain(prefix.bytes()) {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-        }
+        let hash = crate::hash::stable_hash(&[self.bucket.as_bytes(), prefix.as_bytes()]);
         self.dir.join(format!("{hash:016x}.json"))
     }
 

@@ -14,7 +14,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::Client;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
 
 use super::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
@@ -41,6 +41,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Time allowed for one attempt, body included, on top of the transfer allowance.
     pub attempt_timeout: Duration,
+    /// An attempt whose body delivers no data for this long is abandoned and retried.
+    pub stall_timeout: Duration,
     /// Upper bound on the time spent on one request across all its attempts.
     pub total_timeout: Duration,
     /// First backoff; it doubles per attempt (full jitter), capped at `max_backoff`.
@@ -54,6 +56,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             max_attempts: 6,
             attempt_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(5),
             total_timeout: Duration::from_secs(30),
             base_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
@@ -205,12 +208,27 @@ impl S3Store {
         } else if range.start != 0 || u64::try_from(out.content_length().unwrap_or(-1)).ok() != Some(expected) {
             return Err(AttemptError::Transient("server ignored the Range header".into()));
         }
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| AttemptError::Transient(format!("body of {}: {e}", object.key)))?
-            .into_bytes();
+        // Read the body chunk by chunk: a connection that goes quiet for the stall timeout is
+        // abandoned and the attempt retried, instead of waiting for the whole attempt timeout.
+        let mut stream = out.body;
+        let mut body = BytesMut::with_capacity(expected as usize);
+        loop {
+            let chunk = match tokio::time::timeout(self.retry.stall_timeout, stream.next()).await {
+                Err(_) => {
+                    return Err(AttemptError::Transient(format!(
+                        "body of {} stalled: no data for {:?}",
+                        object.key, self.retry.stall_timeout
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(AttemptError::Transient(format!("body of {}: {e}", object.key))),
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            if body.len() + chunk.len() > expected as usize {
+                return Err(AttemptError::Transient(format!("body of {} is longer than {expected} bytes", object.key)));
+            }
+            body.extend_from_slice(&chunk);
+        }
         if body.len() as u64 != expected {
             return Err(AttemptError::Transient(format!(
                 "body of {} has {} bytes, expected {expected}",
@@ -218,6 +236,7 @@ impl S3Store {
                 body.len()
             )));
         }
+        let body = body.freeze();
         Ok(body)
     }
 }

@@ -8,7 +8,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,55 @@ impl Fixture {
     }
 }
 
+/// Faults the test server injects into object GETs (listings are never touched).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Per mille of GETs answered `503 SlowDown`.
+    pub slow_down: u64,
+    /// Per mille of GETs answered `500 InternalError`.
+    pub internal_error: u64,
+    /// Per mille of GETs whose connection breaks after half of the body was sent.
+    pub reset_mid_body: u64,
+    /// Every GET of a key containing this text gets this status (e.g. 500: "server down" for it,
+    /// 412: the object was replaced).
+    pub always: Option<(&'static str, u16)>,
+    /// The first GET of a key containing this text sends half its body, then goes silent.
+    pub stall_first: Option<&'static str>,
+}
+
+enum Fault {
+    Status(u16, &'static str),
+    ResetMidBody,
+    StallMidBody,
+}
+
+impl Faults {
+    /// The fault for GET number `n` of `key`, if any; deterministic, so runs repeat.
+    fn pick(&self, n: u64, key: &str, stalled: &AtomicBool) -> Option<Fault> {
+        if self.stall_first.is_some_and(|needle| key.contains(needle)) && !stalled.swap(true, Ordering::SeqCst) {
+            return Some(Fault::StallMidBody);
+        }
+        if let Some((needle, status)) = self.always {
+            if key.contains(needle) {
+                let code = if status == 412 { "PreconditionFailed" } else { "InternalError" };
+                return Some(Fault::Status(status, code));
+            }
+        }
+        let roll = cdpfs::hash::stable_hash(&[&n.to_le_bytes()]) % 1000;
+        if roll < self.slow_down {
+            Some(Fault::Status(503, "SlowDown"))
+        } else if roll < self.slow_down + self.internal_error {
+            Some(Fault::Status(500, "InternalError"))
+        } else if roll < self.slow_down + self.internal_error + self.reset_mid_body {
+            Some(Fault::ResetMidBody)
+        } else {
+            None
+        }
+    }
+}
+
+type TestBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, s3s::StdError>;
+
 /// A running test S3 server.
 pub struct Server {
     /// Its address.
@@ -47,6 +96,8 @@ pub struct Server {
     pub gets: Arc<AtomicU64>,
     /// Body bytes of those GETs.
     pub bytes: Arc<AtomicU64>,
+    /// Faults injected so far.
+    pub injected: Arc<AtomicU64>,
 }
 
 impl Server {
@@ -63,7 +114,7 @@ pub fn shared() -> &'static (Fixture, Server) {
         remove_stale_scratch_dirs();
         let root = scratch_dir("fixture");
         let fixture = build_fixture(&root);
-        let server = start_server(&root);
+        let server = start_server(&root, Faults::default());
         (fixture, server)
     })
 }
@@ -88,12 +139,15 @@ fn remove_stale_scratch_dirs() {
     }
 }
 
-/// Starts s3s-fs serving `root` on 127.0.0.1 in a background thread.
-pub fn start_server(root: &Path) -> Server {
+/// Starts s3s-fs serving `root` on 127.0.0.1 in a background thread, injecting `faults`.
+pub fn start_server(root: &Path, faults: Faults) -> Server {
     let root = root.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
-    let (gets, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (gets_counter, bytes_counter) = (gets.clone(), bytes.clone());
+    let (gets, bytes, injected) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (gets_counter, bytes_counter, injected_counter) = (gets.clone(), bytes.clone(), injected.clone());
+    let requests = Arc::new(AtomicU64::new(0));
+    let stalled = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
@@ -104,19 +158,66 @@ pub fn start_server(root: &Path) -> Server {
             loop {
                 let Ok((socket, _)) = listener.accept().await else { continue };
                 let (service, gets, bytes) = (service.clone(), gets_counter.clone(), bytes_counter.clone());
-                // Counts object GETs (not listings) and their body bytes, as the origin sees them.
+                let (injected, requests, stalled) = (injected_counter.clone(), requests.clone(), stalled.clone());
+                // Counts object GETs (not listings) and their body bytes, as the origin sees them,
+                // and injects the configured faults into them.
                 let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (service, gets, bytes) = (service.clone(), gets.clone(), bytes.clone());
+                    let (injected, requests, stalled) = (injected.clone(), requests.clone(), stalled.clone());
                     async move {
                         let object_get =
                             req.method() == "GET" && !req.uri().query().unwrap_or("").contains("list-type");
+                        let fault = if object_get {
+                            let key = percent_decode(req.uri().path());
+                            faults.pick(requests.fetch_add(1, Ordering::SeqCst), &key, &stalled)
+                        } else {
+                            None
+                        };
+                        if let Some(Fault::Status(status, code)) = fault {
+                            injected.fetch_add(1, Ordering::SeqCst);
+                            let xml = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
+                            let body = http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                                http_body_util::Full::new(bytes::Bytes::from(xml)),
+                                |e| match e {},
+                            ));
+                            return Ok(hyper::Response::builder().status(status).body(body).unwrap());
+                        }
                         let response = service.call(req.map(s3s::Body::from)).await?;
                         if object_get && response.status().is_success() {
                             gets.fetch_add(1, Ordering::SeqCst);
                             let length = response.headers().get("content-length").and_then(|v| v.to_str().ok());
                             bytes.fetch_add(length.and_then(|v| v.parse().ok()).unwrap_or(0), Ordering::SeqCst);
                         }
-                        Ok::<_, s3s::HttpError>(response)
+                        let (parts, body) = response.into_parts();
+                        let body: TestBody = match fault {
+                            Some(Fault::ResetMidBody) if parts.status.is_success() => {
+                                injected.fetch_add(1, Ordering::SeqCst);
+                                let all = http_body_util::BodyExt::collect(body).await.map_err(s3s::HttpError::new)?.to_bytes();
+                                let frames: Vec<Result<http_body::Frame<bytes::Bytes>, s3s::StdError>> = vec![
+                                    Ok(http_body::Frame::data(all.slice(..all.len() / 2))),
+                                    Err("injected reset".into()),
+                                ];
+                                http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(
+                                    futures_util::stream::iter(frames),
+                                ))
+                            }
+                            Some(Fault::StallMidBody) if parts.status.is_success() => {
+                                injected.fetch_add(1, Ordering::SeqCst);
+                                let all = http_body_util::BodyExt::collect(body).await.map_err(s3s::HttpError::new)?.to_bytes();
+                                let (half, rest) = (all.slice(..all.len() / 2), all.slice(all.len() / 2..));
+                                let first = futures_util::stream::once(async move {
+                                    Ok::<_, s3s::StdError>(http_body::Frame::data(half))
+                                });
+                                let late = futures_util::stream::once(async move {
+                                    tokio::time::sleep(Duration::from_secs(60)).await;
+                                    Ok::<_, s3s::StdError>(http_body::Frame::data(rest))
+                                });
+                                let stream = futures_util::StreamExt::chain(first, late);
+                                http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream))
+                            }
+                            _ => http_body_util::BodyExt::boxed_unsync(body),
+                        };
+                        Ok::<_, s3s::HttpError>(hyper::Response::from_parts(parts, body))
                     }
                 });
                 tokio::spawn(async move {
@@ -126,7 +227,28 @@ pub fn start_server(root: &Path) -> Server {
             }
         });
     });
-    Server { addr: rx.recv().unwrap(), gets, bytes }
+    Server { addr: rx.recv().unwrap(), gets, bytes, injected }
+}
+
+/// Decodes `%XX` escapes in a request path.
+fn percent_decode(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(value)) => {
+                out.push(value);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so a misplaced byte never goes unnoticed.
@@ -296,14 +418,10 @@ pub fn build_fixture(root: &Path) -> Fixture {
         // s3s-fs re-hashes a file for its ETag on every request unless this sidecar exists.
         let encode = |s: &str| base64_simd::URL_SAFE_NO_PAD.encode_to_string(s);
         let sidecar = root.join(format!(".bucket-{}.object-{}.internal.json", encode(BUCKET), encode(key)));
-        let etag = format!("{:016x}{:016x}", fnv(bytes), bytes.len());
+        let etag = format!("{:016x}{:016x}", cdpfs::hash::stable_hash(&[bytes]), bytes.len());
         fs::write(sidecar, format!("{{\"e_tag\":\"{etag}\"}}")).unwrap();
     }
     Fixture { root: root.to_path_buf(), objects }
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// The `cdpfs` binary under test.
