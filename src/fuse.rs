@@ -20,10 +20,14 @@ use tracing::warn;
 
 use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
+use crate::store::ObjectMeta;
 
 /// Preferred I/O size reported in `st_blksize` and `statfs`: large, so stdio and `cp` read
 /// in big requests.
 const IO_BLOCK_SIZE: u32 = 1 << 20;
+
+/// The read-only extended attributes every file carries (`getfattr -d FILE`).
+const XATTR_NAMES: [&str; 4] = ["user.cdpfs.key", "user.cdpfs.etag", "user.cdpfs.url", "user.cdpfs.cached"];
 
 /// Who owns the files and how long the kernel may cache what we tell it.
 #[derive(Clone, Copy, Debug)]
@@ -48,24 +52,27 @@ pub struct CdpFs {
     namespace: Arc<Namespace>,
     data: Arc<DataPath>,
     options: FsOptions,
+    bucket: Arc<str>,
     mounted_at: SystemTime,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     next_handle: AtomicU64,
 }
 
 impl CdpFs {
-    /// A filesystem serving `namespace` and `data`, running its I/O on `runtime`.
+    /// A filesystem serving `namespace` and `data` of `bucket`, running its I/O on `runtime`.
     pub fn new(
         runtime: tokio::runtime::Handle,
         namespace: Arc<Namespace>,
         data: Arc<DataPath>,
         options: FsOptions,
+        bucket: &str,
     ) -> CdpFs {
         CdpFs {
             runtime,
             namespace,
             data,
             options,
+            bucket: bucket.into(),
             mounted_at: SystemTime::now(),
             handles: Arc::default(),
             next_handle: AtomicU64::new(1),
@@ -128,6 +135,29 @@ fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) 
         rdev: 0,
         blksize: IO_BLOCK_SIZE,
         flags: 0,
+    }
+}
+
+/// The value of extended attribute `name` of a file, if it has one.
+fn xattr_value(name: &str, object: &ObjectMeta, bucket: &str, data: &DataPath) -> Option<Vec<u8>> {
+    let text = match name {
+        "user.cdpfs.key" => object.key.clone(),
+        "user.cdpfs.etag" => object.etag.trim_matches('"').to_owned(),
+        "user.cdpfs.url" => format!("s3://{bucket}/{}", object.key),
+        "user.cdpfs.cached" => data.cache().cached_bytes(object).to_string(),
+        _ => return None,
+    };
+    Some(text.into_bytes())
+}
+
+/// Answers an xattr request: the size when asked for it, `ERANGE` when the buffer is too small.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
     }
 }
 
@@ -330,16 +360,29 @@ impl Filesystem for CdpFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let object = match self.namespace.node(ino.0) {
+            Ok(Node::File(object)) => object,
+            Ok(Node::Dir { .. }) => return reply.error(Errno::from_i32(libc::ENODATA)),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let (name, data, bucket) = (name.to_string_lossy().into_owned(), self.data.clone(), self.bucket.clone());
+        // "cached" looks at every block of the file: off the session thread.
+        self.spawn(async move {
+            match xattr_value(&name, &object, &bucket, &data) {
+                Some(value) => reply_xattr(reply, size, &value),
+                None => reply.error(Errno::from_i32(libc::ENODATA)),
+            }
+        });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names: Vec<u8> = match self.namespace.node(ino.0) {
+            Ok(Node::File(_)) => XATTR_NAMES.iter().flat_map(|n| n.bytes().chain([0])).collect(),
+            Ok(Node::Dir { .. }) => Vec::new(),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        reply_xattr(reply, size, &names);
     }
 
     // Everything below would modify the tree: the mount is read-only.

@@ -7,6 +7,7 @@
 //! - [`data`]: the read path from a file range to object bytes, with prefetch;
 //! - [`fuse`]: the thin FUSE adapter;
 //! - [`mount`]: the mount lifecycle (checks, background start, signals, unmount);
+//! - [`mount_table`]: what is mounted where;
 //! - [`portal`]: what is specific to the CryoET Data Portal.
 //!
 //! The `cdpfs` binary (`main.rs`) is only the command line on top.
@@ -16,6 +17,7 @@ pub mod data;
 pub mod fuse;
 pub mod hash;
 pub mod mount;
+pub mod mount_table;
 pub mod namespace;
 pub mod portal;
 pub mod store;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
+use cdpfs::cache::admin;
 use cdpfs::mount::{self, MountConfig};
 use cdpfs::portal;
 use cdpfs::store::s3::{RetryPolicy, S3Config};
@@ -26,6 +27,11 @@ struct Cli {
 enum Command {
     /// Mount the bucket at MOUNTPOINT (returns once the mount is ready; see --foreground).
     Mount(Box<MountArgs>),
+    /// Show what the persistent cache holds, or empty it.
+    Cache {
+        #[command(subcommand)]
+        action: CacheCommand,
+    },
     /// Unmount a cdpfs mount.
     Unmount {
         /// The mounted directory.
@@ -34,6 +40,27 @@ enum Command {
         #[arg(long, short = 'z')]
         lazy: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Blocks, bytes, objects and listings in the cache, and the mounts using it.
+    Info(CacheDirArg),
+    /// Delete every cached block and listing (refused while a mount uses the cache).
+    Clear(CacheDirArg),
+}
+
+#[derive(Args, Debug)]
+struct CacheDirArg {
+    /// The cache directory (default as for `cdpfs mount`).
+    #[arg(long, env = "CDPFS_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl CacheDirArg {
+    fn dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -216,7 +243,45 @@ fn run(cli: Cli) -> Result<()> {
                 mount::spawn_background(&config, args.log_file.as_deref())
             }
         }
+        Command::Cache { action: CacheCommand::Info(arg) } => {
+            let dir = arg.dir();
+            let usage = admin::usage(&dir);
+            println!("cache directory: {}", dir.display());
+            println!("blocks:    {} ({}) of {} objects", usage.blocks, human_bytes(usage.bytes), usage.objects);
+            println!("listings:  {}", usage.listings);
+            let users = admin::live_mounts(&dir);
+            println!("in use by: {}", if users.is_empty() { "no mount".to_owned() } else { users.join(", ") });
+            Ok(())
+        }
+        Command::Cache { action: CacheCommand::Clear(arg) } => {
+            let dir = arg.dir();
+            let removed = admin::clear(&dir)?;
+            println!(
+                "removed {} blocks ({}) and {} listings from {}",
+                removed.blocks,
+                human_bytes(removed.bytes),
+                removed.listings,
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy),
+    }
+}
+
+/// `1536` -> `1.5 KiB`.
+fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
     }
 }
 

@@ -16,10 +16,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
+use crate::cache::admin::Registration;
 use crate::cache::disk::DiskCache;
 use crate::cache::BlockCache;
 use crate::data::{DataConfig, DataPath};
 use crate::fuse::{CdpFs, FsOptions};
+use crate::mount_table;
 use crate::namespace::persist::ListingStore;
 use crate::namespace::Namespace;
 use crate::store::s3::{S3Config, S3Store};
@@ -69,6 +71,11 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
 
     // The block cache first: it creates the cache directory with its 0700 mode.
     let data = Arc::new(data_path(store.clone(), config)?);
+    // Registered for as long as this function serves the mount, so `cdpfs cache clear` can tell.
+    let _registration = match &config.disk_cache {
+        Some((dir, _)) => Some(Registration::new(dir, &mountpoint).context("registering in the cache directory")?),
+        None => None,
+    };
     let saved_listings = match &config.disk_cache {
         Some((dir, _)) => Some(Arc::new(
             ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl)
@@ -81,7 +88,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let options = FsOptions { uid, gid, ttl: config.metadata_ttl };
-    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, options);
+    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, options, &config.s3.bucket);
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
     raise_kernel_readahead(&mountpoint);
@@ -313,7 +320,7 @@ async fn wait_for_stop(session: &fuser::BackgroundSession) -> Result<bool> {
 /// Unmounts a cdpfs (or any FUSE) mount at `mountpoint`.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
     let path = fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    if mount_type(&path)?.is_none() {
+    if mount_table::mount_type(&path)?.is_none() {
         bail!("{} is not mounted", path.display());
     }
     fusermount(if lazy { &["-u", "-z"] } else { &["-u"] }, &path)
@@ -381,44 +388,10 @@ pub fn check_mount_point(path: &Path) -> Result<PathBuf> {
         Err(e) => bail!("cannot use mount point {}: {e}", path.display()),
     }
     let absolute = fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-    if let Some(fstype) = mount_type(&absolute)? {
+    if let Some(fstype) = mount_table::mount_type(&absolute)? {
         bail!("{} is already a mount point ({fstype}); unmount it first", absolute.display());
     }
     Ok(absolute)
-}
-
-/// The filesystem type mounted exactly at `path`, if something is.
-fn mount_type(path: &Path) -> Result<Option<String>> {
-    let table = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let wanted = path.to_string_lossy();
-    // Fields: id parent dev root mountpoint options [optional...] - fstype source superoptions
-    Ok(table.lines().rev().find_map(|line| {
-        let mut fields = line.split(' ');
-        let mountpoint = unescape_mountinfo(fields.nth(4)?);
-        if mountpoint != wanted {
-            return None;
-        }
-        let after_separator = line.split(" - ").nth(1)?;
-        Some(after_separator.split(' ').next()?.to_owned())
-    }))
-}
-
-/// Decodes the octal escapes (`\040` for space, ...) the kernel uses in mountinfo paths.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(value);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -426,16 +399,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo("/mnt/with\\040space"), "/mnt/with space");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/tab\\011x\\134y"), "/tab\tx\\y");
-        assert_eq!(unescape_mountinfo("/short\\04"), "/short\\04");
-    }
-
-    #[test]
     fn root_is_a_mount_point_and_a_fresh_dir_is_not() {
-        assert!(mount_type(Path::new("/")).unwrap().is_some());
+        assert!(mount_table::mount_type(Path::new("/")).unwrap().is_some());
         let dir = std::env::temp_dir().join(format!("cdpfs-unit-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         assert_eq!(check_mount_point(&dir).unwrap(), fs::canonicalize(&dir).unwrap());

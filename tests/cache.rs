@@ -186,3 +186,69 @@ fn kill_9_while_caching_leaves_nothing_wrong_behind() {
         assert!(read_all(&again.join(key)) == *bytes, "{key} differs after kill -9 and remount");
     }
 }
+
+fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
+    let path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(String::from_utf8(buf).unwrap())
+}
+
+#[test]
+fn files_carry_key_etag_url_and_cached_bytes_as_xattrs() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-xattr");
+    let mount = Mounted::with_cache("xattr", &cache);
+    let key = "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc";
+    let path = mount.join(key);
+    assert_eq!(xattr(&path, "user.cdpfs.key").unwrap(), key);
+    assert_eq!(xattr(&path, "user.cdpfs.url").unwrap(), format!("s3://{}/{key}", common::BUCKET));
+    // s3s-fs lists no ETags, so the value may be empty here; the attribute must still exist.
+    assert!(xattr(&path, "user.cdpfs.etag").is_ok());
+    assert_eq!(xattr(&path, "user.cdpfs.cached").unwrap(), "0");
+    assert_eq!(read_all(&path), fixture.objects[key]);
+    assert_eq!(xattr(&path, "user.cdpfs.cached").unwrap(), fixture.objects[key].len().to_string());
+    assert_eq!(xattr(&path, "user.nope").unwrap_err().raw_os_error(), Some(libc::ENODATA));
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut names = vec![0u8; 1024];
+    let n = unsafe { libc::listxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n > 0);
+    let listed = String::from_utf8_lossy(&names[..n as usize]).into_owned();
+    for name in ["user.cdpfs.key", "user.cdpfs.etag", "user.cdpfs.url", "user.cdpfs.cached"] {
+        assert!(listed.split('\0').any(|l| l == name), "{name} not listed in {listed:?}");
+    }
+}
+
+#[test]
+fn cache_info_and_clear_report_and_refuse_while_mounted() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-admin");
+    let dir = cache.to_str().unwrap();
+    let key = "10000/dataset_metadata.json";
+    let mount = Mounted::with_cache("admin", &cache);
+    assert_eq!(read_all(&mount.join(key)), fixture.objects[key]);
+    wait_for_blocks(&cache, 1);
+    let info = common::run_cdpfs(&["cache", "info", "--cache-dir", dir], Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&info.stdout).into_owned();
+    assert!(
+        info.status.success() && text.contains("blocks:    1 ") && text.contains(mount.path.to_str().unwrap()),
+        "{text}"
+    );
+    let refused = common::run_cdpfs(&["cache", "clear", "--cache-dir", dir], Duration::from_secs(10));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains(mount.path.to_str().unwrap()));
+    assert!(!block_files(&cache).is_empty(), "a refused clear removed blocks");
+    drop(mount);
+    let cleared = common::run_cdpfs(&["cache", "clear", "--cache-dir", dir], Duration::from_secs(10));
+    assert!(cleared.status.success(), "{}", String::from_utf8_lossy(&cleared.stderr));
+    assert!(block_files(&cache).is_empty());
+    let info = common::run_cdpfs(&["cache", "info", "--cache-dir", dir], Duration::from_secs(10));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("blocks:    0 (0 B) of 0 objects"));
+}

@@ -150,3 +150,11 @@ fn sixty_four_readers_over_sixteen_files_stay_correct_and_within_memory() {
     eprintln!("load: {} file reads by 64 readers, peak RSS {} MiB", reads.load(Ordering::Relaxed), peak_kib >> 10);
     assert!(peak_kib * 1024 <= (64 << 20) + (100 << 20), "peak RSS {peak_kib} KiB over budget + 100 MiB");
 }
+
+#[test]
+fn a_listed_key_that_is_gone_gives_estale() {
+    let faults = Faults { always: Some(("24apr23a_Position_12.mrc", 404)), ..Faults::default() };
+    let (_server, mount) = mount_faulty("gone", faults, &[]);
+    let error = fs::read(mount.join("10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
+}

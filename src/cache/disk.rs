@@ -84,6 +84,11 @@ impl DiskCache {
         format!("{:02x}/{hash:016x}-{}", hash >> 56, key.index)
     }
 
+    /// Whether a copy of the block is on disk (not verified: [`DiskCache::read`] checks it).
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.dir.join("blocks").join(Self::relative_name(key)).exists()
+    }
+
     /// The block, if a valid copy is on disk.
     pub fn read(&self, key: &BlockKey) -> Option<Bytes> {
         let name = Self::relative_name(key);

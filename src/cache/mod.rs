@@ -6,6 +6,7 @@
 //! disk in the background. GETs in flight are capped by a fixed number of fetch slots, so the
 //! bytes being downloaded stay within the memory budget however many files are read at once.
 
+pub mod admin;
 pub mod disk;
 
 use std::hash::{Hash, Hasher};
@@ -106,6 +107,21 @@ impl BlockCache {
     pub fn block_range(&self, object: &ObjectMeta, index: u64) -> Range<u64> {
         let start = index * self.block_size;
         start.min(object.size)..(start + self.block_size).min(object.size)
+    }
+
+    /// Bytes of `object` held in memory or on disk (whole blocks; disk copies are not verified).
+    pub fn cached_bytes(&self, object: &ObjectMeta) -> u64 {
+        let object = Arc::new(object.clone());
+        (0..object.size.div_ceil(self.block_size))
+            .filter(|&index| {
+                let key = BlockKey { object: object.clone(), index };
+                self.memory.contains_key(&key) || self.disk.as_ref().is_some_and(|d| d.contains(&key))
+            })
+            .map(|index| {
+                let range = self.block_range(&object, index);
+                range.end - range.start
+            })
+            .sum()
     }
 
     /// The block, if memory or disk has it; never fetches.

@@ -63,7 +63,8 @@ impl StoreError {
     /// The errno a filesystem caller should see for this failure.
     pub fn errno(&self) -> i32 {
         match self {
-            StoreError::Changed(_) => libc::ESTALE,
+            // The object listed (and maybe opened) is gone or replaced: the handle is stale.
+            StoreError::Changed(_) | StoreError::NotFound(_) => libc::ESTALE,
             _ => libc::EIO,
         }
     }

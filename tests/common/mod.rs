@@ -69,7 +69,11 @@ impl Faults {
         }
         if let Some((needle, status)) = self.always {
             if key.contains(needle) {
-                let code = if status == 412 { "PreconditionFailed" } else { "InternalError" };
+                let code = match status {
+                    404 => "NoSuchKey",
+                    412 => "PreconditionFailed",
+                    _ => "InternalError",
+                };
                 return Some(Fault::Status(status, code));
             }
         }

@@ -1,0 +1,53 @@
+//! The kernel's mount table, as this process sees it (`/proc/self/mountinfo`).
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// The filesystem type mounted exactly at `path`, if something is.
+pub fn mount_type(path: &Path) -> Result<Option<String>> {
+    let table = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let wanted = path.to_string_lossy();
+    // Fields: id parent dev root mountpoint options [optional...] - fstype source superoptions
+    Ok(table.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let mountpoint = unescape_mountinfo(fields.nth(4)?);
+        if mountpoint != wanted {
+            return None;
+        }
+        let after_separator = line.split(" - ").nth(1)?;
+        Some(after_separator.split(' ').next()?.to_owned())
+    }))
+}
+
+/// Decodes the octal escapes (`\040` for space, ...) the kernel uses in mountinfo paths.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/mnt/with\\040space"), "/mnt/with space");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/tab\\011x\\134y"), "/tab\tx\\y");
+        assert_eq!(unescape_mountinfo("/short\\04"), "/short\\04");
+    }
+}
