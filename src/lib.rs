@@ -8,12 +8,14 @@
 //! - [`fuse`]: the thin FUSE adapter;
 //! - [`mount`]: the mount lifecycle (checks, background start, signals, unmount);
 //! - [`mount_table`]: what is mounted where;
+//! - [`fstab`]: the `mount.cdpfs` helper for `mount(8)` and fstab;
 //! - [`portal`]: what is specific to the CryoET Data Portal.
 //!
 //! The `cdpfs` binary (`main.rs`) is only the command line on top.
 
 pub mod cache;
 pub mod data;
+pub mod fstab;
 pub mod fuse;
 pub mod hash;
 pub mod mount;

@@ -1,5 +1,6 @@
 //! The `cdpfs` command line: parses options and hands off to [`cdpfs::mount`].
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use cdpfs::cache::admin;
+use cdpfs::fstab;
 use cdpfs::mount::{self, MountConfig};
 use cdpfs::portal;
 use cdpfs::store::s3::{RetryPolicy, S3Config};
@@ -232,7 +234,9 @@ fn init_logging(args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Carries out `cli`; `command_line` (without the program name) is what a background mount
+/// re-runs in its child.
+fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
     match cli.command {
         Command::Mount(args) => {
             let config = args.to_config()?;
@@ -240,7 +244,7 @@ fn run(cli: Cli) -> Result<()> {
                 init_logging(&args)?;
                 mount::serve_foreground(&config)
             } else {
-                mount::spawn_background(&config, args.log_file.as_deref())
+                mount::spawn_background(&config, args.log_file.as_deref(), command_line)
             }
         }
         Command::Cache { action: CacheCommand::Info(arg) } => {
@@ -285,9 +289,22 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// The command line to act on: as given, or translated from a `mount.cdpfs` helper call.
+fn command_line() -> Result<Vec<OsString>> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if !args.first().is_some_and(|argv0| fstab::is_mount_helper(argv0)) {
+        return Ok(args);
+    }
+    let rest: Vec<String> = args[1..].iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    Ok(fstab::helper_to_cli(&rest)?.into_iter().map(OsString::from).collect())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let result = command_line().and_then(|args| {
+        let cli = Cli::parse_from(&args);
+        run(cli, &args[1..])
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let message = format!("{e:#}");

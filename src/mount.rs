@@ -146,8 +146,9 @@ fn raise_kernel_readahead(mountpoint: &Path) {
     }
 }
 
-/// Starts a detached child that serves the mount, and returns once the mount is ready.
-pub fn spawn_background(config: &MountConfig, log_file: Option<&Path>) -> Result<()> {
+/// Starts a detached child that serves the mount, and returns once the mount is ready. `args`
+/// is the `cdpfs` command line (without the program name) the child runs with `--foreground`.
+pub fn spawn_background(config: &MountConfig, log_file: Option<&Path>, args: &[std::ffi::OsString]) -> Result<()> {
     // Fail fast, with the same messages, before anything is started.
     check_fuse_available()?;
     check_mount_point(&config.mountpoint)?;
@@ -158,13 +159,7 @@ pub fn spawn_background(config: &MountConfig, log_file: Option<&Path>) -> Result
         None => Stdio::null(),
     };
     let mut command = Command::new(std::env::current_exe().context("locating the cdpfs binary")?);
-    command
-        .args(std::env::args_os().skip(1))
-        .arg("--foreground")
-        .env(DAEMON_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(stderr);
+    command.args(args).arg("--foreground").env(DAEMON_ENV, "1").stdin(Stdio::null()).stdout(writer).stderr(stderr);
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
@@ -360,7 +355,8 @@ fn missing_fusermount() -> anyhow::Error {
     anyhow!("fusermount3 not found in PATH: install fuse3 (Debian/Ubuntu: apt-get install fuse3; RHEL/Rocky: dnf install fuse3)")
 }
 
-/// The `fusermount3` binary: `$FUSERMOUNT_PATH` if set, else the first one in `$PATH`.
+/// The `fusermount3` binary: `$FUSERMOUNT_PATH` if set, else the first one in `$PATH` (or in
+/// the standard directories when there is no `$PATH`).
 fn find_fusermount() -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
@@ -368,7 +364,8 @@ fn find_fusermount() -> Option<PathBuf> {
         let path = PathBuf::from(explicit);
         return executable(&path).then_some(path);
     }
-    let path = std::env::var_os("PATH")?;
+    // mount(8) runs helpers with an empty environment: fall back to the usual places.
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
     std::env::split_paths(&path).map(|dir| dir.join("fusermount3")).find(|candidate| executable(candidate))
 }
 

@@ -149,3 +149,60 @@ fn bad_arguments_are_rejected_before_anything_starts() {
     let out = run_cdpfs(&["unmount", mnt.to_str().unwrap()], Duration::from_secs(10));
     assert_fails_with(&out, "not mounted");
 }
+
+/// Installs `/sbin/mount.cdpfs` -> the binary under test for as long as it lives.
+struct MountHelper(bool);
+
+impl MountHelper {
+    fn install() -> MountHelper {
+        let helper = Path::new("/sbin/mount.cdpfs");
+        if helper.exists() {
+            return MountHelper(false);
+        }
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_cdpfs"), helper).unwrap();
+        MountHelper(true)
+    }
+}
+
+impl Drop for MountHelper {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = fs::remove_file("/sbin/mount.cdpfs");
+        }
+    }
+}
+
+#[test]
+fn an_fstab_line_mounts_with_the_mount_command_and_unknown_options_are_named() {
+    common::require_fuse();
+    let (fixture, server) = shared();
+    let _helper = MountHelper::install();
+    let mnt = common::scratch_dir("mnt-fstab");
+    let cache = common::scratch_dir("cache-fstab");
+    let fstab = common::scratch_dir("fstab").join("fstab");
+    let line = |extra: &str| {
+        format!(
+            "{BUCKET} {} cdpfs ro,allow_other,_netdev,endpoint_url={},cache_dir={},metadata_ttl=10m{extra} 0 0\n",
+            mnt.display(),
+            server.addr_url(),
+            cache.display()
+        )
+    };
+    fs::write(&fstab, line(",bogus_option=1")).unwrap();
+    let out = Command::new("mount").arg("-T").arg(&fstab).arg(&mnt).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_option"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!common::is_mounted(&mnt));
+
+    fs::write(&fstab, line("")).unwrap();
+    let out = Command::new("mount").arg("-T").arg(&fstab).arg(&mnt).output().unwrap();
+    assert!(out.status.success(), "mount -T failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(common::is_mounted(&mnt));
+    let key = "10000/dataset_metadata.json";
+    assert_eq!(fs::read(mnt.join(key)).unwrap(), fixture.objects[key]);
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(mounts.lines().any(|l| l.contains(mnt.to_str().unwrap()) && l.contains("allow_other")));
+    let out = Command::new("umount").arg(&mnt).output().unwrap();
+    assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!common::is_mounted(&mnt));
+}
