@@ -29,6 +29,15 @@ struct Cli {
 enum Command {
     /// Mount the bucket at MOUNTPOINT (returns once the mount is ready; see --foreground).
     Mount(Box<MountArgs>),
+    /// Stage files or folders of a mount into its cache (e.g. in a job prolog), in parallel.
+    Prefetch {
+        /// Files or folders under a cdpfs mount point.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Files read at the same time.
+        #[arg(long, short = 'j', default_value_t = 4)]
+        jobs: usize,
+    },
     /// Show what the persistent cache holds, or empty it.
     Cache {
         #[command(subcommand)]
@@ -247,6 +256,7 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
                 mount::spawn_background(&config, args.log_file.as_deref(), command_line)
             }
         }
+        Command::Prefetch { paths, jobs } => cdpfs::stage::prefetch(&paths, jobs),
         Command::Cache { action: CacheCommand::Info(arg) } => {
             let dir = arg.dir();
             let usage = admin::usage(&dir);

@@ -252,3 +252,35 @@ fn cache_info_and_clear_report_and_refuse_while_mounted() {
     let info = common::run_cdpfs(&["cache", "info", "--cache-dir", dir], Duration::from_secs(10));
     assert!(String::from_utf8_lossy(&info.stdout).contains("blocks:    0 (0 B) of 0 objects"));
 }
+
+#[test]
+fn prefetch_stages_a_folder_so_a_remount_reads_it_without_gets() {
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let cache = common::scratch_dir("cache-prefetch");
+    let folder = "10000/TS_026/Reconstructions";
+    let keys: Vec<&String> = fixture.objects.keys().filter(|k| k.starts_with(folder)).collect();
+    let bytes: u64 = keys.iter().map(|k| fixture.objects[*k].len() as u64).sum();
+    {
+        let mount = Mounted::with_cache("prefetch-1", &cache);
+        let target = mount.join(folder);
+        let out = common::run_cdpfs(&["prefetch", "--jobs", "4", target.to_str().unwrap()], Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(&format!("prefetched {} files ({bytes} bytes)", keys.len())), "{stdout}");
+        wait_for_blocks(&cache, bytes);
+        let again = common::run_cdpfs(&["prefetch", target.to_str().unwrap()], Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&again.stdout).into_owned();
+        assert!(stdout.contains(&format!("prefetched 0 files (0 bytes), {} already cached", keys.len())), "{stdout}");
+        let missing = mount.join("10000/nope");
+        let failed = common::run_cdpfs(&["prefetch", missing.to_str().unwrap()], Duration::from_secs(60));
+        assert!(!failed.status.success());
+        assert!(String::from_utf8_lossy(&failed.stderr).contains("10000/nope"));
+    }
+    let mount = Mounted::with_cache("prefetch-2", &cache);
+    let before = counters();
+    for key in &keys {
+        assert!(read_all(&mount.join(key)) == fixture.objects[*key], "{key}");
+    }
+    assert_eq!(counters().0 - before.0, 0, "staged files were fetched again");
+}
