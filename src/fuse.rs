@@ -20,11 +20,15 @@ use tracing::warn;
 
 use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
+use crate::stats::Stats;
 use crate::store::ObjectMeta;
 
 /// Preferred I/O size reported in `st_blksize` and `statfs`: large, so stdio and `cp` read
 /// in big requests.
 const IO_BLOCK_SIZE: u32 = 1 << 20;
+
+/// The mount root's attribute holding the mount's counters as JSON (read by `cdpfs stats`).
+pub const STATS_XATTR: &str = "user.cdpfs.stats";
 
 /// The read-only extended attributes every file carries (`getfattr -d FILE`).
 const XATTR_NAMES: [&str; 4] = ["user.cdpfs.key", "user.cdpfs.etag", "user.cdpfs.url", "user.cdpfs.cached"];
@@ -53,6 +57,7 @@ pub struct CdpFs {
     data: Arc<DataPath>,
     options: FsOptions,
     bucket: Arc<str>,
+    stats: Arc<Stats>,
     mounted_at: SystemTime,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     next_handle: AtomicU64,
@@ -66,6 +71,7 @@ impl CdpFs {
         data: Arc<DataPath>,
         options: FsOptions,
         bucket: &str,
+        stats: Arc<Stats>,
     ) -> CdpFs {
         CdpFs {
             runtime,
@@ -73,6 +79,7 @@ impl CdpFs {
             data,
             options,
             bucket: bucket.into(),
+            stats,
             mounted_at: SystemTime::now(),
             handles: Arc::default(),
             next_handle: AtomicU64::new(1),
@@ -238,9 +245,12 @@ impl Filesystem for CdpFs {
             reply.error(Errno::EBADF);
             return;
         };
-        let data = self.data.clone();
+        let (data, stats) = (self.data.clone(), self.stats.clone());
         self.spawn(async move {
-            match data.read(&file, offset, size).await {
+            let started = std::time::Instant::now();
+            let result = data.read(&file, offset, size).await;
+            stats.reads.record(result.as_ref().ok().map(|b| b.len()), started.elapsed());
+            match result {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
                     warn!(key = %file.object.key, offset, size, error = %e, "read failed");
@@ -361,6 +371,11 @@ impl Filesystem for CdpFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 == ROOT_INO && name == STATS_XATTR {
+            let snapshot = self.stats.snapshot(self.data.cache());
+            let json = serde_json::to_vec(&snapshot).expect("a snapshot serializes");
+            return reply_xattr(reply, size, &json);
+        }
         let object = match self.namespace.node(ino.0) {
             Ok(Node::File(object)) => object,
             Ok(Node::Dir { .. }) => return reply.error(Errno::from_i32(libc::ENODATA)),
@@ -379,6 +394,7 @@ impl Filesystem for CdpFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let names: Vec<u8> = match self.namespace.node(ino.0) {
             Ok(Node::File(_)) => XATTR_NAMES.iter().flat_map(|n| n.bytes().chain([0])).collect(),
+            Ok(Node::Dir { .. }) if ino.0 == ROOT_INO => format!("{STATS_XATTR}\0").into_bytes(),
             Ok(Node::Dir { .. }) => Vec::new(),
             Err(e) => return reply.error(errno(&e)),
         };

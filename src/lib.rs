@@ -9,6 +9,7 @@
 //! - [`mount`]: the mount lifecycle (checks, background start, signals, unmount);
 //! - [`mount_table`]: what is mounted where;
 //! - [`fstab`]: the `mount.cdpfs` helper for `mount(8)` and fstab;
+//! - [`stats`]: counters of a running mount (`cdpfs stats`, Prometheus);
 //! - [`stage`]: `cdpfs prefetch`, staging files into a mount's cache;
 //! - [`portal`]: what is specific to the CryoET Data Portal.
 //!
@@ -24,4 +25,5 @@ pub mod mount_table;
 pub mod namespace;
 pub mod portal;
 pub mod stage;
+pub mod stats;
 pub mod store;

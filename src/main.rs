@@ -38,6 +38,14 @@ enum Command {
         #[arg(long, short = 'j', default_value_t = 4)]
         jobs: usize,
     },
+    /// Show the counters of running mounts (S3 traffic, cache hits, read latency, memory).
+    Stats {
+        /// A cdpfs mount point (default: every cdpfs mount).
+        mountpoint: Option<PathBuf>,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the persistent cache holds, or empty it.
     Cache {
         #[command(subcommand)]
@@ -140,6 +148,10 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_LIST_AHEAD", default_value_t = 4096)]
     list_ahead: usize,
 
+    /// Serve the mount's counters as Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long, env = "CDPFS_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+
     /// Abandon and retry a download that delivers no data for this long.
     #[arg(long, env = "CDPFS_STALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
@@ -178,6 +190,7 @@ impl MountArgs {
             metadata_ttl: self.metadata_ttl,
             max_memory: self.max_memory,
             list_ahead: self.list_ahead,
+            metrics_addr: self.metrics_addr.clone(),
             disk_cache: if self.no_disk_cache {
                 None
             } else {
@@ -257,6 +270,7 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             }
         }
         Command::Prefetch { paths, jobs } => cdpfs::stage::prefetch(&paths, jobs),
+        Command::Stats { mountpoint, json } => show_stats(mountpoint, json),
         Command::Cache { action: CacheCommand::Info(arg) } => {
             let dir = arg.dir();
             let usage = admin::usage(&dir);
@@ -281,6 +295,59 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
         }
         Command::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy),
     }
+}
+
+/// Prints the counters of one mount, or of every cdpfs mount.
+fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
+    let mountpoints = match mountpoint {
+        Some(path) => vec![path],
+        None => cdpfs::mount_table::mounts_of_type("fuse.cdpfs")?,
+    };
+    if mountpoints.is_empty() {
+        bail!("no cdpfs mount is running");
+    }
+    let mut failed = Vec::new();
+    for path in mountpoints {
+        let raw = match cdpfs::stage::xattr(&path, cdpfs::fuse::STATS_XATTR) {
+            Ok(raw) => raw,
+            Err(e) => {
+                failed.push(format!("{} is not a running cdpfs mount: {e}", path.display()));
+                continue;
+            }
+        };
+        if json {
+            println!("{raw}");
+            continue;
+        }
+        let s: cdpfs::stats::Snapshot = serde_json::from_str(&raw)?;
+        println!("{}", path.display());
+        println!(
+            "  S3:     {} GETs, {} LIST pages, {} downloaded, {} retries, {} failures",
+            s.s3_gets,
+            s.s3_lists,
+            human_bytes(s.s3_bytes),
+            s.s3_retries,
+            s.s3_failures
+        );
+        println!(
+            "  reads:  {} ({} served, {} errors), latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
+            s.reads,
+            human_bytes(s.bytes_served),
+            s.read_errors,
+            s.read_p50_ms,
+            s.read_p90_ms,
+            s.read_p99_ms
+        );
+        println!(
+            "  cache:  {} memory hits, {} disk hits, {} fetched blocks",
+            s.cache_memory_hits, s.cache_disk_hits, s.cache_fetches
+        );
+        println!("  memory: {} of blocks, {} resident", human_bytes(s.cache_memory_bytes), human_bytes(s.rss_bytes));
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(())
 }
 
 /// `1536` -> `1.5 KiB`.

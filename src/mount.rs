@@ -24,6 +24,7 @@ use crate::fuse::{CdpFs, FsOptions};
 use crate::mount_table;
 use crate::namespace::persist::ListingStore;
 use crate::namespace::Namespace;
+use crate::stats::Stats;
 use crate::store::s3::{S3Config, S3Store};
 use crate::store::{ObjectStore, StoreError};
 
@@ -52,6 +53,8 @@ pub struct MountConfig {
     pub disk_cache: Option<(PathBuf, u64)>,
     /// Directories listed in the background ahead of a walker, per opened directory.
     pub list_ahead: usize,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_addr: Option<String>,
 }
 
 /// Size of one cached block, and of one ranged GET of a sequential stream.
@@ -66,7 +69,9 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         .thread_name("cdpfs-io")
         .build()
         .context("starting the I/O runtime")?;
-    let store: Arc<dyn ObjectStore> = Arc::new(runtime.block_on(S3Store::new(&config.s3)));
+    let s3 = Arc::new(runtime.block_on(S3Store::new(&config.s3)));
+    let stats = Arc::new(Stats::new(s3.counters()));
+    let store: Arc<dyn ObjectStore> = s3;
     probe_bucket(&runtime, store.as_ref(), config)?;
 
     // The block cache first: it creates the cache directory with its 0700 mode.
@@ -88,7 +93,13 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let options = FsOptions { uid, gid, ttl: config.metadata_ttl };
-    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, options, &config.s3.bucket);
+    if let Some(addr) = &config.metrics_addr {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        runtime.spawn(serve_metrics(listener, stats.clone(), data.clone()));
+    }
+    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, options, &config.s3.bucket, stats);
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
     raise_kernel_readahead(&mountpoint);
@@ -133,6 +144,24 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig) -> Result<DataPa
     let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
     let tuning = DataConfig { small_object: 1 << 20, initial_window: 2 * BLOCK_SIZE, max_window: 32 * BLOCK_SIZE };
     Ok(DataPath::new(store, cache, tuning))
+}
+
+/// Answers every connection with the mount's counters in Prometheus text format.
+async fn serve_metrics(listener: tokio::net::TcpListener, stats: Arc<Stats>, data: Arc<DataPath>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let body = stats.snapshot(data.cache()).to_prometheus();
+        tokio::spawn(async move {
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+    }
 }
 
 /// Lets the kernel read ahead 1 MiB at a time instead of 128 KiB (root only; best effort).

@@ -21,6 +21,16 @@ pub fn mount_type(path: &Path) -> Result<Option<String>> {
     }))
 }
 
+/// Mount points of every mount of filesystem type `fstype` (e.g. `fuse.cdpfs`).
+pub fn mounts_of_type(fstype: &str) -> Result<Vec<std::path::PathBuf>> {
+    let table = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(table
+        .lines()
+        .filter(|line| line.split(" - ").nth(1).and_then(|rest| rest.split(' ').next()) == Some(fstype))
+        .filter_map(|line| line.split(' ').nth(4).map(|m| unescape_mountinfo(m).into()))
+        .collect())
+}
+
 /// Decodes the octal escapes (`\040` for space, ...) the kernel uses in mountinfo paths.
 fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();

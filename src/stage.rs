@@ -97,10 +97,10 @@ fn read_through(path: &Path, bar: &ProgressBar) -> std::io::Result<()> {
 }
 
 /// The value of extended attribute `name` of `path`.
-fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
+pub fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
     let c_path = CString::new(path.as_os_str().as_bytes())?;
     let c_name = CString::new(name)?;
-    let mut buf = vec![0u8; 64];
+    let mut buf = vec![0u8; 4096];
     // SAFETY: both strings are NUL-terminated and the buffer is valid for its length.
     let n = unsafe { libc::getxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {

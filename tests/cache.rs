@@ -284,3 +284,37 @@ fn prefetch_stages_a_folder_so_a_remount_reads_it_without_gets() {
     }
     assert_eq!(counters().0 - before.0, 0, "staged files were fetched again");
 }
+
+#[test]
+fn stats_and_prometheus_metrics_report_the_mounts_traffic() {
+    use std::io::Write;
+    let _serial = serial();
+    let (fixture, _) = shared();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mount = Mounted::new("stats", &["--no-disk-cache", "--metrics-addr", &addr]);
+    let key = mrc_key();
+    assert!(read_all(&mount.join(&key)) == fixture.objects[&key]);
+
+    let out = common::run_cdpfs(&["stats", mount.path.to_str().unwrap(), "--json"], Duration::from_secs(10));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["s3_gets"].as_u64().unwrap() >= 16, "{json}");
+    assert!(json["bytes_served"].as_u64().unwrap() >= fixture.objects[&key].len() as u64, "{json}");
+    assert!(json["read_p50_ms"].as_f64().unwrap() > 0.0, "{json}");
+    let text = common::run_cdpfs(&["stats"], Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains(mount.path.to_str().unwrap()) && text.contains("GETs"), "{text}");
+
+    let mut socket = std::net::TcpStream::connect(&addr).unwrap();
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).unwrap();
+    let gets: f64 = response
+        .lines()
+        .find_map(|l| l.strip_prefix("cdpfs_s3_gets_total "))
+        .expect("cdpfs_s3_gets_total in the metrics")
+        .parse()
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK") && gets >= 16.0, "{response}");
+}

@@ -295,30 +295,35 @@ print("python-ok")
     );
 }
 
-proptest::proptest! {
-    #![proptest_config(proptest::test_runner::Config { cases: 24, ..Default::default() })]
-
-    /// Any sequence of reads through the mount returns what the same reads of the source return.
-    #[test]
-    fn random_read_sequences_match_the_source(reads in proptest::collection::vec((0u64..40_000_000, 1usize..3_000_000), 1..12)) {
-        let (fixture, _) = shared();
-        static MOUNT: std::sync::OnceLock<Mounted> = std::sync::OnceLock::new();
-        let mount = MOUNT.get_or_init(|| Mounted::new("proptest", &["--no-disk-cache"]));
-        let key = format!("{TOMO_DIR}/TS_026.mrc");
-        let source = &fixture.objects[&key];
-        let file = File::open(mount.join(&key)).unwrap();
+/// Any sequence of reads through the mount returns what the same reads of the source return.
+#[test]
+fn random_read_sequences_match_the_source() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let (fixture, _) = shared();
+    let mount = Mounted::new("proptest", &["--no-disk-cache"]);
+    let key = format!("{TOMO_DIR}/TS_026.mrc");
+    let source = &fixture.objects[&key];
+    let file = File::open(mount.join(&key)).unwrap();
+    let reads = proptest::collection::vec((0u64..40_000_000, 1usize..3_000_000), 1..12);
+    let mut runner = TestRunner::new(Config { cases: 24, ..Config::default() });
+    let outcome = runner.run(&reads, |reads| {
         for (offset, len) in reads {
             let mut buf = vec![0u8; len];
             let mut got = 0;
             while got < len {
                 let n = file.read_at(&mut buf[got..], offset + got as u64).unwrap();
-                if n == 0 { break; }
+                if n == 0 {
+                    break;
+                }
                 got += n;
             }
             let start = (offset as usize).min(source.len());
             let end = (offset as usize + len).min(source.len());
-            proptest::prop_assert_eq!(got, end - start);
-            proptest::prop_assert!(buf[..got] == source[start..end]);
+            if got != end - start || buf[..got] != source[start..end] {
+                return Err(TestCaseError::fail(format!("read of {len} bytes at {offset} differs")));
+            }
         }
-    }
+        Ok(())
+    });
+    outcome.unwrap();
 }

@@ -93,6 +93,11 @@ impl BlockCache {
         BlockCache { store, block_size, memory, disk, fetch_slots, stats: CacheStats::default() }
     }
 
+    /// Bytes of blocks held in memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.weighted_size()
+    }
+
     /// Whether a fetch could start now without waiting for a slot.
     pub fn has_free_fetch_slot(&self) -> bool {
         self.fetch_slots.available_permits() > 0

@@ -10,6 +10,7 @@ pub mod s3;
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -68,6 +69,21 @@ impl StoreError {
             _ => libc::EIO,
         }
     }
+}
+
+/// What an object store has sent and received.
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    /// Successful ranged GETs.
+    pub gets: AtomicU64,
+    /// Listing pages.
+    pub lists: AtomicU64,
+    /// Body bytes of successful GETs.
+    pub bytes: AtomicU64,
+    /// Attempts that were retried.
+    pub retries: AtomicU64,
+    /// Requests that failed for good.
+    pub failures: AtomicU64,
 }
 
 /// A boxed future returned by [`ObjectStore`] methods.

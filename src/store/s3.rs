@@ -8,6 +8,8 @@ use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_s3::config::http::HttpResponse;
@@ -17,7 +19,7 @@ use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
 
-use super::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
+use super::{ObjectMeta, ObjectStore, PrefixListing, StoreCounters, StoreError, StoreFuture};
 
 /// Where the bucket is and how to talk to it.
 #[derive(Clone, Debug)]
@@ -77,6 +79,7 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     retry: RetryPolicy,
+    counters: Arc<StoreCounters>,
 }
 
 impl S3Store {
@@ -101,7 +104,17 @@ impl S3Store {
             // protection its failures are retried.
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .build();
-        S3Store { client: Client::from_conf(s3_config), bucket: config.bucket.clone(), retry: config.retry }
+        S3Store {
+            client: Client::from_conf(s3_config),
+            bucket: config.bucket.clone(),
+            retry: config.retry,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What this store has sent and received so far.
+    pub fn counters(&self) -> Arc<StoreCounters> {
+        self.counters.clone()
     }
 
     /// Runs `attempt` under the retry policy. `what` names the request in logs and errors.
@@ -120,13 +133,17 @@ impl S3Store {
                     break;
                 }
                 debug!(what, attempt = n + 1, ?backoff, error = %last_error, "retrying");
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(backoff).await;
             }
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
             let limit = (self.retry.attempt_timeout + extra_time).min(remaining);
             match tokio::time::timeout(limit, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(AttemptError::Final(e))) => return Err(e),
+                Ok(Err(AttemptError::Final(e))) => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
                 Ok(Err(AttemptError::Transient(msg))) => {
                     connected = true;
                     last_error = msg;
@@ -136,6 +153,7 @@ impl S3Store {
             }
         }
         warn!(what, elapsed = ?started.elapsed(), error = %last_error, "S3 request failed after retries");
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
         Err(if connected {
             StoreError::Other(format!("{what}: {last_error}"))
         } else {
@@ -160,6 +178,7 @@ impl S3Store {
                 }
                 other => other,
             })?;
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_owned)).collect();
         let objects = out
             .contents()
@@ -237,6 +256,8 @@ impl S3Store {
             )));
         }
         let body = body.freeze();
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(expected, Ordering::Relaxed);
         Ok(body)
     }
 }
