@@ -8,6 +8,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -317,4 +318,107 @@ fn stats_and_prometheus_metrics_report_the_mounts_traffic() {
         .parse()
         .unwrap();
     assert!(response.starts_with("HTTP/1.1 200 OK") && gets >= 16.0, "{response}");
+}
+
+/// nginx in front of the test server as a site cache, as HPC sites do for CVMFS.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Nginx {
+    /// Starts nginx with a `proxy_cache` in front of `upstream`, or None when nginx is not
+    /// installed (CI installs it and sets CDPFS_REQUIRE_NGINX, making that a failure).
+    fn start(upstream: &str) -> Option<Nginx> {
+        let binary =
+            ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists());
+        let Some(binary) = binary else {
+            assert!(std::env::var_os("CDPFS_REQUIRE_NGINX").is_none(), "nginx is required but not installed");
+            eprintln!("SKIPPED: nginx not installed");
+            return None;
+        };
+        let dir = common::scratch_dir("nginx");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let upstream = upstream.trim_start_matches("http://");
+        let d = dir.display();
+        let config = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    proxy_cache_path {d}/cache levels=1:2 keys_zone=s3:10m max_size=1g inactive=1h use_temp_path=off;
+    map $args $is_listing {{ ~list-type 1; default 0; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_set_header Range $http_range;
+            proxy_cache s3;
+            proxy_cache_key "$request_method $uri$is_args$args $http_range";
+            proxy_cache_valid 200 206 1h;
+            proxy_cache_lock on;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
+            proxy_no_cache $is_listing;
+            proxy_cache_bypass $is_listing;
+        }}
+    }}
+}}
+"#
+        );
+        fs::write(dir.join("nginx.conf"), config).unwrap();
+        let child = Command::new(binary)
+            .args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()])
+            // One process (master_process off) with no inherited output: killing it leaves nothing.
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "nginx did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Nginx { child, url: format!("http://127.0.0.1:{port}") })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_mounts_behind_a_caching_proxy_cost_the_origin_one_fetch_per_range() {
+    let _serial = serial();
+    let (fixture, server) = shared();
+    let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    let key = mrc_key();
+    let first_request = server.served.lock().unwrap().len();
+    let mut gets_per_mount = Vec::new();
+    for name in ["proxy-a", "proxy-b"] {
+        let cache = common::scratch_dir(&format!("cache-{name}"));
+        let mount = Mounted::new(name, &["--endpoint-url", &nginx.url, "--cache-dir", cache.to_str().unwrap()]);
+        let before = counters().0;
+        assert!(read_all(&mount.join(&key)) == fixture.objects[&key], "{name}: wrong bytes through the proxy");
+        gets_per_mount.push(counters().0 - before);
+    }
+    let ranges = server.served.lock().unwrap()[first_request..].to_vec();
+    let distinct: std::collections::BTreeSet<&String> = ranges.iter().collect();
+    assert_eq!(distinct.len(), ranges.len(), "the origin served a range twice: {ranges:?}");
+    assert!(gets_per_mount[0] > 4, "the first mount's reads never reached the origin: {gets_per_mount:?}");
+    assert!(gets_per_mount[1] * 4 < gets_per_mount[0], "the second mount mostly missed the proxy: {gets_per_mount:?}");
 }

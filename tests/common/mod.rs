@@ -102,6 +102,8 @@ pub struct Server {
     pub bytes: Arc<AtomicU64>,
     /// Faults injected so far.
     pub injected: Arc<AtomicU64>,
+    /// "path range" of every successful object GET, in order.
+    pub served: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -151,6 +153,8 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (gets_counter, bytes_counter, injected_counter) = (gets.clone(), bytes.clone(), injected.clone());
     let requests = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let served_log = served.clone();
     let stalled = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -163,14 +167,18 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
                 let Ok((socket, _)) = listener.accept().await else { continue };
                 let (service, gets, bytes) = (service.clone(), gets_counter.clone(), bytes_counter.clone());
                 let (injected, requests, stalled) = (injected_counter.clone(), requests.clone(), stalled.clone());
+                let served = served_log.clone();
                 // Counts object GETs (not listings) and their body bytes, as the origin sees them,
                 // and injects the configured faults into them.
                 let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (service, gets, bytes) = (service.clone(), gets.clone(), bytes.clone());
                     let (injected, requests, stalled) = (injected.clone(), requests.clone(), stalled.clone());
+                    let served = served.clone();
                     async move {
                         let object_get =
                             req.method() == "GET" && !req.uri().query().unwrap_or("").contains("list-type");
+                        let range = req.headers().get("range").and_then(|v| v.to_str().ok()).unwrap_or("all");
+                        let request_line = format!("{} {range}", req.uri().path());
                         let fault = if object_get {
                             let key = percent_decode(req.uri().path());
                             faults.pick(requests.fetch_add(1, Ordering::SeqCst), &key, &stalled)
@@ -189,6 +197,7 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
                         let response = service.call(req.map(s3s::Body::from)).await?;
                         if object_get && response.status().is_success() {
                             gets.fetch_add(1, Ordering::SeqCst);
+                            served.lock().unwrap().push(request_line);
                             let length = response.headers().get("content-length").and_then(|v| v.to_str().ok());
                             bytes.fetch_add(length.and_then(|v| v.parse().ok()).unwrap_or(0), Ordering::SeqCst);
                         }
@@ -231,7 +240,7 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
             }
         });
     });
-    Server { addr: rx.recv().unwrap(), gets, bytes, injected }
+    Server { addr: rx.recv().unwrap(), gets, bytes, injected, served }
 }
 
 /// Decodes `%XX` escapes in a request path.
@@ -490,7 +499,10 @@ impl Mounted {
         let path = scratch_dir(&format!("mnt-{name}"));
         let url = server.addr_url();
         let cache = scratch_dir(&format!("cache-{name}"));
-        let mut args = vec!["mount", path.to_str().unwrap(), "--endpoint-url", &url, "--bucket", BUCKET];
+        let mut args = vec!["mount", path.to_str().unwrap(), "--bucket", BUCKET];
+        if !extra.contains(&"--endpoint-url") {
+            args.extend_from_slice(&["--endpoint-url", &url]);
+        }
         if !extra.contains(&"--cache-dir") && !extra.contains(&"--no-disk-cache") {
             args.extend_from_slice(&["--cache-dir", cache.to_str().unwrap()]);
         }
