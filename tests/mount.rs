@@ -67,6 +67,29 @@ fn tree_sizes_mtimes_and_bytes_match_the_bucket() {
     }
 }
 
+/// Reads `len` bytes at `offset` (looping over short reads, stopping at EOF) and compares them,
+/// and their count, with the same range of `source`.
+fn read_matches(file: &File, source: &[u8], offset: u64, len: usize) -> Result<(), String> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = file.read_at(&mut buf[got..], offset + got as u64).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let start = (offset as usize).min(source.len());
+    let end = (offset as usize).saturating_add(len).min(source.len());
+    if got != end - start {
+        return Err(format!("read of {len} bytes at {offset} returned {got} bytes, expected {}", end - start));
+    }
+    if buf[..got] != source[start..end] {
+        return Err(format!("read of {len} bytes at {offset} returned wrong bytes"));
+    }
+    Ok(())
+}
+
 #[test]
 fn random_preads_match_the_source_including_at_and_past_eof() {
     let (fixture, _) = shared();
@@ -85,19 +108,7 @@ fn random_preads_match_the_source_including_at_and_past_eof() {
     let mut cases: Vec<(u64, usize)> = (0..150).map(|_| (next() % size, (next() % 300_000) as usize + 1)).collect();
     cases.extend([(0, 1024), (1, 1), (size - 1, 1), (size - 10, 100), (size, 10), (size + 4096, 10), (4095, 8193)]);
     for (offset, len) in cases {
-        let mut buf = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            let n = file.read_at(&mut buf[got..], offset + got as u64).unwrap();
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        let start = offset.min(size) as usize;
-        let end = (offset + len as u64).min(size) as usize;
-        assert_eq!(got, end - start, "length of read at {offset}+{len}");
-        assert!(buf[..got] == source[start..end], "bytes of read at {offset}+{len}");
+        read_matches(&file, source, offset, len).unwrap();
     }
 }
 
@@ -308,20 +319,7 @@ fn random_read_sequences_match_the_source() {
     let mut runner = TestRunner::new(Config { cases: 24, ..Config::default() });
     let outcome = runner.run(&reads, |reads| {
         for (offset, len) in reads {
-            let mut buf = vec![0u8; len];
-            let mut got = 0;
-            while got < len {
-                let n = file.read_at(&mut buf[got..], offset + got as u64).unwrap();
-                if n == 0 {
-                    break;
-                }
-                got += n;
-            }
-            let start = (offset as usize).min(source.len());
-            let end = (offset as usize + len).min(source.len());
-            if got != end - start || buf[..got] != source[start..end] {
-                return Err(TestCaseError::fail(format!("read of {len} bytes at {offset} differs")));
-            }
+            read_matches(&file, source, offset, len).map_err(TestCaseError::fail)?;
         }
         Ok(())
     });
