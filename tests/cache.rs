@@ -188,18 +188,6 @@ fn kill_9_while_caching_leaves_nothing_wrong_behind() {
     }
 }
 
-fn xattr(path: &Path, name: &str) -> std::io::Result<String> {
-    let path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    let name = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(String::from_utf8(buf).unwrap())
-}
-
 #[test]
 fn files_carry_key_etag_url_and_cached_bytes_as_xattrs() {
     let _serial = serial();
@@ -208,14 +196,14 @@ fn files_carry_key_etag_url_and_cached_bytes_as_xattrs() {
     let mount = Mounted::with_cache("xattr", &cache);
     let key = "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc";
     let path = mount.join(key);
-    assert_eq!(xattr(&path, "user.cdpfs.key").unwrap(), key);
-    assert_eq!(xattr(&path, "user.cdpfs.url").unwrap(), format!("s3://{}/{key}", common::BUCKET));
+    assert_eq!(cdpfs::stage::xattr(&path, "user.cdpfs.key").unwrap(), key);
+    assert_eq!(cdpfs::stage::xattr(&path, "user.cdpfs.url").unwrap(), format!("s3://{}/{key}", common::BUCKET));
     // s3s-fs lists no ETags, so the value may be empty here; the attribute must still exist.
-    assert!(xattr(&path, "user.cdpfs.etag").is_ok());
-    assert_eq!(xattr(&path, "user.cdpfs.cached").unwrap(), "0");
+    assert!(cdpfs::stage::xattr(&path, "user.cdpfs.etag").is_ok());
+    assert_eq!(cdpfs::stage::xattr(&path, "user.cdpfs.cached").unwrap(), "0");
     assert_eq!(read_all(&path), fixture.objects[key]);
-    assert_eq!(xattr(&path, "user.cdpfs.cached").unwrap(), fixture.objects[key].len().to_string());
-    assert_eq!(xattr(&path, "user.nope").unwrap_err().raw_os_error(), Some(libc::ENODATA));
+    assert_eq!(cdpfs::stage::xattr(&path, "user.cdpfs.cached").unwrap(), fixture.objects[key].len().to_string());
+    assert_eq!(cdpfs::stage::xattr(&path, "user.nope").unwrap_err().raw_os_error(), Some(libc::ENODATA));
     let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     let mut names = vec![0u8; 1024];
     let n = unsafe { libc::listxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
