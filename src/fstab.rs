@@ -26,10 +26,11 @@ const VALUE_OPTIONS: [(&str, &str); 13] = [
 ];
 
 /// `-o name` options and the `cdpfs mount` flag each becomes.
-const FLAG_OPTIONS: [(&str, &str); 4] = [
+const FLAG_OPTIONS: [(&str, &str); 5] = [
     ("allow_other", "--allow-other"),
     ("sign_requests", "--sign-requests"),
     ("no_disk_cache", "--no-disk-cache"),
+    ("no_mrc_views", "--no-mrc-views"),
     ("foreground", "--foreground"),
 ];
 

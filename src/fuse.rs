@@ -21,7 +21,7 @@ use tracing::warn;
 use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
 use crate::stats::Stats;
-use crate::store::ObjectMeta;
+use crate::views::{Catalog, OpenView};
 
 /// Preferred I/O size reported in `st_blksize` and `statfs`: large, so stdio and `cp` read
 /// in big requests.
@@ -44,9 +44,11 @@ pub struct FsOptions {
     pub ttl: Duration,
 }
 
-/// An open file or directory.
+/// An open file, view or directory.
+#[derive(Clone)]
 enum Handle {
     File(Arc<OpenFile>),
+    View(Arc<OpenView>),
     Dir(Arc<Directory>),
 }
 
@@ -55,6 +57,7 @@ pub struct CdpFs {
     runtime: tokio::runtime::Handle,
     namespace: Arc<Namespace>,
     data: Arc<DataPath>,
+    views: Arc<Catalog>,
     options: FsOptions,
     bucket: Arc<str>,
     stats: Arc<Stats>,
@@ -64,11 +67,13 @@ pub struct CdpFs {
 }
 
 impl CdpFs {
-    /// A filesystem serving `namespace` and `data` of `bucket`, running its I/O on `runtime`.
+    /// A filesystem serving `namespace` and `data` (and the MRC views of `views`) of `bucket`,
+    /// running its I/O on `runtime`.
     pub fn new(
         runtime: tokio::runtime::Handle,
         namespace: Arc<Namespace>,
         data: Arc<DataPath>,
+        views: Arc<Catalog>,
         options: FsOptions,
         bucket: &str,
         stats: Arc<Stats>,
@@ -77,6 +82,7 @@ impl CdpFs {
             runtime,
             namespace,
             data,
+            views,
             options,
             bucket: bucket.into(),
             stats,
@@ -107,11 +113,8 @@ impl CdpFs {
         }
     }
 
-    fn file_handle(&self, fh: FileHandle) -> Option<Arc<OpenFile>> {
-        match self.handles.lock().expect("handle table poisoned").get(&fh.0) {
-            Some(Handle::File(file)) => Some(file.clone()),
-            _ => None,
-        }
+    fn handle(&self, fh: FileHandle) -> Option<Handle> {
+        self.handles.lock().expect("handle table poisoned").get(&fh.0).cloned()
     }
 
     /// Runs `work` on the runtime, off the FUSE session thread.
@@ -122,9 +125,9 @@ impl CdpFs {
 
 /// The attributes of `node`: read-only, owned by the mounting user, sized from the listing.
 fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) -> FileAttr {
-    let (kind, perm, size, mtime, nlink) = match node {
-        Node::Dir { .. } => (FileType::Directory, 0o555, 0, mounted_at, 2),
-        Node::File(object) => (FileType::RegularFile, 0o444, object.size, object.mtime, 1),
+    let (kind, perm, size, mtime, nlink) = match node.file() {
+        None => (FileType::Directory, 0o555, 0, mounted_at, 2),
+        Some(object) => (FileType::RegularFile, 0o444, object.size, object.mtime, 1),
     };
     FileAttr {
         ino: INodeNo(ino),
@@ -145,13 +148,19 @@ fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) 
     }
 }
 
-/// The value of extended attribute `name` of a file, if it has one.
-fn xattr_value(name: &str, object: &ObjectMeta, bucket: &str, data: &DataPath) -> Option<Vec<u8>> {
+/// The value of extended attribute `name` of a file or view, if it has one. A view's key and
+/// URL are those of the Zarr level it shows.
+fn xattr_value(name: &str, node: &Node, bucket: &str, data: &DataPath, views: &Catalog) -> Option<Vec<u8>> {
+    let (key, version, cached) = match node {
+        Node::Dir { .. } => return None,
+        Node::File(object) => (&object.key, &object.etag, data.cache().cached_bytes(object)),
+        Node::View(view) => (&view.level_prefix, &view.file.etag, views.cached_bytes(view)),
+    };
     let text = match name {
-        "user.cdpfs.key" => object.key.clone(),
-        "user.cdpfs.etag" => object.etag.trim_matches('"').to_owned(),
-        "user.cdpfs.url" => format!("s3://{bucket}/{}", object.key),
-        "user.cdpfs.cached" => data.cache().cached_bytes(object).to_string(),
+        "user.cdpfs.key" => key.clone(),
+        "user.cdpfs.etag" => version.trim_matches('"').to_owned(),
+        "user.cdpfs.url" => format!("s3://{bucket}/{key}"),
+        "user.cdpfs.cached" => cached.to_string(),
         _ => return None,
     };
     Some(text.into_bytes())
@@ -175,7 +184,7 @@ fn errno(e: &NamespaceError) -> Errno {
 fn file_type(node: &Node) -> FileType {
     match node {
         Node::Dir { .. } => FileType::Directory,
-        Node::File(_) => FileType::RegularFile,
+        Node::File(_) | Node::View(_) => FileType::RegularFile,
     }
 }
 
@@ -225,6 +234,11 @@ impl Filesystem for CdpFs {
                 // kernel may keep cached pages across opens.
                 reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
             }
+            Ok(Node::View(view)) => {
+                // A view's inode changes with its Zarr's metadata, like a file's with its ETag.
+                let fh = self.add_handle(Handle::View(Arc::new(self.views.open(view))));
+                reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+            }
             Ok(Node::Dir { .. }) => reply.error(Errno::EISDIR),
             Err(e) => reply.error(errno(&e)),
         }
@@ -241,19 +255,20 @@ impl Filesystem for CdpFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(file) = self.file_handle(fh) else {
-            reply.error(Errno::EBADF);
-            return;
-        };
-        let (data, stats) = (self.data.clone(), self.stats.clone());
+        let handle = self.handle(fh);
+        let (data, views, stats) = (self.data.clone(), self.views.clone(), self.stats.clone());
         self.spawn(async move {
             let started = std::time::Instant::now();
-            let result = data.read(&file, offset, size).await;
+            let (key, result) = match &handle {
+                Some(Handle::File(file)) => (&file.object.key, data.read(file, offset, size).await),
+                Some(Handle::View(open)) => (&open.view.file.key, views.read(open, offset, size).await),
+                Some(Handle::Dir(_)) | None => return reply.error(Errno::EBADF),
+            };
             stats.reads.record(result.as_ref().ok().map(|b| b.len()), started.elapsed());
             match result {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => {
-                    warn!(key = %file.object.key, offset, size, error = %e, "read failed");
+                    warn!(%key, offset, size, error = %e, "read failed");
                     reply.error(Errno::from_i32(e.errno()));
                 }
             }
@@ -376,15 +391,15 @@ impl Filesystem for CdpFs {
             let json = serde_json::to_vec(&snapshot).expect("a snapshot serializes");
             return reply_xattr(reply, size, &json);
         }
-        let object = match self.namespace.node(ino.0) {
-            Ok(Node::File(object)) => object,
-            Ok(Node::Dir { .. }) => return reply.error(Errno::from_i32(libc::ENODATA)),
+        let node = match self.namespace.node(ino.0) {
+            Ok(node) => node,
             Err(e) => return reply.error(errno(&e)),
         };
         let (name, data, bucket) = (name.to_string_lossy().into_owned(), self.data.clone(), self.bucket.clone());
+        let views = self.views.clone();
         // "cached" looks at every block of the file: off the session thread.
         self.spawn(async move {
-            match xattr_value(&name, &object, &bucket, &data) {
+            match xattr_value(&name, &node, &bucket, &data, &views) {
                 Some(value) => reply_xattr(reply, size, &value),
                 None => reply.error(Errno::from_i32(libc::ENODATA)),
             }
@@ -393,7 +408,7 @@ impl Filesystem for CdpFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let names: Vec<u8> = match self.namespace.node(ino.0) {
-            Ok(Node::File(_)) => XATTR_NAMES.iter().flat_map(|n| n.bytes().chain([0])).collect(),
+            Ok(Node::File(_) | Node::View(_)) => XATTR_NAMES.iter().flat_map(|n| n.bytes().chain([0])).collect(),
             Ok(Node::Dir { .. }) if ino.0 == ROOT_INO => format!("{STATS_XATTR}\0").into_bytes(),
             Ok(Node::Dir { .. }) => Vec::new(),
             Err(e) => return reply.error(errno(&e)),

@@ -5,6 +5,7 @@
 //! - [`namespace`]: inodes, key-to-name mapping and the directory cache;
 //! - [`cache`]: the block cache (memory and persistent disk tiers);
 //! - [`data`]: the read path from a file range to object bytes, with prefetch;
+//! - [`views`]: virtual binned MRC files computed from OME-Zarr pyramid levels;
 //! - [`fuse`]: the thin FUSE adapter;
 //! - [`mount`]: the mount lifecycle (checks, background start, signals, unmount);
 //! - [`mount_table`]: what is mounted where;
@@ -27,3 +28,4 @@ pub mod portal;
 pub mod stage;
 pub mod stats;
 pub mod store;
+pub mod views;

@@ -152,6 +152,10 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
 
+    /// Don't show `X.bin2.mrc`/`X.bin4.mrc` views beside OME-Zarr pyramids `X.zarr`.
+    #[arg(long, env = "CDPFS_NO_MRC_VIEWS")]
+    no_mrc_views: bool,
+
     /// Abandon and retry a download that delivers no data for this long.
     #[arg(long, env = "CDPFS_STALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
@@ -191,6 +195,7 @@ impl MountArgs {
             max_memory: self.max_memory,
             list_ahead: self.list_ahead,
             metrics_addr: self.metrics_addr.clone(),
+            mrc_views: !self.no_mrc_views,
             disk_cache: if self.no_disk_cache {
                 None
             } else {

@@ -27,6 +27,7 @@ use crate::namespace::Namespace;
 use crate::stats::Stats;
 use crate::store::s3::{S3Config, S3Store};
 use crate::store::{ObjectStore, StoreError};
+use crate::views::Catalog;
 
 /// Set in the environment of the background child: its stdout is the readiness pipe.
 pub const DAEMON_ENV: &str = "CDPFS_INTERNAL_DAEMON";
@@ -55,6 +56,8 @@ pub struct MountConfig {
     pub list_ahead: usize,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_addr: Option<String>,
+    /// Show `X.bin<N>.mrc` views beside every OME-Zarr `X.zarr`.
+    pub mrc_views: bool,
 }
 
 /// Size of one cached block, and of one ranged GET of a sequential stream.
@@ -88,8 +91,13 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         )),
         None => None,
     };
-    let namespace =
-        Arc::new(Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead));
+    let views = Arc::new(Catalog::new(data.clone(), store.clone()));
+    let mut namespace =
+        Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead);
+    if config.mrc_views {
+        namespace = namespace.with_views(views.clone());
+    }
+    let namespace = Arc::new(namespace);
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let options = FsOptions { uid, gid, ttl: config.metadata_ttl };
@@ -99,7 +107,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
             .with_context(|| format!("listening for metrics on {addr}"))?;
         runtime.spawn(serve_metrics(listener, stats.clone(), data.clone()));
     }
-    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, options, &config.s3.bucket, stats);
+    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats);
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
     raise_kernel_readahead(&mountpoint);

@@ -118,15 +118,17 @@ impl BlockCache {
     pub fn cached_bytes(&self, object: &ObjectMeta) -> u64 {
         let object = Arc::new(object.clone());
         (0..object.size.div_ceil(self.block_size))
-            .filter(|&index| {
-                let key = BlockKey { object: object.clone(), index };
-                self.memory.contains_key(&key) || self.disk.as_ref().is_some_and(|d| d.contains(&key))
-            })
+            .filter(|&index| self.holds(&BlockKey { object: object.clone(), index }))
             .map(|index| {
                 let range = self.block_range(&object, index);
                 range.end - range.start
             })
             .sum()
+    }
+
+    /// Whether memory or disk holds the block (disk copies are not verified).
+    pub fn holds(&self, key: &BlockKey) -> bool {
+        self.memory.contains_key(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
     }
 
     /// The block, if memory or disk has it; never fetches.
@@ -143,6 +145,23 @@ impl BlockCache {
 
     /// The block, from memory, disk or one GET shared by all concurrent callers.
     pub async fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
+        let (object, range) = (key.object.clone(), self.block_range(&key.object, key.index));
+        self.get_or_load(key, async move {
+            let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
+            let block = self.store.get_range(&object, range).await?;
+            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            Ok(block)
+        })
+        .await
+    }
+
+    /// The block, from memory, disk or `load` (run once for all concurrent callers, its result
+    /// kept in both tiers like fetched data).
+    pub async fn get_or_load(
+        &self,
+        key: BlockKey,
+        load: impl std::future::Future<Output = Result<Bytes, StoreError>>,
+    ) -> Result<Bytes, StoreError> {
         if let Some(block) = self.memory.get(&key).await {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(block);
@@ -154,10 +173,7 @@ impl BlockCache {
                     self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(block);
                 }
-                let range = self.block_range(&loader_key.object, loader_key.index);
-                let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
-                let block = self.store.get_range(&loader_key.object, range).await?;
-                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                let block = load.await?;
                 if let Some(disk) = &self.disk {
                     let (disk, block) = (disk.clone(), block.clone());
                     tokio::task::spawn_blocking(move || disk.write(&loader_key, &block));
@@ -190,6 +206,10 @@ mod tests {
     impl ObjectStore for CountingStore {
         fn list_prefix<'a>(&'a self, _: &'a str) -> StoreFuture<'a, PrefixListing> {
             Box::pin(async { Ok(PrefixListing::default()) })
+        }
+
+        fn list_all<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Vec<ObjectMeta>> {
+            Box::pin(async { Ok(Vec::new()) })
         }
 
         fn get_range<'a>(&'a self, _: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {

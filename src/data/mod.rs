@@ -110,6 +110,16 @@ impl DataPath {
         }
     }
 
+    /// The bytes `range` of `object` (clamped to its size), through the block cache.
+    pub async fn read_range(&self, object: &Arc<ObjectMeta>, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let range = range.start.min(object.size)..range.end.min(object.size);
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let block_size = self.cache.block_size();
+        self.read_blocks(object, range.start / block_size..(range.end - 1) / block_size + 1, range).await
+    }
+
     /// Reads whole blocks (in parallel, through the cache) and cuts `range` out of them.
     async fn read_blocks(
         &self,
@@ -144,7 +154,7 @@ impl DataPath {
 }
 
 /// The bytes of `range` from consecutive `blocks`, the first starting at object offset `first`.
-fn assemble(blocks: &[Bytes], first: u64, range: Range<u64>) -> Bytes {
+pub(crate) fn assemble(blocks: &[Bytes], first: u64, range: Range<u64>) -> Bytes {
     let start = (range.start - first) as usize;
     let len = (range.end - range.start) as usize;
     if let [block] = blocks {
@@ -165,7 +175,7 @@ fn assemble(blocks: &[Bytes], first: u64, range: Range<u64>) -> Bytes {
 }
 
 /// The byte range a read of `len` bytes at `offset` covers in an object of `size` bytes.
-fn clamp(size: u64, offset: u64, len: u32) -> Range<u64> {
+pub(crate) fn clamp(size: u64, offset: u64, len: u32) -> Range<u64> {
     let start = offset.min(size);
     start..offset.saturating_add(u64::from(len)).min(size)
 }

@@ -11,6 +11,9 @@
 //! directory: listings are saved in the cache directory ([`persist`]) and reused by later mounts
 //! while the TTL lasts, and opening a directory warms the listings of the directories below it,
 //! breadth first, many at a time, up to a budget of listings per opened directory.
+//!
+//! A directory listing also gets the MRC views of the OME-Zarrs in it ([`crate::views`]),
+//! when the mount shows them.
 
 pub mod names;
 pub mod persist;
@@ -21,7 +24,8 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError};
+use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
+use crate::views::{Catalog, Lister, MrcView};
 use names::Child;
 use persist::ListingStore;
 
@@ -43,6 +47,19 @@ pub enum Node {
     Dir { prefix: String },
     /// A file backed by one object version.
     File(Arc<ObjectMeta>),
+    /// A virtual MRC file computed from one level of an OME-Zarr.
+    View(Arc<MrcView>),
+}
+
+impl Node {
+    /// The object a file or view shows as (key, size, version, mtime); `None` for directories.
+    pub fn file(&self) -> Option<&Arc<ObjectMeta>> {
+        match self {
+            Node::Dir { .. } => None,
+            Node::File(object) => Some(object),
+            Node::View(view) => Some(&view.file),
+        }
+    }
 }
 
 /// One named entry of a directory.
@@ -112,6 +129,8 @@ impl InodeTable {
             Node::Dir { prefix } => prefix.clone(),
             // NUL cannot appear in a shown key, so this never collides with a prefix.
             Node::File(object) => format!("{}\0{}", object.key, object.etag),
+            // View keys are not bucket keys, and view tags are not S3 ETags.
+            Node::View(view) => format!("{}\0{}", view.file.key, view.file.etag),
         }
     }
 
@@ -138,6 +157,13 @@ pub struct Namespace {
     directories: moka::future::Cache<u64, Arc<Directory>>,
     warm_gate: Arc<Semaphore>,
     warm_budget: usize,
+    views: Option<Arc<Catalog>>,
+}
+
+impl Lister for Namespace {
+    fn listing<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing> {
+        Box::pin(self.list(prefix))
+    }
 }
 
 impl Namespace {
@@ -167,7 +193,14 @@ impl Namespace {
             directories,
             warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
             warm_budget,
+            views: None,
         }
+    }
+
+    /// Shows the MRC views `catalog` finds beside every OME-Zarr.
+    pub fn with_views(mut self, catalog: Arc<Catalog>) -> Namespace {
+        self.views = Some(catalog);
+        self
     }
 
     /// The node behind `ino`.
@@ -202,7 +235,11 @@ impl Namespace {
         self.directories
             .try_get_with(ino, async {
                 let listing = self.list(&prefix).await?;
-                Ok::<_, StoreError>(Arc::new(self.build_directory(&prefix, listing)))
+                let views = match &self.views {
+                    Some(catalog) => catalog.views_in(self, &prefix, &listing).await,
+                    None => Vec::new(),
+                };
+                Ok::<_, StoreError>(Arc::new(self.build_directory(&prefix, listing, views)))
             })
             .await
             .map_err(|e: Arc<StoreError>| NamespaceError::Store((*e).clone()))
@@ -269,20 +306,24 @@ impl Namespace {
         dir.find(name).cloned().ok_or(NamespaceError::NotFound)
     }
 
-    fn build_directory(&self, prefix: &str, listing: PrefixListing) -> Directory {
+    fn build_directory(&self, prefix: &str, listing: PrefixListing, views: Vec<(String, MrcView)>) -> Directory {
         let children = names::children(prefix, listing);
         let mut table = self.inodes.write().expect("inode table lock poisoned");
-        let entries = children
+        let mut entries: Vec<Entry> = children
             .into_iter()
-            .map(|child| {
-                let (name, node) = match child {
-                    Child::Dir { name, prefix } => (name, Node::Dir { prefix }),
-                    Child::File { name, object } => (name, Node::File(Arc::new(object))),
-                };
+            .map(|child| match child {
+                Child::Dir { name, prefix } => (name, Node::Dir { prefix }),
+                Child::File { name, object } => (name, Node::File(Arc::new(object))),
+            })
+            // Views never shadow a real entry (the catalog drops names the listing has).
+            .chain(views.into_iter().map(|(name, view)| (name, Node::View(Arc::new(view)))))
+            .map(|(name, node)| {
                 let ino = table.ino_for(node.clone());
                 Entry { name, ino, node }
             })
             .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        entries.dedup_by(|later, earlier| later.name == earlier.name);
         Directory { entries }
     }
 }
@@ -331,6 +372,13 @@ mod tests {
                     }
                 }
                 Ok(listing)
+            })
+        }
+
+        fn list_all<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectMeta>> {
+            Box::pin(async move {
+                let objects = self.objects.lock().unwrap();
+                Ok(objects.iter().filter(|o| o.key.starts_with(prefix)).cloned().collect())
             })
         }
 

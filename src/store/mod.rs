@@ -1,6 +1,6 @@
 //! Object-store client: the only code that talks to S3.
 //!
-//! It owns listing a "directory" (one `/`-delimited ListObjectsV2, all pages) and ranged,
+//! It owns listing a "directory" (one `/`-delimited ListObjectsV2, all pages) or a whole subtree, and ranged,
 //! ETag-pinned GETs, with the timeouts and retries that make them safe to call from a
 //! filesystem. [`ObjectStore`] is the seam the rest of cdpfs uses; [`s3::S3Store`] is the real
 //! implementation.
@@ -93,6 +93,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub trait ObjectStore: Send + Sync + 'static {
     /// Lists the immediate children of `prefix` (which is empty or ends in `/`), every page.
     fn list_prefix<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing>;
+
+    /// Lists every object below `prefix` at any depth, every page (for Zarr chunk keys).
+    fn list_all<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectMeta>>;
 
     /// Reads `range` of `object`, pinned to its ETag. Returns exactly `range.len()` bytes.
     fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes>;

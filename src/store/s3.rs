@@ -161,13 +161,15 @@ impl S3Store {
         })
     }
 
-    async fn list_page(&self, prefix: &str, token: Option<String>) -> Result<ListPage, AttemptError> {
+    /// One listing page under `prefix`: its immediate children when `delimited`, else every
+    /// object below it.
+    async fn list_page(&self, prefix: &str, delimited: bool, token: Option<String>) -> Result<ListPage, AttemptError> {
         let out = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(prefix)
-            .delimiter("/")
+            .set_delimiter(delimited.then(|| "/".to_owned()))
             .set_continuation_token(token)
             .send()
             .await
@@ -198,6 +200,23 @@ impl S3Store {
         let next =
             if out.is_truncated() == Some(true) { out.next_continuation_token().map(str::to_owned) } else { None };
         Ok(ListPage { prefixes, objects, next })
+    }
+
+    /// Every page of a listing of `prefix`.
+    async fn list_pages(&self, prefix: &str, delimited: bool) -> Result<PrefixListing, StoreError> {
+        let mut listing = PrefixListing::default();
+        let mut token = None;
+        loop {
+            let what = format!("list s3://{}/{prefix}", self.bucket);
+            let page =
+                self.with_retries(&what, Duration::ZERO, || self.list_page(prefix, delimited, token.clone())).await?;
+            listing.prefixes.extend(page.prefixes);
+            listing.objects.extend(page.objects);
+            match page.next {
+                Some(next) => token = Some(next),
+                None => return Ok(listing),
+            }
+        }
     }
 
     async fn get_once(&self, object: &ObjectMeta, range: &Range<u64>) -> Result<Bytes, AttemptError> {
@@ -270,20 +289,11 @@ struct ListPage {
 
 impl ObjectStore for S3Store {
     fn list_prefix<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing> {
-        Box::pin(async move {
-            let mut listing = PrefixListing::default();
-            let mut token = None;
-            loop {
-                let what = format!("list s3://{}/{prefix}", self.bucket);
-                let page = self.with_retries(&what, Duration::ZERO, || self.list_page(prefix, token.clone())).await?;
-                listing.prefixes.extend(page.prefixes);
-                listing.objects.extend(page.objects);
-                match page.next {
-                    Some(next) => token = Some(next),
-                    None => return Ok(listing),
-                }
-            }
-        })
+        Box::pin(self.list_pages(prefix, true))
+    }
+
+    fn list_all<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectMeta>> {
+        Box::pin(async move { Ok(self.list_pages(prefix, false).await?.objects) })
     }
 
     fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {

@@ -1,0 +1,238 @@
+//! Blosc-1 frames: the items of a range, from only the parts of the frame that hold them.
+//!
+//! A frame is a 16-byte header, a table of block offsets, then blocks that decompress on their
+//! own. So a read of a few XY sections of a 64 MB chunk needs the header, the table and the
+//! blocks covering those items: the caller fetches just those byte ranges and c-blosc
+//! (`blosc_getitem`, built from source by the `blosc-src` crate with lz4, zstd and zlib) decodes
+//! them, byte and bit shuffle included.
+
+use std::ops::Range;
+
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 16;
+/// Header flag: the frame stores the items uncompressed right after the header.
+const MEMCPYED: u8 = 0x02;
+
+/// The fields of a frame header that locate items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    flags: u8,
+    typesize: usize,
+    /// Decoded size in bytes.
+    pub nbytes: usize,
+    blocksize: usize,
+    /// Size of the whole frame in bytes.
+    pub cbytes: usize,
+}
+
+impl Frame {
+    /// Parses the first [`HEADER_LEN`] bytes of a frame.
+    pub fn parse(head: &[u8]) -> Result<Frame, String> {
+        let head: &[u8; HEADER_LEN] =
+            head.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or("short Blosc header")?;
+        let word = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("four bytes")) as usize;
+        let frame = Frame {
+            flags: head[2],
+            typesize: usize::from(head[3]),
+            nbytes: word(4),
+            blocksize: word(8),
+            cbytes: word(12),
+        };
+        if !matches!(head[0], 1 | 2) {
+            return Err(format!("Blosc format version {} is not supported", head[0]));
+        }
+        if frame.typesize == 0 || frame.blocksize == 0 || frame.nbytes > i32::MAX as usize {
+            return Err("implausible Blosc header".into());
+        }
+        if !frame.memcpyed() && frame.cbytes < HEADER_LEN + 4 * frame.blocks() {
+            return Err("Blosc frame too short for its block table".into());
+        }
+        Ok(frame)
+    }
+
+    fn memcpyed(&self) -> bool {
+        self.flags & MEMCPYED != 0
+    }
+
+    fn blocks(&self) -> usize {
+        self.nbytes.div_ceil(self.blocksize)
+    }
+
+    /// Bytes at the start of the frame needed before items can be located: header and table.
+    pub fn prelude_len(&self) -> usize {
+        if self.memcpyed() {
+            HEADER_LEN
+        } else {
+            HEADER_LEN + 4 * self.blocks()
+        }
+    }
+
+    /// The byte ranges of the frame holding the items in `bytes` (a range of decoded bytes),
+    /// given the frame's first [`Frame::prelude_len`] bytes.
+    pub fn ranges_for(&self, prelude: &[u8], bytes: Range<usize>) -> Result<Vec<Range<usize>>, String> {
+        if bytes.end > self.nbytes || bytes.is_empty() {
+            return Err(format!("bytes {bytes:?} outside a {}-byte Blosc frame", self.nbytes));
+        }
+        if self.memcpyed() {
+            return Ok(vec![HEADER_LEN + bytes.start..HEADER_LEN + bytes.end]);
+        }
+        let starts = self.block_starts(prelude)?;
+        // Threaded compressors write blocks in completion order: a block ends where the next
+        // block in the file begins.
+        let mut sorted = starts.clone();
+        sorted.sort_unstable();
+        let first = bytes.start / self.blocksize;
+        let last = (bytes.end - 1) / self.blocksize;
+        let ranges = (first..=last)
+            .map(|block| {
+                let start = starts[block];
+                let next = sorted.partition_point(|&s| s <= start);
+                start..sorted.get(next).copied().unwrap_or(self.cbytes)
+            })
+            .collect();
+        Ok(ranges)
+    }
+
+    fn block_starts(&self, prelude: &[u8]) -> Result<Vec<usize>, String> {
+        let table = prelude.get(HEADER_LEN..self.prelude_len()).ok_or("short Blosc block table")?;
+        let starts: Vec<usize> =
+            table.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("four bytes")) as usize).collect();
+        if starts.iter().any(|&s| s < self.prelude_len() || s >= self.cbytes) {
+            return Err("Blosc block table points outside the frame".into());
+        }
+        Ok(starts)
+    }
+
+    /// Decodes the decoded bytes `bytes` (whole items) from the frame's prelude and the
+    /// `parts` ([`Frame::ranges_for`] with their bytes). CPU-bound: call off the async threads.
+    pub fn decode(
+        &self,
+        prelude: &[u8],
+        parts: &[(Range<usize>, &[u8])],
+        bytes: Range<usize>,
+    ) -> Result<Vec<u8>, String> {
+        if bytes.start % self.typesize != 0 || bytes.end % self.typesize != 0 {
+            return Err(format!("bytes {bytes:?} are not whole {}-byte items", self.typesize));
+        }
+        if self.memcpyed() {
+            let [(range, data)] = parts else { return Err("expected one part".into()) };
+            return Ok(data[bytes.start + HEADER_LEN - range.start..][..bytes.len()].to_vec());
+        }
+        // Lay the parts out at their offsets in an otherwise zero frame. The allocation is
+        // zeroed by the kernel on first touch, so the untouched rest costs no memory.
+        let mut frame = vec![0u8; self.cbytes];
+        frame[..self.prelude_len()].copy_from_slice(prelude.get(..self.prelude_len()).ok_or("short prelude")?);
+        for (range, data) in parts {
+            frame.get_mut(range.clone()).ok_or("part outside the frame")?.copy_from_slice(data);
+        }
+        let mut out = vec![0u8; bytes.len()];
+        let (start, count) = (bytes.start / self.typesize, bytes.len() / self.typesize);
+        // SAFETY: `frame` is `cbytes` long, the size the header declares and c-blosc checks
+        // every block offset against; `out` holds exactly `count` items of `typesize` bytes;
+        // the range was checked against `nbytes` above.
+        let got = unsafe {
+            blosc_src::blosc_getitem(frame.as_ptr().cast(), start as i32, count as i32, out.as_mut_ptr().cast())
+        };
+        if got < 0 || got as usize != out.len() {
+            return Err(format!("Blosc could not decode the frame (code {got})"));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Blosc frame of `data` (lz4, byte shuffle, 4-byte items) with small blocks.
+    fn compress(data: &[u8], blocksize: usize, threads: i32) -> Vec<u8> {
+        let mut out = vec![0u8; data.len() + 16];
+        // SAFETY: buffers are valid for the sizes passed; the compressor name is NUL-terminated.
+        let n = unsafe {
+            blosc_src::blosc_compress_ctx(
+                5,
+                1,
+                4,
+                data.len(),
+                data.as_ptr().cast(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+                c"lz4".as_ptr(),
+                blocksize,
+                threads,
+            )
+        };
+        assert!(n > 0, "compression failed: {n}");
+        out.truncate(n as usize);
+        out
+    }
+
+    fn items(n: usize) -> Vec<u8> {
+        (0..n as u32).flat_map(|i| (i.wrapping_mul(2654435761) >> 20).to_le_bytes()).collect()
+    }
+
+    fn read(frame_bytes: &[u8], bytes: Range<usize>) -> Result<Vec<u8>, String> {
+        let frame = Frame::parse(frame_bytes)?;
+        let prelude = &frame_bytes[..frame.prelude_len()];
+        let ranges = frame.ranges_for(prelude, bytes.clone())?;
+        let parts: Vec<_> = ranges.iter().map(|r| (r.clone(), &frame_bytes[r.clone()])).collect();
+        frame.decode(prelude, &parts, bytes)
+    }
+
+    #[test]
+    fn ranges_decode_from_only_their_blocks() {
+        let data = items(100_000);
+        for threads in [1, 2] {
+            let frame_bytes = compress(&data, 16_384, threads);
+            let frame = Frame::parse(&frame_bytes).unwrap();
+            assert_eq!((frame.nbytes, frame.cbytes), (data.len(), frame_bytes.len()));
+            for range in [0..4, 16_380..16_392, 40_000..120_000, 399_996..400_000, 0..400_000] {
+                assert_eq!(read(&frame_bytes, range.clone()).unwrap(), data[range.clone()], "{range:?}");
+                let fetched: usize = frame
+                    .ranges_for(&frame_bytes[..frame.prelude_len()], range.clone())
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.len())
+                    .sum();
+                assert!(fetched <= frame_bytes.len());
+                if range.len() <= 16 {
+                    assert!(fetched < frame_bytes.len() / 4, "{range:?} needed {fetched} bytes");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn incompressible_frames_are_read_directly() {
+        let data: Vec<u8> = (0..4096u32).flat_map(|i| (i.wrapping_mul(2654435761)).to_le_bytes()).collect();
+        let mut frame_bytes = compress(&data, 0, 1);
+        if frame_bytes[2] & MEMCPYED == 0 {
+            // Force the stored-as-is form, which c-blosc also writes for noise.
+            frame_bytes = [&frame_bytes[..16], &data[..]].concat();
+            frame_bytes[2] |= MEMCPYED;
+            frame_bytes[12..16].copy_from_slice(&((data.len() + 16) as u32).to_le_bytes());
+        }
+        assert_eq!(read(&frame_bytes, 100..200).unwrap(), data[100..200]);
+    }
+
+    #[test]
+    fn damaged_frames_are_errors_not_garbage() {
+        let data = items(50_000);
+        let frame_bytes = compress(&data, 16_384, 1);
+        assert!(Frame::parse(&frame_bytes[..10]).is_err());
+        let mut bad_version = frame_bytes.clone();
+        bad_version[0] = 9;
+        assert!(Frame::parse(&bad_version).is_err());
+        let mut bad_table = frame_bytes.clone();
+        bad_table[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read(&bad_table, 0..4).is_err());
+        let mut bad_block = frame_bytes.clone();
+        let frame = Frame::parse(&frame_bytes).unwrap();
+        for b in &mut bad_block[frame.prelude_len()..] {
+            *b = 0xff;
+        }
+        assert!(read(&bad_block, 0..4).is_err_and(|e| e.contains("decode")));
+        assert!(read(&frame_bytes, 0..3).is_err());
+        assert!(read(&frame_bytes, 0..400_000).is_err());
+    }
+}

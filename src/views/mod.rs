@@ -1,0 +1,472 @@
+//! MRC views of OME-Zarr pyramids: each level of `X.zarr` also shows as a read-only file
+//! `X.bin<N>.mrc` beside it (N the level's binning factor), so MRC-only tools (IMOD, RELION)
+//! can open a binned tomogram without anyone downloading the full-resolution MRC.
+//!
+//! This module owns two things. Discovery ([`Catalog::views_in`]): when a folder is listed,
+//! every `*.zarr/` in it has its `.zattrs` and level `.zarray`s read (small objects, cached
+//! like any other) and the levels cdpfs can serve become views with exact sizes, without
+//! touching a chunk. Reading ([`Catalog::read`]): a view is a 1024-byte MRC2014 header
+//! ([`mrc`]) followed by the level's voxels in C order, which is MRC order. It is served in
+//! blocks through the block cache (memory and disk, like object data); a block is computed from
+//! the Zarr chunks it overlaps, and from each chunk only the Blosc blocks holding its items are
+//! fetched and decoded ([`blosc`]). An XY section therefore costs the chunks of its z range,
+//! and only a slice of each.
+
+pub mod blosc;
+pub mod mrc;
+pub mod zarr;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::{join_all, try_join_all};
+use tracing::debug;
+
+use crate::cache::BlockKey;
+use crate::data::{clamp, DataPath};
+use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
+use blosc::Frame;
+use zarr::{ArrayLayout, Codec, PyramidLevel};
+
+/// Blocks computed ahead of a sequential reader of a view.
+const READ_AHEAD_BLOCKS: u64 = 4;
+
+/// Listings, as the namespace caches them (the catalog lists through it, not around it).
+pub trait Lister: Send + Sync {
+    /// The immediate children of `prefix`.
+    fn listing<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing>;
+}
+
+/// One level of one OME-Zarr, shown as an MRC file.
+pub struct MrcView {
+    /// The file as the namespace shows it: a key beside the Zarr (`.../X.bin4.mrc`, not in
+    /// the bucket), its size, a version tag derived from the metadata's ETags, and the
+    /// `.zarray`'s mtime.
+    pub file: Arc<ObjectMeta>,
+    /// The level's folder, e.g. `.../X.zarr/2/`.
+    pub level_prefix: String,
+    layout: ArrayLayout,
+    header: Bytes,
+    chunks: tokio::sync::OnceCell<ChunkIndex>,
+}
+
+impl std::fmt::Debug for MrcView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MrcView").field("file", &self.file.key).field("level", &self.level_prefix).finish()
+    }
+}
+
+impl PartialEq for MrcView {
+    fn eq(&self, other: &Self) -> bool {
+        self.file == other.file
+    }
+}
+
+impl Eq for MrcView {}
+
+impl MrcView {
+    /// Bytes of the sections one row of chunks (along z) covers.
+    fn row_bytes(&self) -> u64 {
+        let [_, ny, nx] = self.layout.shape;
+        self.layout.chunks[0] * ny * nx * self.layout.dtype.size() as u64
+    }
+
+    /// The byte range of block `block`. Block 0 is the header; then each row of chunks is cut
+    /// into blocks of at most `block_size` bytes, so that no block needs two rows of chunks
+    /// (reading a section never fetches chunks of another z range).
+    fn block_range(&self, block_size: u64, block: u64) -> Range<u64> {
+        if block == 0 {
+            return 0..mrc::HEADER_LEN;
+        }
+        let (row, part) =
+            ((block - 1) / self.row_bytes().div_ceil(block_size), (block - 1) % self.row_bytes().div_ceil(block_size));
+        let row_start = mrc::HEADER_LEN + row * self.row_bytes();
+        let start = row_start + part * block_size;
+        start..(start + block_size).min(row_start + self.row_bytes()).min(self.file.size)
+    }
+
+    /// The block holding byte `offset`.
+    fn block_at(&self, block_size: u64, offset: u64) -> u64 {
+        let Some(data) = offset.checked_sub(mrc::HEADER_LEN) else { return 0 };
+        let row = self.row_bytes();
+        1 + data / row * row.div_ceil(block_size) + data % row / block_size
+    }
+
+    /// Number of blocks.
+    fn block_count(&self, block_size: u64) -> u64 {
+        self.block_at(block_size, self.file.size - 1) + 1
+    }
+}
+
+/// The level's chunk objects (one flat listing), and the identity of the view's data blocks.
+struct ChunkIndex {
+    objects: HashMap<String, Arc<ObjectMeta>>,
+    /// The view's bytes as a cache object: same key, a tag covering every chunk's version.
+    blocks: Arc<ObjectMeta>,
+}
+
+/// An open view: the view and where the last read ended (to spot sequential readers).
+pub struct OpenView {
+    /// The view being read.
+    pub view: Arc<MrcView>,
+    next_offset: AtomicU64,
+}
+
+/// Finds and reads the MRC views of a mount.
+pub struct Catalog {
+    data: Arc<DataPath>,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl Catalog {
+    /// A catalog reading metadata and chunks through `data`, listing chunks with `store`.
+    pub fn new(data: Arc<DataPath>, store: Arc<dyn ObjectStore>) -> Catalog {
+        Catalog { data, store }
+    }
+
+    /// The views (name and view) the folder `prefix`, listed as `listing`, shows beside its
+    /// Zarrs. Zarrs that cannot be viewed are left out, with a debug line saying why.
+    pub async fn views_in(&self, lister: &dyn Lister, prefix: &str, listing: &PrefixListing) -> Vec<(String, MrcView)> {
+        let has_object = |name: &str| listing.objects.iter().any(|o| o.key.strip_prefix(prefix) == Some(name));
+        let zarrs = listing.prefixes.iter().filter_map(|p| {
+            let stem = p.strip_prefix(prefix)?.strip_suffix(".zarr/")?;
+            (!stem.is_empty() && !stem.contains('/')).then_some((stem, p.as_str()))
+        });
+        let found = join_all(zarrs.map(|(stem, zarr)| async move {
+            let has_mrc = has_object(&format!("{stem}.mrc"));
+            match self.views_of(lister, prefix, stem, zarr, has_mrc).await {
+                Ok(views) => views,
+                Err(why) => {
+                    debug!(zarr, why, "no MRC views");
+                    Vec::new()
+                }
+            }
+        }))
+        .await;
+        let mut views: Vec<(String, MrcView)> =
+            found.into_iter().flatten().filter(|(name, _)| !has_object(name)).collect();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        views.dedup_by(|later, earlier| later.0 == earlier.0);
+        views
+    }
+
+    /// The views of one Zarr `zarr` (named `stem.zarr` in folder `prefix`).
+    async fn views_of(
+        &self,
+        lister: &dyn Lister,
+        prefix: &str,
+        stem: &str,
+        zarr: &str,
+        has_mrc: bool,
+    ) -> Result<Vec<(String, MrcView)>, String> {
+        let root = lister.listing(zarr).await.map_err(|e| e.to_string())?;
+        let zattrs = find_object(&root, &format!("{zarr}.zattrs")).ok_or("no .zattrs")?;
+        let levels = zarr::parse_multiscales(&self.whole(&zattrs).await?)?;
+        let base = levels.first().ok_or("multiscales has no levels")?.scale;
+        let stack = prefix.contains("/TiltSeries/") || prefix.starts_with("TiltSeries/");
+        let zattrs = &zattrs;
+        let views = join_all(levels.iter().map(|level| async move {
+            let factor = binning(base, level);
+            let factor = factor.ok_or_else(|| format!("level {} is not an integer binning", level.path))?;
+            if factor == 1 && has_mrc {
+                return Ok(None);
+            }
+            let name = format!("{stem}.bin{factor}.mrc");
+            let level_prefix = format!("{zarr}{}/", level.path);
+            let listing = lister.listing(&level_prefix).await.map_err(|e| e.to_string())?;
+            let zarray = find_object(&listing, &format!("{level_prefix}.zarray")).ok_or("no .zarray")?;
+            let layout = ArrayLayout::parse(&self.whole(&zarray).await?)?;
+            let geometry = mrc::Geometry {
+                shape: layout.shape,
+                dtype: layout.dtype,
+                voxel: level.scale,
+                stack,
+                label: format!("cdpfs: bin{factor} view of {level_prefix}"),
+            };
+            let etag = format!(
+                "cdpfs-view-{:016x}",
+                crate::hash::stable_hash(&[zattrs.etag.as_bytes(), zarray.etag.as_bytes(), level_prefix.as_bytes()])
+            );
+            let size = mrc::HEADER_LEN + layout.elements() * layout.dtype.size() as u64;
+            let file = Arc::new(ObjectMeta { key: format!("{prefix}{name}"), size, etag, mtime: zarray.mtime });
+            let header = Bytes::from(mrc::header(&geometry));
+            let view = MrcView { file, level_prefix, layout, header, chunks: tokio::sync::OnceCell::new() };
+            Ok::<_, String>(Some((name, view)))
+        }))
+        .await;
+        let mut out = Vec::new();
+        for view in views {
+            match view {
+                Ok(Some(view)) => out.push(view),
+                Ok(None) => {}
+                Err(why) => debug!(zarr, why, "a level has no MRC view"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A small object's bytes, through the block cache.
+    async fn whole(&self, object: &Arc<ObjectMeta>) -> Result<Bytes, String> {
+        self.data.read_range(object, 0..object.size).await.map_err(|e| e.to_string())
+    }
+
+    /// Starts reading `view`.
+    pub fn open(&self, view: Arc<MrcView>) -> OpenView {
+        OpenView { view, next_offset: AtomicU64::new(u64::MAX) }
+    }
+
+    /// Bytes of `view` the block cache holds (0 before it was first read).
+    pub fn cached_bytes(&self, view: &MrcView) -> u64 {
+        let Some(index) = view.chunks.get() else { return 0 };
+        let (cache, block_size) = (self.data.cache(), self.data.cache().block_size());
+        (0..view.block_count(block_size))
+            .filter(|&block| cache.holds(&BlockKey { object: index.blocks.clone(), index: block }))
+            .map(|block| {
+                let range = view.block_range(block_size, block);
+                range.end - range.start
+            })
+            .sum()
+    }
+
+    /// Up to `len` bytes of the view from `offset`; fewer at the end, none past it.
+    pub async fn read(self: &Arc<Self>, open: &OpenView, offset: u64, len: u32) -> Result<Bytes, StoreError> {
+        let view = &open.view;
+        let range = clamp(view.file.size, offset, len);
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let block_size = self.data.cache().block_size();
+        let blocks = view.block_at(block_size, range.start)..view.block_at(block_size, range.end - 1) + 1;
+        if open.next_offset.swap(range.end, Ordering::Relaxed) == range.start {
+            let ahead = blocks.end..(blocks.end + READ_AHEAD_BLOCKS).min(view.block_count(block_size));
+            for block in ahead {
+                let (catalog, view) = (self.clone(), view.clone());
+                tokio::spawn(async move { catalog.block(&view, block).await });
+            }
+        }
+        let parts = try_join_all(blocks.clone().map(|block| self.block(view, block))).await?;
+        Ok(crate::data::assemble(&parts, view.block_range(block_size, blocks.start).start, range))
+    }
+
+    /// The chunk listing of a view, made once.
+    async fn index<'a>(&self, view: &'a MrcView) -> Result<&'a ChunkIndex, StoreError> {
+        view.chunks
+            .get_or_try_init(|| async {
+                let objects = self.store.list_all(&view.level_prefix).await?;
+                let mut tag = Vec::new();
+                for o in &objects {
+                    tag.extend_from_slice(format!("{}\0{}\0{}\0", o.key, o.etag, o.size).as_bytes());
+                }
+                let etag = format!("{}-{:016x}", view.file.etag, crate::hash::stable_hash(&[&tag]));
+                let blocks = Arc::new(ObjectMeta { etag, ..(*view.file).clone() });
+                let objects = objects.into_iter().map(|o| (o.key.clone(), Arc::new(o))).collect();
+                Ok(ChunkIndex { objects, blocks })
+            })
+            .await
+    }
+
+    /// Block `block` of the view, from the block cache or computed from the chunks.
+    async fn block(&self, view: &MrcView, block: u64) -> Result<Bytes, StoreError> {
+        let index = self.index(view).await?;
+        let key = BlockKey { object: index.blocks.clone(), index: block };
+        let range = view.block_range(self.data.cache().block_size(), block);
+        self.data.cache().get_or_load(key, self.compute(view, index, range)).await
+    }
+
+    /// The bytes `range` of the view, from its header and the chunks the range overlaps.
+    async fn compute(&self, view: &MrcView, index: &ChunkIndex, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        if range.start < mrc::HEADER_LEN {
+            out.extend_from_slice(&view.header[range.start as usize..range.end.min(mrc::HEADER_LEN) as usize]);
+        }
+        let item = view.layout.dtype.size() as u64;
+        let data = range.start.max(mrc::HEADER_LEN) - mrc::HEADER_LEN..range.end - mrc::HEADER_LEN;
+        if data.is_empty() {
+            return Ok(out.into());
+        }
+        // Blocks hold whole items: block sizes, rows and the header length are multiples of 4.
+        let rows = row_segments(&view.layout, data.start / item..data.end / item);
+        let mut spans: BTreeMap<[u64; 3], Range<u64>> = BTreeMap::new();
+        for segment in &rows {
+            let span = spans.entry(segment.chunk).or_insert(segment.local.clone());
+            span.start = span.start.min(segment.local.start);
+            span.end = span.end.max(segment.local.end);
+        }
+        let decoded: HashMap<[u64; 3], (u64, Bytes)> =
+            try_join_all(spans.into_iter().map(|(chunk, span)| async move {
+                let bytes = self.chunk_items(view, index, chunk, span.clone()).await?;
+                Ok::<_, StoreError>((chunk, (span.start, bytes)))
+            }))
+            .await?
+            .into_iter()
+            .collect();
+        for segment in rows {
+            let (first, bytes) = &decoded[&segment.chunk];
+            let start = ((segment.local.start - first) * item) as usize;
+            out.extend_from_slice(
+                &bytes[start..start + (segment.local.end - segment.local.start) as usize * item as usize],
+            );
+        }
+        Ok(out.into())
+    }
+
+    /// Items `span` (in the chunk's own C order) of chunk `chunk`: fill value when the chunk
+    /// is missing, else only the parts of its frame that hold them, decoded.
+    async fn chunk_items(
+        &self,
+        view: &MrcView,
+        index: &ChunkIndex,
+        chunk: [u64; 3],
+        span: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let layout = &view.layout;
+        let item = layout.dtype.size();
+        let key = layout.chunk_key(&view.level_prefix, chunk);
+        let Some(object) = index.objects.get(&key) else {
+            return Ok(layout.fill.repeat((span.end - span.start) as usize).into());
+        };
+        let chunk_bytes = layout.chunk_elements() * item as u64;
+        let bytes = span.start as usize * item..span.end as usize * item;
+        let corrupt = |why: String| StoreError::Other(format!("chunk {key} cannot be decoded: {why}"));
+        match layout.codec {
+            Codec::Raw if object.size == chunk_bytes => {
+                self.data.read_range(object, bytes.start as u64..bytes.end as u64).await
+            }
+            Codec::Raw => Err(corrupt(format!("{} bytes, expected {chunk_bytes}", object.size))),
+            Codec::Blosc => {
+                let head = self.data.read_range(object, 0..(blosc::HEADER_LEN as u64).min(object.size)).await?;
+                let frame = Frame::parse(&head).map_err(corrupt)?;
+                if frame.nbytes as u64 != chunk_bytes || frame.cbytes as u64 != object.size {
+                    return Err(corrupt(format!("frame of {} bytes holds {}", frame.cbytes, frame.nbytes)));
+                }
+                let prelude = self.data.read_range(object, 0..frame.prelude_len() as u64).await?;
+                let ranges = frame.ranges_for(&prelude, bytes.clone()).map_err(corrupt)?;
+                let parts =
+                    try_join_all(ranges.iter().map(|r| self.data.read_range(object, r.start as u64..r.end as u64)))
+                        .await?;
+                let decoded = tokio::task::spawn_blocking(move || {
+                    let parts: Vec<_> = ranges.into_iter().zip(&parts).map(|(r, p)| (r, &p[..])).collect();
+                    frame.decode(&prelude, &parts, bytes)
+                })
+                .await
+                .map_err(|e| StoreError::Other(format!("decoding task failed: {e}")))?;
+                decoded.map(Bytes::from).map_err(corrupt)
+            }
+        }
+    }
+}
+
+/// The object called `key` in `listing`.
+fn find_object(listing: &PrefixListing, key: &str) -> Option<Arc<ObjectMeta>> {
+    listing.objects.iter().find(|o| o.key == key).map(|o| Arc::new(o.clone()))
+}
+
+/// The binning factor of `level` against the full-resolution scale `base` (along x), when it
+/// is a whole number.
+fn binning(base: [f64; 3], level: &PyramidLevel) -> Option<u32> {
+    let factor = level.scale[2] / base[2];
+    let rounded = factor.round();
+    ((factor - rounded).abs() < 1e-3 && rounded >= 1.0 && rounded <= 1024.0).then_some(rounded as u32)
+}
+
+/// A run of consecutive items of one array row that lies in one chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RowSegment {
+    /// The chunk's grid index (z, y, x).
+    chunk: [u64; 3],
+    /// The run as item indices in the chunk's own C order.
+    local: Range<u64>,
+}
+
+/// The row runs, in array order, that make up the array items `items` (C order).
+fn row_segments(layout: &ArrayLayout, items: Range<u64>) -> Vec<RowSegment> {
+    let [_, ny, nx] = layout.shape;
+    let [cz, cy, cx] = layout.chunks;
+    let mut out = Vec::new();
+    let mut at = items.start;
+    while at < items.end {
+        let (row, x) = (at / nx, at % nx);
+        let (z, y) = (row / ny, row % ny);
+        let row_end = (row + 1) * nx;
+        let end = items.end.min(row_end).min(at + (cx - x % cx));
+        let local_start = ((z % cz) * cy + y % cy) * cx + x % cx;
+        out.push(RowSegment { chunk: [z / cz, y / cy, x / cx], local: local_start..local_start + (end - at) });
+        at = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(shape: [u64; 3], chunks: [u64; 3]) -> ArrayLayout {
+        ArrayLayout { shape, chunks, dtype: zarr::Dtype::F32, fill: vec![0; 4], codec: Codec::Raw, separator: '/' }
+    }
+
+    #[test]
+    fn rows_split_at_chunk_edges() {
+        let l = layout([3, 5, 7], [2, 2, 3]);
+        // Items 0..7 are row (z0, y0): chunks x0 (3 items), x1 (3), x2 (1).
+        let segments = row_segments(&l, 0..7);
+        assert_eq!(
+            segments,
+            vec![
+                RowSegment { chunk: [0, 0, 0], local: 0..3 },
+                RowSegment { chunk: [0, 0, 1], local: 0..3 },
+                RowSegment { chunk: [0, 0, 2], local: 0..1 },
+            ]
+        );
+        // Item 5*7 + 7 + 4 = (z1, y1, x4): chunk (0, 0, 1), local (1, 1, 1) = (1*2 + 1)*3 + 1.
+        let at = 35 + 7 + 4;
+        assert_eq!(row_segments(&l, at..at + 1), vec![RowSegment { chunk: [0, 0, 1], local: 10..11 }]);
+        // Every item of the array appears once, in order.
+        let all = row_segments(&l, 0..105);
+        assert_eq!(all.iter().map(|s| s.local.end - s.local.start).sum::<u64>(), 105);
+        assert_eq!(all.last().unwrap(), &RowSegment { chunk: [1, 2, 2], local: 0..1 });
+    }
+
+    #[test]
+    fn blocks_tile_the_file_and_never_span_two_chunk_rows() {
+        let layout = layout([37, 50, 60], [16, 32, 32]);
+        let size = mrc::HEADER_LEN + layout.elements() * 4;
+        let file = Arc::new(ObjectMeta { key: "v".into(), size, etag: String::new(), mtime: std::time::UNIX_EPOCH });
+        let view = MrcView {
+            file,
+            level_prefix: String::new(),
+            layout,
+            header: Bytes::new(),
+            chunks: tokio::sync::OnceCell::new(),
+        };
+        let row = 16 * 50 * 60 * 4;
+        for block_size in [4096, 65_536, 2 << 20] {
+            let mut next = 0;
+            for block in 0..view.block_count(block_size) {
+                let range = view.block_range(block_size, block);
+                assert_eq!(range.start, next, "blocks are contiguous");
+                assert!(!range.is_empty() && range.end - range.start <= block_size.max(mrc::HEADER_LEN));
+                if block > 0 {
+                    let rows = (range.start - mrc::HEADER_LEN) / row..(range.end - 1 - mrc::HEADER_LEN) / row;
+                    assert!(rows.is_empty(), "block {block} spans rows {rows:?}");
+                }
+                assert_eq!(view.block_at(block_size, range.start), block);
+                assert_eq!(view.block_at(block_size, range.end - 1), block);
+                next = range.end;
+            }
+            assert_eq!(next, size);
+        }
+    }
+
+    #[test]
+    fn binning_factors_come_from_the_scales() {
+        let level = |s: f64| PyramidLevel { path: "1".into(), scale: [s, s, s] };
+        assert_eq!(binning([13.48; 3], &level(13.48)), Some(1));
+        assert_eq!(binning([13.48; 3], &level(26.96)), Some(2));
+        assert_eq!(binning([13.48; 3], &level(53.92)), Some(4));
+        assert_eq!(binning([13.48; 3], &level(20.22)), None);
+        assert_eq!(binning([13.48; 3], &level(6.74)), None);
+    }
+}
