@@ -1,7 +1,8 @@
 //! Staging files into the cache (`cdpfs prefetch PATH...`): reads files of a cdpfs mount in
 //! parallel, so the mount's block cache (memory and disk) holds them before a job needs them.
 //! Files already fully cached are skipped; a terminal gets a progress bar with bytes, rate and
-//! ETA, anything else one line per file.
+//! ETA, anything else one line per file. Folders stage the bucket's objects; MRC views are
+//! staged only when named.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -77,6 +78,11 @@ fn collect(path: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<()> {
             .collect::<std::io::Result<_>>()?;
         entries.sort();
         for entry in entries {
+            // A folder stages its objects, not the MRC views computed from them (a view's key
+            // is its Zarr level's folder); name a view to stage it.
+            if entry.is_file() && xattr(&entry, "user.cdpfs.key").is_ok_and(|key| key.ends_with('/')) {
+                continue;
+            }
             collect(&entry, out)?;
         }
     } else if meta.is_file() {

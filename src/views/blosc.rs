@@ -74,7 +74,7 @@ impl Frame {
             return Err(format!("bytes {bytes:?} outside a {}-byte Blosc frame", self.nbytes));
         }
         if self.memcpyed() {
-            return Ok(vec![HEADER_LEN + bytes.start..HEADER_LEN + bytes.end]);
+            return Ok(std::iter::once(HEADER_LEN + bytes.start..HEADER_LEN + bytes.end).collect());
         }
         let starts = self.block_starts(prelude)?;
         // Threaded compressors write blocks in completion order: a block ends where the next
@@ -111,7 +111,7 @@ impl Frame {
         parts: &[(Range<usize>, &[u8])],
         bytes: Range<usize>,
     ) -> Result<Vec<u8>, String> {
-        if bytes.start % self.typesize != 0 || bytes.end % self.typesize != 0 {
+        if !bytes.start.is_multiple_of(self.typesize) || !bytes.end.is_multiple_of(self.typesize) {
             return Err(format!("bytes {bytes:?} are not whole {}-byte items", self.typesize));
         }
         if self.memcpyed() {

@@ -369,7 +369,7 @@ fn find_object(listing: &PrefixListing, key: &str) -> Option<Arc<ObjectMeta>> {
 fn binning(base: [f64; 3], level: &PyramidLevel) -> Option<u32> {
     let factor = level.scale[2] / base[2];
     let rounded = factor.round();
-    ((factor - rounded).abs() < 1e-3 && rounded >= 1.0 && rounded <= 1024.0).then_some(rounded as u32)
+    ((factor - rounded).abs() < 1e-3 && (1.0..=1024.0).contains(&rounded)).then_some(rounded as u32)
 }
 
 /// A run of consecutive items of one array row that lies in one chunk.

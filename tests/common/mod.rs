@@ -437,6 +437,31 @@ pub fn build_fixture(root: &Path) -> Fixture {
     Fixture { root: root.to_path_buf(), objects }
 }
 
+/// A Python with mrcfile, zarr (v2) and numpy: `$CDPFS_TEST_PYTHON`, else `python3` if it has
+/// them. `None` (the caller skips, saying so) when there is none; CI always sets it.
+pub fn python() -> Option<String> {
+    if let Ok(python) = std::env::var("CDPFS_TEST_PYTHON") {
+        return Some(python);
+    }
+    let probe = Command::new("python3").args(["-c", "import mrcfile, zarr, numpy"]).output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        return Some("python3".into());
+    }
+    eprintln!("SKIPPED: python3 with mrcfile and zarr not found (set CDPFS_TEST_PYTHON)");
+    None
+}
+
+/// Runs `python` with `args` and fails the test unless it exits 0 and prints `marker`.
+pub fn run_python(python: &str, args: &[&std::ffi::OsStr], marker: &str) {
+    let out = Command::new(python).args(args).output().unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(marker),
+        "python check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The `cdpfs` binary under test.
 pub fn cdpfs() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cdpfs"))
@@ -494,8 +519,12 @@ pub struct Mounted {
 impl Mounted {
     /// Mounts the shared fixture (background mode, as a user would) with `extra` options.
     pub fn new(name: &str, extra: &[&str]) -> Mounted {
+        Mounted::on(&shared().1, name, extra)
+    }
+
+    /// Mounts the bucket `server` serves with `extra` options.
+    pub fn on(server: &Server, name: &str, extra: &[&str]) -> Mounted {
         require_fuse();
-        let (_, server) = shared();
         let path = scratch_dir(&format!("mnt-{name}"));
         let url = server.addr_url();
         let cache = scratch_dir(&format!("cache-{name}"));

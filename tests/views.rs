@@ -1,0 +1,171 @@
+//! MRC views of OME-Zarr pyramids, through a real mount of Zarrs written by Python's zarr:
+//! listing, sizes, bytes (checked with mrcfile against the Zarr levels and reference MRCs),
+//! which chunks a section read fetches, the disk cache, and RELION when it is installed.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{scratch_dir, start_server, Faults, Mounted, Server, BUCKET};
+
+const TOMO_DIR: &str = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Tomograms/100";
+const MASK_DIR: &str = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/101";
+const BIG_DIR: &str = "10002/big/Reconstructions/VoxelSpacing10.000/Tomograms/100";
+
+/// The Zarr fixtures (written once per test binary by `tests/fixtures/zarr_views.py`) and a
+/// server for them; `None` when no Python with zarr is available.
+fn fixture() -> Option<&'static (PathBuf, Server, String)> {
+    static FIXTURE: OnceLock<Option<(PathBuf, Server, String)>> = OnceLock::new();
+    FIXTURE
+        .get_or_init(|| {
+            let python = common::python()?;
+            let root = scratch_dir("zarr-views");
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/zarr_views.py");
+            let out = Command::new(&python).arg(script).arg(&root).arg(BUCKET).output().unwrap();
+            assert!(out.status.success(), "fixture script failed: {}", String::from_utf8_lossy(&out.stderr));
+            let server = start_server(&root, Faults::default());
+            Some((root, server, python))
+        })
+        .as_ref()
+}
+
+/// The tests share one server and some count its GETs: they run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn names(dir: &std::path::Path) -> BTreeSet<String> {
+    fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+}
+
+fn views(dir: &std::path::Path) -> BTreeSet<String> {
+    names(dir).into_iter().filter(|n| n.contains(".bin") && n.ends_with(".mrc")).collect()
+}
+
+#[test]
+fn views_are_listed_beside_each_pyramid_with_exact_sizes() {
+    let Some((_, server, _)) = fixture() else { return };
+    let _serial = serial();
+    let before = server.served.lock().unwrap().len();
+    let mount = Mounted::on(server, "views-list", &[]);
+    // A real MRC exists: no bin1 view.
+    assert_eq!(views(&mount.join(TOMO_DIR)), BTreeSet::from(["TS_026.bin2.mrc".into(), "TS_026.bin4.mrc".into()]));
+    let masks: BTreeSet<String> = ["segmentationmask", "instancesegmentationmask"]
+        .iter()
+        .flat_map(|kind| [1, 2, 4].map(|bin| format!("membrane-1.0_{kind}.bin{bin}.mrc")))
+        .collect();
+    assert_eq!(views(&mount.join(MASK_DIR)), masks);
+    // Views are plain read-only files; stat needs no chunk.
+    let bin4 = fs::metadata(mount.join(TOMO_DIR).join("TS_026.bin4.mrc")).unwrap();
+    assert!(bin4.is_file());
+    assert_eq!(bin4.len(), 1024 + 10 * 18 * 23 * 4);
+    let mask = fs::metadata(mount.join(MASK_DIR).join("membrane-1.0_instancesegmentationmask.bin1.mrc")).unwrap();
+    assert_eq!(mask.len(), 1024 + 33 * 47 * 61 * 2);
+    let fetched = chunk_gets(server, before);
+    let chunks: Vec<&String> = fetched.iter().filter(|key| !key.contains("/.z") && !key.starts_with(".z")).collect();
+    assert!(chunks.is_empty(), "listing and stat fetched chunks: {chunks:?}");
+    // A Zarr with another compressor, and one without multiscales, get no views.
+    let odd = mount.join("10000/TS_026/Reconstructions/VoxelSpacing13.480/Tomograms/101");
+    assert_eq!(names(&odd), BTreeSet::from(["odd.zarr".into(), "plain.zarr".into()]));
+    // Writes are refused like anywhere else.
+    let write = fs::OpenOptions::new().write(true).open(mount.join(TOMO_DIR).join("TS_026.bin2.mrc"));
+    assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
+
+    let off = Mounted::on(server, "views-off", &["--no-mrc-views"]);
+    assert!(views(&off.join(TOMO_DIR)).is_empty());
+    assert!(views(&off.join(MASK_DIR)).is_empty());
+}
+
+#[test]
+fn views_equal_the_zarr_levels_and_reference_mrcs() {
+    let Some((root, server, python)) = fixture() else { return };
+    let _serial = serial();
+    let mount = Mounted::on(server, "views-python", &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/check_views.py");
+    let (source, refs) = (root.join(BUCKET), root.join("refs"));
+    let args = [script.as_ref(), mount.path.as_os_str(), source.as_os_str(), refs.as_os_str()];
+    common::run_python(python, &args, "views-ok 13");
+}
+
+/// The chunk keys (below `.zarr/`) of the object GETs served since `from`.
+fn chunk_gets(server: &Server, from: usize) -> BTreeSet<String> {
+    let served = server.served.lock().unwrap();
+    served[from..]
+        .iter()
+        .map(|line| line.split(' ').next().unwrap().split(".zarr/").nth(1).unwrap_or(line).to_owned())
+        .collect()
+}
+
+#[test]
+fn a_section_read_fetches_only_the_chunks_of_its_z_range_and_cached_views_need_no_gets() {
+    let Some((root, server, _)) = fixture() else { return };
+    let _serial = serial();
+    let cache = scratch_dir("views-cache");
+    let mount = Mounted::on(server, "views-section", &["--cache-dir", cache.to_str().unwrap()]);
+    let path = mount.join(BIG_DIR).join("big.bin1.mrc");
+    let reference = fs::read(root.join("refs").join(format!("{}_big.bin1.mrc", BIG_DIR.replace('/', "_")))).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), reference.len() as u64);
+
+    // Section z = 20 of a (64, 256, 256) float32 level with (16, 128, 128) chunks: chunk row 1.
+    let file = File::open(&path).unwrap();
+    // SAFETY: a valid descriptor; advice only. No kernel read-ahead past the section.
+    assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) }, 0);
+    let before = server.served.lock().unwrap().len();
+    let section = 256 * 256 * 4;
+    let offset = 1024 + 20 * section;
+    let mut buf = vec![0u8; section];
+    file.read_exact_at(&mut buf, offset as u64).unwrap();
+    assert!(buf == reference[offset..offset + section], "section bytes differ from the reference MRC");
+    let fetched = chunk_gets(server, before);
+    let row: BTreeSet<String> = ["0/1/0/0", "0/1/0/1", "0/1/1/0", "0/1/1/1"].map(String::from).into();
+    assert_eq!(fetched, row, "a section must fetch exactly the chunks of its z range");
+
+    // The header: the kernel reads its whole page, so at most the first section's chunks.
+    let before = server.served.lock().unwrap().len();
+    let mut header = [0u8; 1024];
+    file.read_exact_at(&mut header, 0).unwrap();
+    assert_eq!(&header[..12], &reference[..12]);
+    let fetched = chunk_gets(server, before);
+    assert!(fetched.iter().all(|key| key.starts_with("0/0/")), "a header read fetched {fetched:?}");
+
+    // The whole view, then again from a new mount over the same cache: no chunk is fetched.
+    let bin2 = mount.join(BIG_DIR).join("big.bin2.mrc");
+    let first = fs::read(&bin2).unwrap();
+    drop(file);
+    drop(mount);
+    let before = server.served.lock().unwrap().len();
+    let again = Mounted::on(server, "views-section-again", &["--cache-dir", cache.to_str().unwrap()]);
+    let second = fs::read(again.join(BIG_DIR).join("big.bin2.mrc")).unwrap();
+    assert!(first == second);
+    let fetched = chunk_gets(server, before);
+    assert!(fetched.is_empty(), "a remount over a warm cache fetched {fetched:?}");
+    let cached = cdpfs::stage::xattr(&again.join(BIG_DIR).join("big.bin2.mrc"), "user.cdpfs.cached").unwrap();
+    assert_eq!(cached, first.len().to_string());
+    let key = cdpfs::stage::xattr(&again.join(BIG_DIR).join("big.bin2.mrc"), "user.cdpfs.key").unwrap();
+    assert_eq!(key, format!("{BIG_DIR}/big.zarr/1/"));
+}
+
+#[test]
+fn relion_reads_a_binned_view() {
+    let Some((_, server, _)) = fixture() else { return };
+    if Command::new("relion_image_handler").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CDPFS_REQUIRE_RELION").is_none(), "relion_image_handler is not installed");
+        eprintln!("SKIPPED: relion_image_handler not installed");
+        return;
+    }
+    let _serial = serial();
+    let mount = Mounted::on(server, "views-relion", &[]);
+    let view = mount.join(TOMO_DIR).join("TS_026.bin4.mrc");
+    let out = Command::new("relion_image_handler").arg("--i").arg(&view).arg("--stats").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "relion_image_handler failed: {text}");
+    eprintln!("relion_image_handler --stats: {text}");
+    assert!(text.contains("23 x 18 x 10"), "RELION saw other dimensions: {text}");
+}
