@@ -4,10 +4,12 @@
 //!
 //! Run: `cargo bench --bench cdpfs-bench` (as root). Options: `--latency-ms N` (30),
 //! `--bandwidth-mbps N` (80, MB/s per connection), `--mrc-mib N` (2048), `--runs N` (3),
-//! `--smoke` (tiny sizes, one run: checks the harness, not the speed), `--only 1,4,5,6,7,9`
-//! (case groups: 1 sequential/re-read/remount, 4 random, 5 IMOD, 6 Zarr, 7 walk, 9 readers).
+//! `--smoke` (tiny sizes, one run: checks the harness, not the speed), `--only 1,4,5,6,7,9,10`
+//! (case groups: 1 sequential/re-read/remount, 4 random, 5 IMOD, 6 Zarr, 7 walk, 9 readers,
+//! 10 binned MRC views).
 
 mod origin;
+mod pyramid;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -37,7 +39,8 @@ struct Options {
     zarr_chunks: u64,
     runs: usize,
     runs_dataset: usize,
-    /// Case groups to run (1: sequential, 4: random, 5: IMOD, 6: Zarr, 7: walk, 9: readers).
+    /// Case groups to run (1: sequential, 4: random, 5: IMOD, 6: Zarr, 7: walk, 9: readers,
+    /// 10: views).
     only: Option<Vec<u32>>,
 }
 
@@ -92,7 +95,9 @@ fn filler(len: u64, seed: u64) -> Bytes {
     Bytes::from(out)
 }
 
-fn bucket(opts: &Options) -> BTreeMap<String, Bytes> {
+const PYRAMID: &str = "10002/TS_100/Reconstructions/VoxelSpacing13.480/Tomograms/100/TS_100";
+
+fn bucket(opts: &Options) -> (BTreeMap<String, Bytes>, Vec<pyramid::Level>) {
     let mut objects = BTreeMap::new();
     let mut mrc = filler(opts.mrc_bytes, 1).to_vec();
     let nz = (opts.mrc_bytes - 1024) / (SECTION_NX * SECTION_NX * 4);
@@ -114,7 +119,12 @@ fn bucket(opts: &Options) -> BTreeMap<String, Bytes> {
         objects.insert(format!("{ann}/ribosome-1.0.json"), Bytes::from_static(b"{}"));
         objects.insert(format!("{ann}/ribosome-1.0_point.ndjson"), Bytes::from_static(b"{}\n"));
     }
-    objects
+    // The same tomogram again (its own folder: the views' discovery stays out of the other
+    // cases), with the binned pyramid levels beside it.
+    objects.insert(format!("{PYRAMID}.mrc"), objects[MRC_KEY].clone());
+    let levels =
+        if opts.wants(10) { pyramid::add(&mut objects, &format!("{PYRAMID}.zarr"), SECTION_NX, nz) } else { vec![] };
+    (objects, levels)
 }
 
 /// A fresh mount of the origin; unmounted on drop.
@@ -220,26 +230,44 @@ impl Raw {
         ranges: impl IntoIterator<Item = std::ops::Range<u64>>,
         parallel: usize,
     ) -> Duration {
-        let object = Arc::new(self.meta(key, size));
         let started = Instant::now();
-        self.runtime.block_on(async {
-            let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
-            let mut tasks = tokio::task::JoinSet::new();
-            for range in ranges {
-                let (store, object, gate) = (self.store.clone(), object.clone(), gate.clone());
-                tasks.spawn(async move {
-                    let _permit = gate.acquire_owned().await.unwrap();
-                    store.get_range(&object, range).await.unwrap().len()
-                });
-            }
-            while tasks.join_next().await.is_some() {}
-        });
+        self.runtime.block_on(self.fetch_async(key, size, ranges, parallel));
         started.elapsed()
+    }
+
+    /// [`Raw::fetch`], inside the runtime.
+    async fn fetch_async(
+        &self,
+        key: &str,
+        size: u64,
+        ranges: impl IntoIterator<Item = std::ops::Range<u64>>,
+        parallel: usize,
+    ) {
+        let object = Arc::new(self.meta(key, size));
+        let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
+        let mut tasks = tokio::task::JoinSet::new();
+        for range in ranges {
+            let (store, object, gate) = (self.store.clone(), object.clone(), gate.clone());
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await.unwrap();
+                store.get_range(&object, range).await.unwrap().len()
+            });
+        }
+        while tasks.join_next().await.is_some() {}
     }
 }
 
 fn blocks_of(start: u64, end: u64, part: u64) -> Vec<std::ops::Range<u64>> {
     (start..end).step_by(part as usize).map(|s| s..(s + part).min(end)).collect()
+}
+
+/// Per-run measurements of reading one whole view.
+#[derive(Default)]
+struct ViewRuns {
+    seconds: Vec<f64>,
+    gets: Vec<f64>,
+    megabytes: Vec<f64>,
+    raw_seconds: Vec<f64>,
 }
 
 struct Row {
@@ -252,7 +280,8 @@ struct Row {
 
 fn main() {
     let opts = options();
-    let objects = bucket(&opts);
+    let (objects, levels) = bucket(&opts);
+    let sizes: BTreeMap<String, u64> = objects.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
     let mrc_size = objects[MRC_KEY].len() as u64;
     let shaping = Shaping { latency: opts.latency, bytes_per_sec: opts.bandwidth };
     let (addr, counters) = Origin::start(BUCKET, objects, shaping);
@@ -521,6 +550,85 @@ fn main() {
             ratio: "-".into(),
             target: "RSS <= 356 MiB",
         });
+    }
+
+    if opts.wants(10) {
+        // 10: binned MRC views of the pyramid: one XY section of the bin-4 view (time to first
+        // image), the whole bin-4 and bin-2 views, against raw GETs of the chunks they come
+        // from and against reading the full-resolution MRC.
+        let view = |bin: u32| format!("{PYRAMID}.bin{bin}.mrc");
+        let (mut section, mut section_gets, mut full_mrc) = (vec![], vec![], vec![]);
+        let mut whole: BTreeMap<u32, ViewRuns> = BTreeMap::new();
+        for _ in 0..opts.runs {
+            let cache = fresh_cache_dir();
+            let mount = Mount::new(&endpoint, &cache, &[]);
+            fs::metadata(mount.file(&view(4))).unwrap(); // listing and metadata: not timed
+            let [nz, ny, nx] = levels[1].shape;
+            let bytes = ny * nx * 4;
+            let (before, t) = (counters.snapshot().0, Instant::now());
+            let file = File::open(mount.file(&view(4))).unwrap();
+            let mut header = vec![0u8; 1024];
+            file.read_exact_at(&mut header, 0).unwrap();
+            let mut buf = vec![0u8; bytes as usize];
+            file.read_exact_at(&mut buf, 1024 + nz / 2 * bytes).unwrap();
+            section.push(t.elapsed().as_secs_f64());
+            section_gets.push((counters.snapshot().0 - before) as f64);
+            drop((file, mount));
+            let _ = fs::remove_dir_all(&cache);
+            for (bin, level) in [(4, &levels[1]), (2, &levels[0])] {
+                let cache = fresh_cache_dir();
+                let mount = Mount::new(&endpoint, &cache, &[]);
+                fs::metadata(mount.file(&view(bin))).unwrap();
+                let (before, t) = (counters.snapshot(), Instant::now());
+                let n = read_sequential(&mount.file(&view(bin)));
+                let elapsed = t.elapsed().as_secs_f64();
+                let after = counters.snapshot();
+                drop(mount);
+                let _ = fs::remove_dir_all(&cache);
+                assert_eq!(n, 1024 + level.shape.iter().product::<u64>() * 4);
+                let t = Instant::now();
+                let fetches = level
+                    .chunk_keys
+                    .iter()
+                    .map(|key| raw.fetch_async(key, sizes[key], blocks_of(0, sizes[key], BLOCK), 32));
+                raw.runtime.block_on(futures_util::future::join_all(fetches));
+                let entry = whole.entry(bin).or_default();
+                entry.seconds.push(elapsed);
+                entry.gets.push((after.0 - before.0) as f64);
+                entry.megabytes.push((after.2 - before.2) as f64 / 1e6);
+                entry.raw_seconds.push(t.elapsed().as_secs_f64());
+            }
+            let cache = fresh_cache_dir();
+            let mount = Mount::new(&endpoint, &cache, &[]);
+            let t = Instant::now();
+            read_sequential(&mount.file(&format!("{PYRAMID}.mrc")));
+            full_mrc.push(t.elapsed().as_secs_f64());
+            drop(mount);
+            let _ = fs::remove_dir_all(&cache);
+        }
+        let full = median(full_mrc);
+        rows.push(Row {
+            case: "bin-4 view: header + middle XY section, cold (s; GETs)",
+            cdpfs: format!("{:.2} s; {:.0} GETs", median(section), median(section_gets)),
+            raw: "-".into(),
+            ratio: "-".into(),
+            target: "< 1 s",
+        });
+        for (bin, runs) in whole {
+            let (c, r) = (median(runs.seconds), median(runs.raw_seconds));
+            rows.push(Row {
+                case: if bin == 4 { "bin-4 view, whole file, cold (s)" } else { "bin-2 view, whole file, cold (s)" },
+                cdpfs: format!(
+                    "{c:.2} s, {:.0} GETs, {:.0} MB fetched; full MRC {full:.2} s ({:.0}x longer)",
+                    median(runs.gets),
+                    median(runs.megabytes),
+                    full / c
+                ),
+                raw: format!("{r:.2} s (its chunks, 2 MiB GETs)"),
+                ratio: format!("{:.2}x", c / r),
+                target: "<= 1.5x",
+            });
+        }
     }
 
     println!("| case | cdpfs | raw baseline | ratio | target |");
