@@ -91,7 +91,8 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         )),
         None => None,
     };
-    let views = Arc::new(Catalog::new(data.clone(), store.clone()));
+    // Decoded Blosc blocks come out of the quarter of the memory budget kept as headroom.
+    let views = Arc::new(Catalog::new(data.clone(), store.clone(), config.max_memory / 16));
     let mut namespace =
         Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead);
     if config.mrc_views {

@@ -265,6 +265,7 @@ fn blocks_of(start: u64, end: u64, part: u64) -> Vec<std::ops::Range<u64>> {
 #[derive(Default)]
 struct ViewRuns {
     seconds: Vec<f64>,
+    cpu: Vec<f64>,
     gets: Vec<f64>,
     megabytes: Vec<f64>,
     raw_seconds: Vec<f64>,
@@ -579,10 +580,11 @@ fn main() {
                 let cache = fresh_cache_dir();
                 let mount = Mount::new(&endpoint, &cache, &[]);
                 fs::metadata(mount.file(&view(bin))).unwrap();
-                let (before, t) = (counters.snapshot(), Instant::now());
+                let (before, cpu, t) = (counters.snapshot(), mount.cpu_seconds(), Instant::now());
                 let n = read_sequential(&mount.file(&view(bin)));
                 let elapsed = t.elapsed().as_secs_f64();
                 let after = counters.snapshot();
+                let cpu = (mount.cpu_seconds() - cpu) / elapsed;
                 drop(mount);
                 let _ = fs::remove_dir_all(&cache);
                 assert_eq!(n, 1024 + level.shape.iter().product::<u64>() * 4);
@@ -594,6 +596,7 @@ fn main() {
                 raw.runtime.block_on(futures_util::future::join_all(fetches));
                 let entry = whole.entry(bin).or_default();
                 entry.seconds.push(elapsed);
+                entry.cpu.push(cpu);
                 entry.gets.push((after.0 - before.0) as f64);
                 entry.megabytes.push((after.2 - before.2) as f64 / 1e6);
                 entry.raw_seconds.push(t.elapsed().as_secs_f64());
@@ -619,7 +622,8 @@ fn main() {
             rows.push(Row {
                 case: if bin == 4 { "bin-4 view, whole file, cold (s)" } else { "bin-2 view, whole file, cold (s)" },
                 cdpfs: format!(
-                    "{c:.2} s, {:.0} GETs, {:.0} MB fetched; full MRC {full:.2} s ({:.0}x longer)",
+                    "{c:.2} s (cdpfs CPU {:.0}%), {:.0} GETs, {:.0} MB fetched; full MRC {full:.2} s ({:.0}x longer)",
+                    median(runs.cpu) * 100.0,
                     median(runs.gets),
                     median(runs.megabytes),
                     full / c

@@ -141,6 +141,16 @@ impl DataPath {
         Ok(assemble(&parts, first, range))
     }
 
+    /// Fetches the blocks covering `range` of `object` in the background while fetch slots are
+    /// free (for readers that know what they will read next).
+    pub fn prefetch_range(&self, object: &Arc<ObjectMeta>, range: Range<u64>) {
+        let range = range.start.min(object.size)..range.end.min(object.size);
+        if !range.is_empty() {
+            let block_size = self.cache.block_size();
+            self.prefetch(object, range.start / block_size..(range.end - 1) / block_size + 1);
+        }
+    }
+
     /// Fetches `blocks` in the background while fetch slots are free.
     fn prefetch(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
         for index in blocks {

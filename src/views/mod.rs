@@ -9,8 +9,8 @@
 //! ([`mrc`]) followed by the level's voxels in C order, which is MRC order. It is served in
 //! blocks through the block cache (memory and disk, like object data); a block is computed from
 //! the Zarr chunks it overlaps, and from each chunk only the Blosc blocks holding its items are
-//! fetched and decoded ([`blosc`]). An XY section therefore costs the chunks of its z range,
-//! and only a slice of each.
+//! fetched and decoded ([`blosc`]), each once while it stays in a small memory cache. An XY
+//! section therefore costs the chunks of its z range, and only a slice of each.
 
 pub mod blosc;
 pub mod mrc;
@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::{join_all, try_join_all};
+use futures_util::TryFutureExt;
 use tracing::debug;
 
 use crate::cache::BlockKey;
@@ -32,7 +33,10 @@ use blosc::Frame;
 use zarr::{ArrayLayout, Codec, PyramidLevel};
 
 /// Blocks computed ahead of a sequential reader of a view.
-const READ_AHEAD_BLOCKS: u64 = 4;
+const READ_AHEAD_BLOCKS: u64 = 16;
+/// Compressed bytes of a chunk fetched ahead of what a view block needed from it (sequential
+/// readers of a view read each chunk front to back).
+const CHUNK_READ_AHEAD: u64 = 32 << 20;
 
 /// Listings, as the namespace caches them (the catalog lists through it, not around it).
 pub trait Lister: Send + Sync {
@@ -119,12 +123,21 @@ pub struct OpenView {
 pub struct Catalog {
     data: Arc<DataPath>,
     store: Arc<dyn ObjectStore>,
+    /// Decoded Blosc blocks of chunks, keyed by chunk version and block number (neighbouring
+    /// view blocks share them).
+    decoded: moka::future::Cache<BlockKey, Bytes>,
 }
 
 impl Catalog {
-    /// A catalog reading metadata and chunks through `data`, listing chunks with `store`.
-    pub fn new(data: Arc<DataPath>, store: Arc<dyn ObjectStore>) -> Catalog {
-        Catalog { data, store }
+    /// A catalog reading metadata and chunks through `data`, listing chunks with `store`, and
+    /// keeping up to `decoded_bytes` of decoded Blosc blocks in memory.
+    pub fn new(data: Arc<DataPath>, store: Arc<dyn ObjectStore>, decoded_bytes: u64) -> Catalog {
+        let decoded = moka::future::Cache::builder()
+            .max_capacity(decoded_bytes)
+            .weigher(|_, block: &Bytes| u32::try_from(block.len()).unwrap_or(u32::MAX))
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        Catalog { data, store, decoded }
     }
 
     /// The views (name and view) the folder `prefix`, listed as `listing`, shows beside its
@@ -240,14 +253,15 @@ impl Catalog {
         }
         let block_size = self.data.cache().block_size();
         let blocks = view.block_at(block_size, range.start)..view.block_at(block_size, range.end - 1) + 1;
-        if open.next_offset.swap(range.end, Ordering::Relaxed) == range.start {
+        let streaming = open.next_offset.swap(range.end, Ordering::Relaxed) == range.start;
+        if streaming {
             let ahead = blocks.end..(blocks.end + READ_AHEAD_BLOCKS).min(view.block_count(block_size));
             for block in ahead {
                 let (catalog, view) = (self.clone(), view.clone());
-                tokio::spawn(async move { catalog.block(&view, block).await });
+                tokio::spawn(async move { catalog.block(&view, block, true).await });
             }
         }
-        let parts = try_join_all(blocks.clone().map(|block| self.block(view, block))).await?;
+        let parts = try_join_all(blocks.clone().map(|block| self.block(view, block, streaming))).await?;
         Ok(crate::data::assemble(&parts, view.block_range(block_size, blocks.start).start, range))
     }
 
@@ -268,16 +282,23 @@ impl Catalog {
             .await
     }
 
-    /// Block `block` of the view, from the block cache or computed from the chunks.
-    async fn block(&self, view: &MrcView, block: u64) -> Result<Bytes, StoreError> {
+    /// Block `block` of the view, from the block cache or computed from the chunks (fetching
+    /// ahead in them when a sequential reader is `streaming` through the view).
+    async fn block(&self, view: &MrcView, block: u64, streaming: bool) -> Result<Bytes, StoreError> {
         let index = self.index(view).await?;
         let key = BlockKey { object: index.blocks.clone(), index: block };
         let range = view.block_range(self.data.cache().block_size(), block);
-        self.data.cache().get_or_load(key, self.compute(view, index, range)).await
+        self.data.cache().get_or_load(key, self.compute(view, index, range, streaming)).await
     }
 
     /// The bytes `range` of the view, from its header and the chunks the range overlaps.
-    async fn compute(&self, view: &MrcView, index: &ChunkIndex, range: Range<u64>) -> Result<Bytes, StoreError> {
+    async fn compute(
+        &self,
+        view: &MrcView,
+        index: &ChunkIndex,
+        range: Range<u64>,
+        streaming: bool,
+    ) -> Result<Bytes, StoreError> {
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
         if range.start < mrc::HEADER_LEN {
             out.extend_from_slice(&view.header[range.start as usize..range.end.min(mrc::HEADER_LEN) as usize]);
@@ -297,7 +318,7 @@ impl Catalog {
         }
         let decoded: HashMap<[u64; 3], (u64, Bytes)> =
             try_join_all(spans.into_iter().map(|(chunk, span)| async move {
-                let bytes = self.chunk_items(view, index, chunk, span.clone()).await?;
+                let bytes = self.chunk_items(view, index, chunk, span.clone(), streaming).await?;
                 Ok::<_, StoreError>((chunk, (span.start, bytes)))
             }))
             .await?
@@ -321,6 +342,7 @@ impl Catalog {
         index: &ChunkIndex,
         chunk: [u64; 3],
         span: Range<u64>,
+        streaming: bool,
     ) -> Result<Bytes, StoreError> {
         let layout = &view.layout;
         let item = layout.dtype.size();
@@ -343,17 +365,30 @@ impl Catalog {
                     return Err(corrupt(format!("frame of {} bytes holds {}", frame.cbytes, frame.nbytes)));
                 }
                 let prelude = self.data.read_range(object, 0..frame.prelude_len() as u64).await?;
-                let ranges = frame.ranges_for(&prelude, bytes.clone()).map_err(corrupt)?;
-                let parts =
-                    try_join_all(ranges.iter().map(|r| self.data.read_range(object, r.start as u64..r.end as u64)))
-                        .await?;
-                let decoded = tokio::task::spawn_blocking(move || {
-                    let parts: Vec<_> = ranges.into_iter().zip(&parts).map(|(r, p)| (r, &p[..])).collect();
-                    frame.decode(&prelude, &parts, bytes)
-                })
-                .await
-                .map_err(|e| StoreError::Other(format!("decoding task failed: {e}")))?;
-                decoded.map(Bytes::from).map_err(corrupt)
+                let blocks = frame.blocks_for(bytes.clone()).map_err(corrupt)?;
+                if streaming {
+                    let end = frame.block_range(&prelude, blocks.end - 1).map_err(corrupt)?.end as u64;
+                    self.data.prefetch_range(object, end..end + CHUNK_READ_AHEAD);
+                }
+                let prelude = &prelude;
+                let decoded = try_join_all(blocks.clone().map(|block| {
+                    let key = BlockKey { object: object.clone(), index: block as u64 };
+                    self.decoded
+                        .try_get_with(key, async move {
+                            let stored = frame.block_range(&prelude, block).map_err(corrupt)?;
+                            let data = self.data.read_range(object, stored.start as u64..stored.end as u64).await?;
+                            let (prelude, frame) = (prelude.clone(), frame);
+                            tokio::task::spawn_blocking(move || frame.decode_block(&prelude, block, &data))
+                                .await
+                                .map_err(|e| StoreError::Other(format!("decoding task failed: {e}")))?
+                                .map(Bytes::from)
+                                .map_err(corrupt)
+                        })
+                        .map_err(|e: Arc<StoreError>| (*e).clone())
+                }))
+                .await?;
+                let first = (blocks.start * frame.block_len()) as u64;
+                Ok(crate::data::assemble(&decoded, first, bytes.start as u64..bytes.end as u64))
             }
         }
     }
