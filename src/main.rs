@@ -12,6 +12,7 @@ use cdpfs::cache::admin;
 use cdpfs::fstab;
 use cdpfs::mount::{self, MountConfig};
 use cdpfs::portal;
+use cdpfs::stage::BucketStaging;
 use cdpfs::store::s3::{RetryPolicy, S3Config};
 
 /// Mount the CryoET Data Portal (or any S3 bucket) as a read-only directory tree.
@@ -29,15 +30,9 @@ struct Cli {
 enum Command {
     /// Mount the bucket at MOUNTPOINT (returns once the mount is ready; see --foreground).
     Mount(Box<MountArgs>),
-    /// Stage files or folders of a mount into its cache (e.g. in a job prolog), in parallel.
-    Prefetch {
-        /// Files or folders under a cdpfs mount point.
-        #[arg(required = true)]
-        paths: Vec<PathBuf>,
-        /// Files read at the same time.
-        #[arg(long, short = 'j', default_value_t = 4)]
-        jobs: usize,
-    },
+    /// Stage files or folders of a mount, or bucket keys, into the cache (e.g. in a job
+    /// prolog), in parallel.
+    Prefetch(Box<PrefetchArgs>),
     /// Show the counters of running mounts (S3 traffic, cache hits, read latency, memory).
     Stats {
         /// A cdpfs mount point (default: every cdpfs mount).
@@ -71,7 +66,8 @@ enum CacheCommand {
 
 #[derive(Args, Debug)]
 struct CacheDirArg {
-    /// The cache directory (default as for `cdpfs mount`).
+    /// Directory of the persistent block cache (kept across mounts; may be shared by several
+    /// mounts and nodes). Default: /var/cache/cdpfs for root, else $XDG_CACHE_HOME/cdpfs.
     #[arg(long, env = "CDPFS_CACHE_DIR", value_name = "DIR")]
     cache_dir: Option<PathBuf>,
 }
@@ -82,12 +78,10 @@ impl CacheDirArg {
     }
 }
 
+/// Which bucket to read and how persistently.
 #[derive(Args, Debug)]
-struct MountArgs {
-    /// Empty directory to mount on.
-    mountpoint: PathBuf,
-
-    /// Bucket to mount.
+struct BucketArgs {
+    /// Bucket to read.
     #[arg(long, env = "CDPFS_BUCKET", default_value = portal::DEFAULT_BUCKET)]
     bucket: String,
 
@@ -98,6 +92,77 @@ struct MountArgs {
     /// S3-compatible endpoint (a MinIO or site mirror, a caching proxy); uses path-style URLs.
     #[arg(long, env = "CDPFS_ENDPOINT_URL", value_name = "URL")]
     endpoint_url: Option<String>,
+
+    /// Sign requests with the standard AWS credential chain (for private mirrors); by default
+    /// requests are anonymous, as the public portal bucket expects.
+    #[arg(long, env = "CDPFS_SIGN_REQUESTS")]
+    sign_requests: bool,
+
+    /// Give up on one S3 request (all retries included) after this long and return EIO.
+    #[arg(long, env = "CDPFS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+
+    /// Abandon and retry a download that delivers no data for this long.
+    #[arg(long, env = "CDPFS_STALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
+}
+
+impl BucketArgs {
+    fn s3_config(&self) -> Result<S3Config> {
+        if self.bucket.is_empty() || self.bucket.contains('/') {
+            bail!("invalid bucket name {:?}", self.bucket);
+        }
+        let retry = RetryPolicy {
+            total_timeout: self.request_timeout,
+            stall_timeout: self.stall_timeout,
+            ..RetryPolicy::default()
+        };
+        Ok(S3Config {
+            bucket: self.bucket.clone(),
+            region: self.region.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+            sign_requests: self.sign_requests,
+            retry,
+        })
+    }
+}
+
+/// The persistent cache and its bound.
+#[derive(Args, Debug)]
+struct CacheArgs {
+    #[command(flatten)]
+    location: CacheDirArg,
+
+    /// Upper bound on the disk cache (e.g. `50G`); least recently used blocks are evicted.
+    #[arg(long, env = "CDPFS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
+    cache_size: u64,
+}
+
+#[derive(Args, Debug)]
+struct PrefetchArgs {
+    /// Files or folders under a cdpfs mount point, or bucket keys or prefixes
+    /// (`s3://BUCKET/KEY`, or a bare KEY of --bucket), staged into --cache-dir.
+    #[arg(required = true, value_name = "PATH_OR_KEY")]
+    targets: Vec<String>,
+
+    /// Files downloaded at the same time.
+    #[arg(long, short = 'j', default_value_t = 4)]
+    jobs: usize,
+
+    #[command(flatten)]
+    bucket: BucketArgs,
+
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+#[derive(Args, Debug)]
+struct MountArgs {
+    /// Empty directory to mount on.
+    mountpoint: PathBuf,
+
+    #[command(flatten)]
+    bucket: BucketArgs,
 
     /// Show only the keys under this prefix, e.g. `10000/` for one dataset.
     #[arg(long, env = "CDPFS_PREFIX", value_name = "KEY_PREFIX/", default_value = "")]
@@ -112,32 +177,17 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_ALLOW_OTHER")]
     allow_other: bool,
 
-    /// Sign requests with the standard AWS credential chain (for private mirrors); by default
-    /// requests are anonymous, as the public portal bucket expects.
-    #[arg(long, env = "CDPFS_SIGN_REQUESTS")]
-    sign_requests: bool,
-
     /// How long directory listings and file attributes are trusted before S3 is asked again
     /// (e.g. `30s`, `10m`, `12h`). Portal data changes only on re-ingest.
     #[arg(long, env = "CDPFS_METADATA_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     metadata_ttl: Duration,
 
-    /// Give up on one S3 request (all retries included) after this long and return EIO.
-    #[arg(long, env = "CDPFS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    request_timeout: Duration,
-
     /// Memory for cached and in-flight data blocks (e.g. `512M`, `4G`).
     #[arg(long, env = "CDPFS_MAX_MEMORY", default_value = "1G", value_parser = parse_size)]
     max_memory: u64,
 
-    /// Directory of the persistent block cache (kept across mounts; may be shared by several
-    /// mounts and nodes). Default: /var/cache/cdpfs for root, else $XDG_CACHE_HOME/cdpfs.
-    #[arg(long, env = "CDPFS_CACHE_DIR", value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-
-    /// Upper bound on the disk cache (e.g. `50G`); least recently used blocks are evicted.
-    #[arg(long, env = "CDPFS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
-    cache_size: u64,
+    #[command(flatten)]
+    cache: CacheArgs,
 
     /// Keep no data on disk: cache blocks in memory only (overrides --cache-dir).
     #[arg(long, env = "CDPFS_NO_DISK_CACHE")]
@@ -156,10 +206,6 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_NO_MRC_VIEWS")]
     no_mrc_views: bool,
 
-    /// Abandon and retry a download that delivers no data for this long.
-    #[arg(long, env = "CDPFS_STALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    stall_timeout: Duration,
-
     /// Log verbosity: error, warn, info, debug or trace.
     #[arg(long, env = "CDPFS_LOG_LEVEL", default_value = "info")]
     log_level: tracing::Level,
@@ -172,23 +218,9 @@ struct MountArgs {
 impl MountArgs {
     fn to_config(&self) -> Result<MountConfig> {
         let prefix = normalize_prefix(&self.prefix)?;
-        if self.bucket.is_empty() || self.bucket.contains('/') {
-            bail!("invalid bucket name {:?}", self.bucket);
-        }
-        let retry = RetryPolicy {
-            total_timeout: self.request_timeout,
-            stall_timeout: self.stall_timeout,
-            ..RetryPolicy::default()
-        };
         Ok(MountConfig {
             mountpoint: self.mountpoint.clone(),
-            s3: S3Config {
-                bucket: self.bucket.clone(),
-                region: self.region.clone(),
-                endpoint_url: self.endpoint_url.clone(),
-                sign_requests: self.sign_requests,
-                retry,
-            },
+            s3: self.bucket.s3_config()?,
             prefix,
             allow_other: self.allow_other,
             metadata_ttl: self.metadata_ttl,
@@ -199,7 +231,7 @@ impl MountArgs {
             disk_cache: if self.no_disk_cache {
                 None
             } else {
-                Some((self.cache_dir.clone().unwrap_or_else(default_cache_dir), self.cache_size))
+                Some((self.cache.location.dir(), self.cache.cache_size))
             },
         })
     }
@@ -274,7 +306,14 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
                 mount::spawn_background(&config, args.log_file.as_deref(), command_line)
             }
         }
-        Command::Prefetch { paths, jobs } => cdpfs::stage::prefetch(&paths, jobs),
+        Command::Prefetch(args) => {
+            let staging = BucketStaging {
+                s3: args.bucket.s3_config()?,
+                cache_dir: args.cache.location.dir(),
+                cache_size: args.cache.cache_size,
+            };
+            cdpfs::stage::prefetch(&args.targets, args.jobs, &staging)
+        }
         Command::Stats { mountpoint, json } => show_stats(mountpoint, json),
         Command::Cache { action: CacheCommand::Info(arg) } => {
             let dir = arg.dir();

@@ -1,5 +1,9 @@
-//! Staging files into the cache (`cdpfs prefetch PATH...`): reads files of a cdpfs mount in
-//! parallel, so the mount's block cache (memory and disk) holds them before a job needs them.
+//! Staging data into the cache (`cdpfs prefetch TARGET...`), for job prologs.
+//!
+//! A target is a file or folder of a cdpfs mount (its files are read through the mount, so the
+//! mount's block cache, memory and disk, holds them), or a bucket key or prefix
+//! (`s3://bucket/10000/TS_026/` or a bare key), whose objects are downloaded straight into a
+//! disk cache directory, with no mount needed, in the blocks a later mount of that cache reads.
 //! Files already fully cached are skipped; a terminal gets a progress bar with bytes, rate and
 //! ETA, anything else one line per file. Folders stage the bucket's objects; MRC views are
 //! staged only when named.
@@ -9,16 +13,56 @@ use std::fs::File;
 use std::io::{IsTerminal, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Reads every file under `paths` (files or folders of a cdpfs mount) with `jobs` readers.
-pub fn prefetch(paths: &[PathBuf], jobs: usize) -> Result<()> {
-    let mut files = Vec::new();
-    for path in paths {
-        collect(path, &mut files)?;
+use crate::cache::disk::DiskCache;
+use crate::cache::BlockKey;
+use crate::mount::BLOCK_SIZE;
+use crate::store::s3::{S3Config, S3Store};
+use crate::store::{ObjectMeta, ObjectStore};
+
+/// GETs in flight per object staged from the bucket.
+const GETS_PER_OBJECT: usize = 8;
+
+/// Where bucket keys are staged: the bucket (unless a target's `s3://` URL names it) and the
+/// disk cache a later mount will use.
+pub struct BucketStaging {
+    /// How to reach the bucket.
+    pub s3: S3Config,
+    /// The cache directory.
+    pub cache_dir: PathBuf,
+    /// Its size bound.
+    pub cache_size: u64,
+}
+
+/// One file or object to stage.
+enum Source {
+    File(PathBuf),
+    Object(Arc<ObjectMeta>),
+}
+
+struct Job {
+    label: String,
+    size: u64,
+    source: Source,
+}
+
+/// Stages every target with `jobs` files at a time.
+pub fn prefetch(targets: &[String], jobs: usize, staging: &BucketStaging) -> Result<()> {
+    let (mut files, mut keys) = (Vec::new(), Vec::new());
+    for target in targets {
+        match target.strip_prefix("s3://") {
+            Some(url) => {
+                let (bucket, key) = url.split_once('/').unwrap_or((url, ""));
+                keys.push((bucket.to_owned(), key.to_owned()));
+            }
+            None if Path::new(target).exists() => collect(Path::new(target), &mut files)?,
+            None => keys.push((staging.s3.bucket.clone(), target.trim_start_matches('/').to_owned())),
+        }
     }
     let mut pending = Vec::new();
     let mut skipped = 0;
@@ -30,10 +74,43 @@ pub fn prefetch(paths: &[PathBuf], jobs: usize) -> Result<()> {
         if cached >= size {
             skipped += 1;
         } else {
-            pending.push((path, size));
+            pending.push(Job { label: path.display().to_string(), size, source: Source::File(path) });
         }
     }
-    let total: u64 = pending.iter().map(|(_, size)| size).sum();
+    let bucket = match keys.first() {
+        Some((name, _)) => Some(Bucket::open(staging, name)?),
+        None => None,
+    };
+    if let Some(bucket) = &bucket {
+        for (name, key) in &keys {
+            if *name != bucket.name {
+                bail!("one bucket per prefetch: s3://{name}/ and s3://{}/", bucket.name);
+            }
+            for object in bucket.objects(key)? {
+                if bucket.is_cached(&object) {
+                    skipped += 1;
+                } else {
+                    let label = format!("s3://{}/{}", bucket.name, object.key);
+                    pending.push(Job { label, size: object.size, source: Source::Object(Arc::new(object)) });
+                }
+            }
+        }
+    }
+    run(pending, skipped, jobs, |job, bar| match &job.source {
+        Source::File(path) => read_through(path, bar).map_err(Into::into),
+        Source::Object(object) => bucket.as_ref().expect("objects come from a bucket").fetch(object, bar),
+    })
+}
+
+/// Runs `fetch` over `pending` with `jobs` workers, reporting progress, and fails naming every
+/// job that failed.
+fn run(
+    pending: Vec<Job>,
+    skipped: usize,
+    jobs: usize,
+    fetch: impl Fn(&Job, &ProgressBar) -> Result<()> + Sync,
+) -> Result<()> {
+    let total: u64 = pending.iter().map(|job| job.size).sum();
     let terminal = std::io::stderr().is_terminal();
     let bar = if terminal { ProgressBar::new(total) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -46,11 +123,11 @@ pub fn prefetch(paths: &[PathBuf], jobs: usize) -> Result<()> {
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
             scope.spawn(|| loop {
-                let Some((path, size)) = queue.lock().expect("queue poisoned").pop() else { return };
-                match read_through(&path, &bar) {
-                    Ok(()) if !terminal => println!("prefetched {} ({size} bytes)", path.display()),
+                let Some(job) = queue.lock().expect("queue poisoned").pop() else { return };
+                match fetch(&job, &bar) {
+                    Ok(()) if !terminal => println!("prefetched {} ({} bytes)", job.label, job.size),
                     Ok(()) => {}
-                    Err(e) => failures.lock().expect("failures poisoned").push(format!("{}: {e}", path.display())),
+                    Err(e) => failures.lock().expect("failures poisoned").push(format!("{}: {e:#}", job.label)),
                 }
             });
         }
@@ -66,6 +143,73 @@ pub fn prefetch(paths: &[PathBuf], jobs: usize) -> Result<()> {
         bail!("could not fetch:\n  {}", failures.join("\n  "));
     }
     Ok(())
+}
+
+/// A bucket and the disk cache its objects are staged into.
+struct Bucket {
+    name: String,
+    runtime: tokio::runtime::Runtime,
+    store: S3Store,
+    disk: DiskCache,
+}
+
+impl Bucket {
+    fn open(staging: &BucketStaging, name: &str) -> Result<Bucket> {
+        let disk = DiskCache::open(&staging.cache_dir, staging.cache_size)
+            .with_context(|| format!("opening the cache directory {}", staging.cache_dir.display()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let config = S3Config { bucket: name.to_owned(), ..staging.s3.clone() };
+        let store = runtime.block_on(S3Store::new(&config));
+        Ok(Bucket { name: name.to_owned(), runtime, store, disk })
+    }
+
+    /// The objects `key` names: the object itself, or every object under it as a prefix.
+    fn objects(&self, key: &str) -> Result<Vec<ObjectMeta>> {
+        let url = format!("s3://{}/{key}", self.name);
+        let listed =
+            |prefix: &str| self.runtime.block_on(self.store.list_all(prefix)).with_context(|| format!("listing {url}"));
+        let mut objects: Vec<ObjectMeta> = if key.is_empty() || key.ends_with('/') {
+            listed(key)?
+        } else {
+            match listed(key)?.into_iter().find(|o| o.key == key) {
+                Some(object) => vec![object],
+                None => listed(&format!("{key}/"))?,
+            }
+        };
+        objects.retain(|o| !o.key.ends_with('/'));
+        if objects.is_empty() {
+            bail!("nothing at {url}");
+        }
+        Ok(objects)
+    }
+
+    fn blocks(object: &Arc<ObjectMeta>) -> impl Iterator<Item = BlockKey> + '_ {
+        (0..object.size.div_ceil(BLOCK_SIZE).max(1)).map(|index| BlockKey { object: object.clone(), index })
+    }
+
+    fn is_cached(&self, object: &ObjectMeta) -> bool {
+        Self::blocks(&Arc::new(object.clone())).all(|key| self.disk.contains(&key))
+    }
+
+    /// Downloads the blocks of `object` the cache lacks, a few at a time.
+    fn fetch(&self, object: &Arc<ObjectMeta>, bar: &ProgressBar) -> Result<()> {
+        self.runtime.block_on(futures_util::stream::iter(Self::blocks(object).map(Ok)).try_for_each_concurrent(
+            GETS_PER_OBJECT,
+            |key| async move {
+                let start = key.index * BLOCK_SIZE;
+                let range = start..(start + BLOCK_SIZE).min(object.size);
+                if !self.disk.contains(&key) {
+                    let data = self.store.get_range(object, range.clone()).await?;
+                    self.disk.write(&key, &data);
+                    if !self.disk.contains(&key) {
+                        return Err(anyhow!("cannot write to the cache directory"));
+                    }
+                }
+                bar.inc(range.end - range.start);
+                Ok(())
+            },
+        ))
+    }
 }
 
 /// Every regular file under `path`, with its size.

@@ -282,6 +282,45 @@ fn prefetch_stages_a_folder_so_a_remount_reads_it_without_gets() {
 }
 
 #[test]
+fn prefetch_of_bucket_keys_needs_no_mount_and_a_later_mount_reads_them_without_gets() {
+    let _serial = serial();
+    let (fixture, server) = shared();
+    let cache = common::scratch_dir("staged-keys");
+    let (url, dir) = (server.addr_url(), cache.to_str().unwrap().to_owned());
+    let prefetch = |targets: &[&str]| {
+        let mut args = vec!["prefetch", "--endpoint-url", &url, "--bucket", common::BUCKET, "--cache-dir", &dir];
+        args.extend_from_slice(targets);
+        let out = common::run_cdpfs(&args, Duration::from_secs(60));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A prefix as an s3:// URL, and a bare key of --bucket.
+    let folder = format!("s3://{}/{TOMO_DIR}/", common::BUCKET);
+    let single = "10000/dataset_metadata.json";
+    let mut keys: Vec<&String> = fixture.objects.keys().filter(|k| k.starts_with(&format!("{TOMO_DIR}/"))).collect();
+    keys.push(fixture.objects.keys().find(|k| *k == single).unwrap());
+    let bytes: u64 = keys.iter().map(|k| fixture.objects[*k].len() as u64).sum();
+    let (ok, stdout, stderr) = prefetch(&[&folder, single]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("prefetched {} files ({bytes} bytes), 0 already cached", keys.len())), "{stdout}");
+    let (ok, stdout, _) = prefetch(&[&folder, single]);
+    assert!(ok && stdout.contains(&format!("prefetched 0 files (0 bytes), {} already cached", keys.len())), "{stdout}");
+    let missing = format!("s3://{}/10000/nope", common::BUCKET);
+    let (ok, _, stderr) = prefetch(&[&missing]);
+    assert!(!ok && stderr.contains(&missing), "{stderr}");
+
+    let mount = Mounted::with_cache("prefetch-keys", &cache);
+    let before = counters();
+    for key in &keys {
+        assert!(read_all(&mount.join(key)) == fixture.objects[*key], "{key}");
+    }
+    assert_eq!(counters().0 - before.0, 0, "staged objects were fetched again");
+}
+
+#[test]
 fn stats_and_prometheus_metrics_report_the_mounts_traffic() {
     use std::io::Write;
     let _serial = serial();

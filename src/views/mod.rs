@@ -375,7 +375,7 @@ impl Catalog {
                     let key = BlockKey { object: object.clone(), index: block as u64 };
                     self.decoded
                         .try_get_with(key, async move {
-                            let stored = frame.block_range(&prelude, block).map_err(corrupt)?;
+                            let stored = frame.block_range(prelude, block).map_err(corrupt)?;
                             let data = self.data.read_range(object, stored.start as u64..stored.end as u64).await?;
                             let (prelude, frame) = (prelude.clone(), frame);
                             tokio::task::spawn_blocking(move || frame.decode_block(&prelude, block, &data))

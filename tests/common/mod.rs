@@ -527,13 +527,17 @@ impl Mounted {
         require_fuse();
         let path = scratch_dir(&format!("mnt-{name}"));
         let url = server.addr_url();
-        let cache = scratch_dir(&format!("cache-{name}"));
         let mut args = vec!["mount", path.to_str().unwrap(), "--bucket", BUCKET];
         if !extra.contains(&"--endpoint-url") {
             args.extend_from_slice(&["--endpoint-url", &url]);
         }
-        if !extra.contains(&"--cache-dir") && !extra.contains(&"--no-disk-cache") {
-            args.extend_from_slice(&["--cache-dir", cache.to_str().unwrap()]);
+        // A fresh cache of its own unless the test brings one.
+        let cache = match extra.contains(&"--cache-dir") || extra.contains(&"--no-disk-cache") {
+            true => String::new(),
+            false => scratch_dir(&format!("cache-{name}")).to_string_lossy().into_owned(),
+        };
+        if !cache.is_empty() {
+            args.extend_from_slice(&["--cache-dir", &cache]);
         }
         args.extend_from_slice(extra);
         let out = run_cdpfs(&args, Duration::from_secs(60));
