@@ -40,6 +40,10 @@ fn every_file_reads_correctly_through_503s_500s_and_broken_bodies() {
         slowest = slowest.max(t.elapsed());
         reads += 1;
     }
+    // A binned MRC view, computed from Zarr chunks fetched through the same faults: the bin-4
+    // level of the fixture is one uncompressed chunk, so the view's voxels are that chunk.
+    let view = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin4.mrc"))).unwrap();
+    assert!(view[1024..] == fixture.objects[&format!("{TOMO_DIR}/TS_026.zarr/2/0/0/0")][..], "view bytes under faults");
     let injected = server.injected.load(Ordering::SeqCst);
     eprintln!(
         "faults: {reads} files read, {injected} faults injected, 0 wrong bytes, slowest file {slowest:?}, total {:?}",
@@ -59,6 +63,18 @@ fn a_key_the_server_keeps_failing_gives_eio_within_the_bound_and_others_still_re
     assert!(started.elapsed() < Duration::from_secs(10), "EIO took {:?}", started.elapsed());
     let key = "10000/dataset_metadata.json";
     assert_eq!(fs::read(mount.join(key)).unwrap(), fixture.objects[key]);
+}
+
+#[test]
+fn a_view_whose_chunk_keeps_failing_gives_eio_within_the_bound() {
+    let faults = Faults { always: Some(("TS_026.zarr/2/0/0/0", 500)), ..Faults::default() };
+    let (_server, mount) = mount_faulty("view-down", faults, &["--request-timeout", "3s"]);
+    let started = Instant::now();
+    let error = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin4.mrc"))).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(10), "EIO took {:?}", started.elapsed());
+    // The other level's view does not depend on that chunk.
+    assert_eq!(fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc"))).unwrap().len(), 1024 + 32 * 64 * 64 * 4);
 }
 
 #[test]
