@@ -146,7 +146,7 @@ impl BlockCache {
     /// The block, from memory, disk or one GET shared by all concurrent callers.
     pub async fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
         let (object, range) = (key.object.clone(), self.block_range(&key.object, key.index));
-        self.get_or_load(key, async move {
+        self.load(key, true, async move {
             let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
             let block = self.store.get_range(&object, range).await?;
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
@@ -155,11 +155,22 @@ impl BlockCache {
         .await
     }
 
-    /// The block, from memory, disk or `load` (run once for all concurrent callers, its result
-    /// kept in both tiers like fetched data).
-    pub async fn get_or_load(
+    /// A block derived from other data (an MRC view's): from memory, or `compute` (run once
+    /// for all concurrent callers). Kept in memory only: what it is computed from is on disk.
+    pub async fn get_or_compute(
         &self,
         key: BlockKey,
+        compute: impl std::future::Future<Output = Result<Bytes, StoreError>>,
+    ) -> Result<Bytes, StoreError> {
+        self.load(key, false, compute).await
+    }
+
+    /// The block from memory, else (when `persisted`) from disk, else from `load`, whose
+    /// result is kept in memory and (when `persisted`) written to disk in the background.
+    async fn load(
+        &self,
+        key: BlockKey,
+        persisted: bool,
         load: impl std::future::Future<Output = Result<Bytes, StoreError>>,
     ) -> Result<Bytes, StoreError> {
         if let Some(block) = self.memory.get(&key).await {
@@ -169,12 +180,15 @@ impl BlockCache {
         let loader_key = key.clone();
         self.memory
             .try_get_with(key, async move {
-                if let Some(block) = self.read_disk(&loader_key).await {
-                    self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(block);
+                let disk = self.disk.as_ref().filter(|_| persisted);
+                if disk.is_some() {
+                    if let Some(block) = self.read_disk(&loader_key).await {
+                        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(block);
+                    }
                 }
                 let block = load.await?;
-                if let Some(disk) = &self.disk {
+                if let Some(disk) = disk {
                     let (disk, block) = (disk.clone(), block.clone());
                     tokio::task::spawn_blocking(move || disk.write(&loader_key, &block));
                 }

@@ -7,7 +7,8 @@
 //! like any other) and the levels cdpfs can serve become views with exact sizes, without
 //! touching a chunk. Reading ([`Catalog::read`]): a view is a 1024-byte MRC2014 header
 //! ([`mrc`]) followed by the level's voxels in C order, which is MRC order. It is served in
-//! blocks through the block cache (memory and disk, like object data); a block is computed from
+//! blocks kept in the block cache's memory tier (on disk, the compressed chunks they come from
+//! are cached like any object, so a remount recomputes them without a GET); a block is computed from
 //! the Zarr chunks it overlaps, and from each chunk only the Blosc blocks holding its items are
 //! fetched and decoded ([`blosc`]), each once while it stays in a small memory cache. An XY
 //! section therefore costs the chunks of its z range, and only a slice of each.
@@ -288,7 +289,7 @@ impl Catalog {
         let index = self.index(view).await?;
         let key = BlockKey { object: index.blocks.clone(), index: block };
         let range = view.block_range(self.data.cache().block_size(), block);
-        self.data.cache().get_or_load(key, self.compute(view, index, range, streaming)).await
+        self.data.cache().get_or_compute(key, self.compute(view, index, range, streaming)).await
     }
 
     /// The bytes `range` of the view, from its header and the chunks the range overlaps.
