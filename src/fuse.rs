@@ -215,6 +215,10 @@ impl Filesystem for CdpFs {
         });
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.namespace.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.namespace.node(ino.0) {
             Ok(node) => reply.attr(&self.options.ttl, &self.attr(ino.0, &node)),
@@ -355,11 +359,13 @@ impl Filesystem for CdpFs {
             }
         }
         while let Some(entry) = dir.entries.get(position as usize - 2) {
-            position += 1;
             let attr = self.attr(entry.ino, &entry.node);
-            if reply.add(INodeNo(entry.ino), position, &entry.name, &ttl, &attr, Generation(0)) {
+            if reply.add(INodeNo(entry.ino), position + 1, &entry.name, &ttl, &attr, Generation(0)) {
                 break;
             }
+            // The kernel takes a lookup of every entry readdirplus returns.
+            self.namespace.remember(entry);
+            position += 1;
         }
         reply.ok();
     }

@@ -70,6 +70,40 @@ fn tree_sizes_mtimes_and_bytes_match_the_bucket() {
     }
 }
 
+/// Inodes the mount holds for the kernel (its `statfs` file count).
+fn inodes_held(path: &Path) -> u64 {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and a zeroed statvfs to fill.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) }, 0);
+    stat.f_files
+}
+
+#[test]
+fn inodes_the_kernel_forgets_leave_the_table_and_everything_still_reads() {
+    let (fixture, _) = shared();
+    let mount = Mounted::new("forget", &[]);
+    let (mut files, mut dirs) = (BTreeMap::new(), BTreeSet::new());
+    walk(&mount.path, &mount.path, &mut files, &mut dirs);
+    let held = inodes_held(&mount.path);
+    assert!(held as usize > files.len(), "{held} inodes held after stat-ing {} files", files.len());
+    // Make the kernel drop its unused dentries and inodes: it sends FORGET for each.
+    if fs::write("/proc/sys/vm/drop_caches", "2").is_err() {
+        eprintln!("SKIPPED: cannot write /proc/sys/vm/drop_caches (needs root outside a container)");
+        return;
+    }
+    let started = Instant::now();
+    while inodes_held(&mount.path) > held / 4 && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = inodes_held(&mount.path);
+    assert!(after <= held / 4, "still {after} of {held} inodes held after the kernel dropped its caches");
+    for (key, bytes) in fixture.objects.iter().step_by(50) {
+        assert!(fs::read(mount.join(key)).unwrap() == *bytes, "{key} after forget");
+    }
+    assert!(inodes_held(&mount.path) > after);
+}
+
 /// Reads `len` bytes at `offset` (looping over short reads, stopping at EOF) and compares them,
 /// and their count, with the same range of `source`.
 fn read_matches(file: &File, source: &[u8], offset: u64, len: usize) -> Result<(), String> {

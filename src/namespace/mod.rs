@@ -116,11 +116,20 @@ impl NamespaceError {
     }
 }
 
+/// The inodes the kernel knows: those it was handed by `lookup` or `readdirplus` and has not
+/// forgotten yet, with how many lookups it holds. Entries of cached listings that the kernel
+/// never looked up (or forgot) only keep their number, so the table stays as small as the
+/// kernel's own inode cache however much of the bucket is walked.
 #[derive(Default)]
 struct InodeTable {
-    nodes: HashMap<u64, Node>,
+    nodes: HashMap<u64, Slot>,
     by_identity: HashMap<String, u64>,
     next: u64,
+}
+
+struct Slot {
+    node: Node,
+    lookups: u64,
 }
 
 impl InodeTable {
@@ -134,18 +143,38 @@ impl InodeTable {
         }
     }
 
-    fn ino_for(&mut self, node: Node) -> u64 {
-        let identity = Self::identity(&node);
-        if let Some(&ino) = self.by_identity.get(&identity) {
+    /// The number of `node`: the kernel's if it knows this key (and version), else a new one.
+    fn ino_for(&mut self, node: &Node) -> u64 {
+        if let Some(&ino) = self.by_identity.get(&Self::identity(node)) {
             // Same key and ETag: keep the inode, refresh what the listing says (e.g. mtime).
-            self.nodes.insert(ino, node);
+            if let Some(slot) = self.nodes.get_mut(&ino) {
+                slot.node = node.clone();
+            }
             return ino;
         }
         self.next += 1;
-        let ino = self.next;
-        self.by_identity.insert(identity, ino);
-        self.nodes.insert(ino, node);
-        ino
+        self.next
+    }
+
+    /// The kernel was handed `entry` once more.
+    fn remember(&mut self, entry: &Entry) {
+        let slot = self.nodes.entry(entry.ino).or_insert_with(|| Slot { node: entry.node.clone(), lookups: 0 });
+        slot.lookups += 1;
+        self.by_identity.entry(Self::identity(&entry.node)).or_insert(entry.ino);
+    }
+
+    /// The kernel dropped `count` of its lookups of `ino`.
+    fn forget(&mut self, ino: u64, count: u64) {
+        let Some(slot) = self.nodes.get_mut(&ino) else { return };
+        slot.lookups = slot.lookups.saturating_sub(count);
+        if slot.lookups > 0 || ino == ROOT_INO {
+            return;
+        }
+        let identity = Self::identity(&slot.node);
+        self.nodes.remove(&ino);
+        if self.by_identity.get(&identity) == Some(&ino) {
+            self.by_identity.remove(&identity);
+        }
     }
 }
 
@@ -180,7 +209,7 @@ impl Namespace {
         let mut table = InodeTable { next: ROOT_INO, ..InodeTable::default() };
         let root = Node::Dir { prefix: root_prefix.to_owned() };
         table.by_identity.insert(InodeTable::identity(&root), ROOT_INO);
-        table.nodes.insert(ROOT_INO, root);
+        table.nodes.insert(ROOT_INO, Slot { node: root, lookups: 1 });
         let directories = moka::future::Cache::builder()
             .max_capacity(MAX_CACHED_ENTRIES)
             .weigher(|_, dir: &Arc<Directory>| u32::try_from(dir.entries.len() + 1).unwrap_or(u32::MAX))
@@ -205,13 +234,14 @@ impl Namespace {
 
     /// The node behind `ino`.
     pub fn node(&self, ino: u64) -> Result<Node, NamespaceError> {
-        self.inodes.read().expect("inode table lock poisoned").nodes.get(&ino).cloned().ok_or(NamespaceError::Stale)
+        let table = self.inodes.read().expect("inode table lock poisoned");
+        table.nodes.get(&ino).map(|slot| slot.node.clone()).ok_or(NamespaceError::Stale)
     }
 
     /// The parent directory of directory `ino` (the root is its own parent).
     pub fn parent(&self, ino: u64) -> Option<u64> {
         let table = self.inodes.read().expect("inode table lock poisoned");
-        let Some(Node::Dir { prefix }) = table.nodes.get(&ino) else {
+        let Some(Slot { node: Node::Dir { prefix }, .. }) = table.nodes.get(&ino) else {
             return None;
         };
         if ino == ROOT_INO {
@@ -222,7 +252,7 @@ impl Namespace {
         Some(table.by_identity.get(parent_prefix).copied().unwrap_or(ROOT_INO))
     }
 
-    /// Number of inodes handed out so far.
+    /// Number of inodes the kernel holds.
     pub fn inode_count(&self) -> u64 {
         self.inodes.read().expect("inode table lock poisoned").nodes.len() as u64
     }
@@ -300,10 +330,22 @@ impl Namespace {
         });
     }
 
-    /// The entry `name` inside directory `parent`.
+    /// The entry `name` inside directory `parent`, which the kernel now holds a lookup of.
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<Entry, NamespaceError> {
         let dir = self.directory(parent).await?;
-        dir.find(name).cloned().ok_or(NamespaceError::NotFound)
+        let entry = dir.find(name).cloned().ok_or(NamespaceError::NotFound)?;
+        self.remember(&entry);
+        Ok(entry)
+    }
+
+    /// The kernel was handed `entry` (by `lookup` or `readdirplus`): it holds one more lookup.
+    pub fn remember(&self, entry: &Entry) {
+        self.inodes.write().expect("inode table lock poisoned").remember(entry);
+    }
+
+    /// The kernel dropped `count` lookups of `ino` (FUSE `forget`).
+    pub fn forget(&self, ino: u64, count: u64) {
+        self.inodes.write().expect("inode table lock poisoned").forget(ino, count);
     }
 
     fn build_directory(&self, prefix: &str, listing: PrefixListing, views: Vec<(String, MrcView)>) -> Directory {
@@ -317,10 +359,7 @@ impl Namespace {
             })
             // Views never shadow a real entry (the catalog drops names the listing has).
             .chain(views.into_iter().map(|(name, view)| (name, Node::View(Arc::new(view)))))
-            .map(|(name, node)| {
-                let ino = table.ino_for(node.clone());
-                Entry { name, ino, node }
-            })
+            .map(|(name, node)| Entry { name, ino: table.ino_for(&node), node })
             .collect();
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         entries.dedup_by(|later, earlier| later.name == earlier.name);
@@ -412,6 +451,34 @@ mod tests {
         assert!(matches!(ns.lookup(run.ino, "missing").await, Err(NamespaceError::NotFound)));
         assert!(matches!(ns.directory(file.ino).await, Err(NamespaceError::NotDir)));
         assert!(matches!(ns.node(999_999), Err(NamespaceError::Stale)));
+    }
+
+    #[tokio::test]
+    async fn forgotten_inodes_leave_the_table_and_come_back_on_lookup() {
+        let store = Arc::new(MemoryStore::default());
+        store.put("d/a.json", "\"1\"");
+        store.put("d/b.json", "\"2\"");
+        let ns = Namespace::new(store.clone(), "", Duration::from_secs(60), None, 0);
+        let dir = ns.lookup(ROOT_INO, "d").await.unwrap();
+        let a = ns.lookup(dir.ino, "a.json").await.unwrap();
+        assert_eq!(ns.lookup(dir.ino, "a.json").await.unwrap().ino, a.ino);
+        // Listed but never handed to the kernel: numbered, not held.
+        let b = ns.directory(dir.ino).await.unwrap().find("b.json").unwrap().ino;
+        assert!(matches!(ns.node(b), Err(NamespaceError::Stale)));
+        assert_eq!(ns.inode_count(), 3, "root, d and a.json");
+        ns.forget(a.ino, 1);
+        assert!(ns.node(a.ino).is_ok(), "one of two lookups is still held");
+        ns.forget(a.ino, 1);
+        assert!(matches!(ns.node(a.ino), Err(NamespaceError::Stale)));
+        assert_eq!(ns.inode_count(), 2);
+        // Looked up again from the cached listing: the same number, usable again.
+        assert_eq!(ns.lookup(dir.ino, "a.json").await.unwrap().ino, a.ino);
+        assert!(matches!(ns.node(a.ino), Ok(Node::File(_))));
+        // The root is never forgotten; forgetting unknown inodes is harmless.
+        ns.forget(ROOT_INO, 10);
+        ns.forget(987_654, 1);
+        assert!(ns.node(ROOT_INO).is_ok());
+        assert_eq!(store.lists.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
