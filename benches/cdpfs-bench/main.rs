@@ -559,11 +559,23 @@ fn main() {
         // from and against reading the full-resolution MRC.
         let view = |bin: u32| format!("{PYRAMID}.bin{bin}.mrc");
         let (mut section, mut section_gets, mut full_mrc, mut full_mrc_gets) = (vec![], vec![], vec![], vec![]);
+        let (mut listing_views, mut listing_plain) = (vec![], vec![]);
         let mut whole: BTreeMap<u32, ViewRuns> = BTreeMap::new();
         for _ in 0..opts.runs {
             let cache = fresh_cache_dir();
+            {
+                // What the views cost a cold `ls -l` of the tomogram's folder (and the path to it).
+                let plain = Mount::new(&endpoint, &cache, &["--no-mrc-views"]);
+                let t = Instant::now();
+                fs::read_dir(plain.file(&format!("{PYRAMID}.mrc")).parent().unwrap()).unwrap().for_each(drop);
+                listing_plain.push(t.elapsed().as_secs_f64());
+            }
+            let _ = fs::remove_dir_all(&cache);
             let mount = Mount::new(&endpoint, &cache, &[]);
-            fs::metadata(mount.file(&view(4))).unwrap(); // listing and metadata: not timed
+            let t = Instant::now();
+            fs::read_dir(mount.file(&view(4)).parent().unwrap()).unwrap().for_each(drop);
+            listing_views.push(t.elapsed().as_secs_f64());
+            fs::metadata(mount.file(&view(4))).unwrap();
             let [nz, ny, nx] = levels[1].shape;
             let bytes = ny * nx * 4;
             let (before, t) = (counters.snapshot().0, Instant::now());
@@ -611,6 +623,14 @@ fn main() {
             let _ = fs::remove_dir_all(&cache);
         }
         let (full, full_gets) = (median(full_mrc), median(full_mrc_gets));
+        let (v, p) = (median(listing_views), median(listing_plain));
+        rows.push(Row {
+            case: "cold listing of the tomogram's folder, path included (s)",
+            cdpfs: format!("{v:.2} with views"),
+            raw: format!("{p:.2} with --no-mrc-views"),
+            ratio: format!("{:.2}x", v / p),
+            target: "-",
+        });
         rows.push(Row {
             case: "bin-4 view: header + middle XY section, cold (s; GETs)",
             cdpfs: format!("{:.2} s; {:.0} GETs", median(section), median(section_gets)),

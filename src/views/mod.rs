@@ -178,7 +178,15 @@ impl Catalog {
     ) -> Result<Vec<(String, MrcView)>, String> {
         let root = lister.listing(zarr).await.map_err(|e| e.to_string())?;
         let zattrs = find_object(&root, &format!("{zarr}.zattrs")).ok_or("no .zattrs")?;
-        let levels = zarr::parse_multiscales(&self.whole(&zattrs).await?)?;
+        // The level folders are listed while `.zattrs` is read, rather than once it names them.
+        let (attrs, folders) = futures_util::future::join(
+            self.whole(&zattrs),
+            join_all(root.prefixes.iter().map(|folder| async move { (folder.as_str(), lister.listing(folder).await) })),
+        )
+        .await;
+        let levels = zarr::parse_multiscales(&attrs?)?;
+        let folders: HashMap<&str, _> = folders.into_iter().collect();
+        let folders = &folders;
         let base = levels.first().ok_or("multiscales has no levels")?.scale;
         let stack = prefix.contains("/TiltSeries/") || prefix.starts_with("TiltSeries/");
         let zattrs = &zattrs;
@@ -190,8 +198,12 @@ impl Catalog {
             }
             let name = format!("{stem}.bin{factor}.mrc");
             let level_prefix = format!("{zarr}{}/", level.path);
-            let listing = lister.listing(&level_prefix).await.map_err(|e| e.to_string())?;
-            let zarray = find_object(&listing, &format!("{level_prefix}.zarray")).ok_or("no .zarray")?;
+            let listing = match folders.get(level_prefix.as_str()) {
+                Some(Ok(listing)) => listing,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err(format!("no folder {level_prefix}")),
+            };
+            let zarray = find_object(listing, &format!("{level_prefix}.zarray")).ok_or("no .zarray")?;
             let layout = ArrayLayout::parse(&self.whole(&zarray).await?)?;
             let geometry = mrc::Geometry {
                 shape: layout.shape,
