@@ -239,9 +239,10 @@ impl Filesystem for CdpFs {
                 reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
             }
             Ok(Node::View(view)) => {
-                // A view's inode changes with its Zarr's metadata, like a file's with its ETag.
+                // A view's inode follows its Zarr's metadata, not every chunk's version: the
+                // kernel drops its pages at each open (re-reads come from cdpfs's memory).
                 let fh = self.add_handle(Handle::View(Arc::new(self.views.open(view))));
-                reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+                reply.opened(fh, FopenFlags::empty());
             }
             Ok(Node::Dir { .. }) => reply.error(Errno::EISDIR),
             Err(e) => reply.error(errno(&e)),

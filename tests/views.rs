@@ -63,7 +63,7 @@ fn views_are_listed_beside_each_pyramid_with_exact_sizes() {
         .collect();
     assert_eq!(views(&mount.join(MASK_DIR)), masks);
     let others = mount.join("10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/102");
-    assert_eq!(views(&others).len(), 6, "{:?}", views(&others));
+    assert_eq!(views(&others).len(), 9, "{:?}", views(&others));
     // Views are plain read-only files; stat needs no chunk.
     let bin4 = fs::metadata(mount.join(TOMO_DIR).join("TS_026.bin4.mrc")).unwrap();
     assert!(bin4.is_file());
@@ -93,7 +93,7 @@ fn views_equal_the_zarr_levels_and_reference_mrcs() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/check_views.py");
     let (source, refs) = (root.join(BUCKET), root.join("refs"));
     let args = [script.as_ref(), mount.path.as_os_str(), source.as_os_str(), refs.as_os_str()];
-    common::run_python(python, &args, "views-ok 19");
+    common::run_python(python, &args, "views-ok 22");
 }
 
 /// The chunk keys (below `.zarr/`) of the object GETs served since `from`.

@@ -262,17 +262,22 @@ impl Namespace {
         let Node::Dir { prefix } = self.node(ino)? else {
             return Err(NamespaceError::NotDir);
         };
+        self.directory_at(ino, &prefix).await.map_err(NamespaceError::Store)
+    }
+
+    /// The entries of directory `ino` (backed by `prefix`), whether or not the kernel holds it.
+    async fn directory_at(&self, ino: u64, prefix: &str) -> Result<Arc<Directory>, StoreError> {
         self.directories
             .try_get_with(ino, async {
-                let listing = self.list(&prefix).await?;
+                let listing = self.list(prefix).await?;
                 let views = match &self.views {
-                    Some(catalog) => catalog.views_in(self, &prefix, &listing).await,
+                    Some(catalog) => catalog.views_in(self, prefix, &listing).await?,
                     None => Vec::new(),
                 };
-                Ok::<_, StoreError>(Arc::new(self.build_directory(&prefix, listing, views)))
+                Ok::<_, StoreError>(Arc::new(self.build_directory(prefix, listing, views)))
             })
             .await
-            .map_err(|e: Arc<StoreError>| NamespaceError::Store((*e).clone()))
+            .map_err(|e: Arc<StoreError>| (*e).clone())
     }
 
     /// A listing of `prefix`: a saved one while it is fresh, else from the store (then saved).
@@ -303,16 +308,18 @@ impl Namespace {
                 let mut listings = tokio::task::JoinSet::new();
                 for dir in frontier {
                     let Some(listing) = namespace.directories.get(&dir).await else { continue };
-                    for entry in listing.entries.iter().filter(|e| matches!(e.node, Node::Dir { .. })) {
+                    for entry in listing.entries.iter() {
+                        // The kernel has not looked these up yet: list them by prefix.
+                        let Node::Dir { prefix } = &entry.node else { continue };
                         if namespace.directories.contains_key(&entry.ino) {
                             next.push(entry.ino);
                         } else if budget > 0 {
                             budget -= 1;
-                            let (namespace, child) = (namespace.clone(), entry.ino);
+                            let (namespace, child, prefix) = (namespace.clone(), entry.ino, prefix.clone());
                             let gate = namespace.warm_gate.clone();
                             listings.spawn(async move {
                                 let _permit = gate.acquire_owned().await;
-                                namespace.directory(child).await.map(|_| child)
+                                namespace.directory_at(child, &prefix).await.map(|_| child)
                             });
                         }
                     }

@@ -38,10 +38,11 @@ impl Frame {
             blocksize: word(8),
             cbytes: word(12),
         };
-        if !matches!(head[0], 1 | 2) {
+        if head[0] != 2 {
             return Err(format!("Blosc format version {} is not supported", head[0]));
         }
-        if frame.typesize == 0 || frame.blocksize == 0 || frame.nbytes > i32::MAX as usize {
+        let whole_items = frame.memcpyed() || frame.blocksize.is_multiple_of(frame.typesize.max(1));
+        if frame.typesize == 0 || frame.blocksize == 0 || frame.nbytes > i32::MAX as usize || !whole_items {
             return Err("implausible Blosc header".into());
         }
         if !frame.memcpyed() && frame.cbytes < HEADER_LEN + 4 * frame.blocks() {
@@ -122,19 +123,17 @@ impl Frame {
                 false => Err("short stored block".into()),
             };
         }
-        // A frame of this block alone: the header (with its size), a block table whose entries
-        // all point just past the table, and the block's bytes. Decoding one block reads
-        // nothing else, and c-blosc checks every offset against the size in the header.
+        // A frame of this block alone: the header (with its size), a block table whose entry for
+        // this block points just past the table (c-blosc reads no other entry for it), and the
+        // block's bytes. c-blosc checks every offset against the size in the header.
         let table = 4 * self.blocks();
         let len = HEADER_LEN + table + data.len();
-        let mut frame = Vec::with_capacity(len);
-        frame.extend_from_slice(prelude.get(..HEADER_LEN).ok_or("short prelude")?);
+        let mut frame = vec![0u8; len];
+        frame[..HEADER_LEN].copy_from_slice(prelude.get(..HEADER_LEN).ok_or("short prelude")?);
         frame[12..16].copy_from_slice(&u32::try_from(len).map_err(|_| "block too large")?.to_le_bytes());
-        let at = ((HEADER_LEN + table) as u32).to_le_bytes();
-        for _ in 0..self.blocks() {
-            frame.extend_from_slice(&at);
-        }
-        frame.extend_from_slice(data);
+        let entry = HEADER_LEN + 4 * block;
+        frame[entry..entry + 4].copy_from_slice(&((HEADER_LEN + table) as u32).to_le_bytes());
+        frame[HEADER_LEN + table..].copy_from_slice(data);
         let mut out = vec![0u8; decoded.len()];
         let (start, count) = (decoded.start / self.typesize, decoded.len() / self.typesize);
         // SAFETY: `frame` is exactly as long as its header says; `out` holds `count` items of

@@ -106,11 +106,40 @@ impl MrcView {
     }
 }
 
+/// Why a Zarr, or one of its levels, shows no view.
+enum NoView {
+    /// Its metadata could not be read: the folder listing fails (and is retried) rather than
+    /// being cached without the view for a whole TTL.
+    Store(StoreError),
+    /// Its metadata is nothing a view can serve (the reason, for the debug log).
+    Unsupported(String),
+}
+
+impl From<StoreError> for NoView {
+    fn from(e: StoreError) -> NoView {
+        NoView::Store(e)
+    }
+}
+
+impl From<String> for NoView {
+    fn from(why: String) -> NoView {
+        NoView::Unsupported(why)
+    }
+}
+
+impl From<&str> for NoView {
+    fn from(why: &str) -> NoView {
+        NoView::Unsupported(why.to_owned())
+    }
+}
+
 /// The level's chunk objects (one flat listing), and the identity of the view's data blocks.
 struct ChunkIndex {
     objects: HashMap<String, Arc<ObjectMeta>>,
     /// The view's bytes as a cache object: same key, a tag covering every chunk's version.
     blocks: Arc<ObjectMeta>,
+    /// The separator the chunk keys use (the declared one unless the keys say otherwise).
+    separator: char,
 }
 
 /// An open view: the view and where the last read ended (to spot sequential readers).
@@ -142,8 +171,14 @@ impl Catalog {
     }
 
     /// The views (name and view) the folder `prefix`, listed as `listing`, shows beside its
-    /// Zarrs. Zarrs that cannot be viewed are left out, with a debug line saying why.
-    pub async fn views_in(&self, lister: &dyn Lister, prefix: &str, listing: &PrefixListing) -> Vec<(String, MrcView)> {
+    /// Zarrs. Zarrs that cannot be viewed are left out, with a debug line saying why; a failure
+    /// to read their metadata fails the listing (so it is retried, not cached without views).
+    pub async fn views_in(
+        &self,
+        lister: &dyn Lister,
+        prefix: &str,
+        listing: &PrefixListing,
+    ) -> Result<Vec<(String, MrcView)>, StoreError> {
         let has_object = |name: &str| listing.objects.iter().any(|o| o.key.strip_prefix(prefix) == Some(name));
         let zarrs = listing.prefixes.iter().filter_map(|p| {
             let stem = p.strip_prefix(prefix)?.strip_suffix(".zarr/")?;
@@ -151,20 +186,20 @@ impl Catalog {
         });
         let found = join_all(zarrs.map(|(stem, zarr)| async move {
             let has_mrc = has_object(&format!("{stem}.mrc"));
-            match self.views_of(lister, prefix, stem, zarr, has_mrc).await {
-                Ok(views) => views,
-                Err(why) => {
-                    debug!(zarr, why, "no MRC views");
-                    Vec::new()
-                }
-            }
+            (zarr, self.views_of(lister, prefix, stem, zarr, has_mrc).await)
         }))
         .await;
-        let mut views: Vec<(String, MrcView)> =
-            found.into_iter().flatten().filter(|(name, _)| !has_object(name)).collect();
-        views.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut views = Vec::new();
+        for (zarr, found) in found {
+            match found {
+                Ok(found) => views.extend(found.into_iter().filter(|(name, _)| !has_object(name))),
+                Err(NoView::Unsupported(why)) => debug!(zarr, why, "no MRC views"),
+                Err(NoView::Store(e)) => return Err(e),
+            }
+        }
+        views.sort_by(|a: &(String, MrcView), b| a.0.cmp(&b.0));
         views.dedup_by(|later, earlier| later.0 == earlier.0);
-        views
+        Ok(views)
     }
 
     /// The views of one Zarr `zarr` (named `stem.zarr` in folder `prefix`).
@@ -175,8 +210,8 @@ impl Catalog {
         stem: &str,
         zarr: &str,
         has_mrc: bool,
-    ) -> Result<Vec<(String, MrcView)>, String> {
-        let root = lister.listing(zarr).await.map_err(|e| e.to_string())?;
+    ) -> Result<Vec<(String, MrcView)>, NoView> {
+        let root = lister.listing(zarr).await?;
         let zattrs = find_object(&root, &format!("{zarr}.zattrs")).ok_or("no .zattrs")?;
         // The level folders are listed while `.zattrs` is read, rather than once it names them.
         let (attrs, folders) = futures_util::future::join(
@@ -200,8 +235,8 @@ impl Catalog {
             let level_prefix = format!("{zarr}{}/", level.path);
             let listing = match folders.get(level_prefix.as_str()) {
                 Some(Ok(listing)) => listing,
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err(format!("no folder {level_prefix}")),
+                Some(Err(e)) => return Err(NoView::Store(e.clone())),
+                None => return Err(format!("no folder {level_prefix}").into()),
             };
             let zarray = find_object(listing, &format!("{level_prefix}.zarray")).ok_or("no .zarray")?;
             let layout = ArrayLayout::parse(&self.whole(&zarray).await?)?;
@@ -220,7 +255,7 @@ impl Catalog {
             let file = Arc::new(ObjectMeta { key: format!("{prefix}{name}"), size, etag, mtime: zarray.mtime });
             let header = Bytes::from(mrc::header(&geometry));
             let view = MrcView { file, level_prefix, layout, header, chunks: tokio::sync::OnceCell::new() };
-            Ok::<_, String>(Some((name, view)))
+            Ok(Some((name, view)))
         }))
         .await;
         let mut out = Vec::new();
@@ -228,15 +263,16 @@ impl Catalog {
             match view {
                 Ok(Some(view)) => out.push(view),
                 Ok(None) => {}
-                Err(why) => debug!(zarr, why, "a level has no MRC view"),
+                Err(NoView::Unsupported(why)) => debug!(zarr, why, "a level has no MRC view"),
+                Err(store) => return Err(store),
             }
         }
         Ok(out)
     }
 
     /// A small object's bytes, through the block cache.
-    async fn whole(&self, object: &Arc<ObjectMeta>) -> Result<Bytes, String> {
-        self.data.read_range(object, 0..object.size).await.map_err(|e| e.to_string())
+    async fn whole(&self, object: &Arc<ObjectMeta>) -> Result<Bytes, StoreError> {
+        self.data.read_range(object, 0..object.size).await
     }
 
     /// Starts reading `view`.
@@ -289,8 +325,10 @@ impl Catalog {
                 }
                 let etag = format!("{}-{:016x}", view.file.etag, crate::hash::stable_hash(&[&tag]));
                 let blocks = Arc::new(ObjectMeta { etag, ..(*view.file).clone() });
+                let names = objects.iter().filter_map(|o| o.key.strip_prefix(&view.level_prefix));
+                let separator = zarr::separator_in(names).unwrap_or(view.layout.separator);
                 let objects = objects.into_iter().map(|o| (o.key.clone(), Arc::new(o))).collect();
-                Ok(ChunkIndex { objects, blocks })
+                Ok(ChunkIndex { objects, blocks, separator })
             })
             .await
     }
@@ -359,7 +397,7 @@ impl Catalog {
     ) -> Result<Bytes, StoreError> {
         let layout = &view.layout;
         let item = layout.dtype.size();
-        let key = layout.chunk_key(&view.level_prefix, chunk);
+        let key = zarr::chunk_key(&view.level_prefix, chunk, index.separator);
         let Some(object) = index.objects.get(&key) else {
             return Ok(layout.fill.repeat((span.end - span.start) as usize).into());
         };

@@ -162,6 +162,16 @@ impl ArrayLayout {
         };
         let dtype = Dtype::parse(&zarray.dtype)?;
         let fill = dtype.encode(&zarray.fill_value)?;
+        // Bounds that keep every size computed from these in range: a view under 1 PiB, a
+        // chunk under 2 GiB (Blosc's own limit), and a row of chunks under 1 PiB.
+        let product = |dims: &[u64]| dims.iter().try_fold(dtype.size() as u64, |n, &d| n.checked_mul(d));
+        let fits = |bytes: Option<u64>, limit: u64| bytes.is_some_and(|b| b < limit);
+        if !fits(product(&shape), 1 << 50)
+            || !fits(product(&chunks), 1 << 31)
+            || !fits(product(&[chunks[0], shape[1], shape[2]]), 1 << 50)
+        {
+            return Err(format!("shape {shape:?} with chunks {chunks:?} is too large"));
+        }
         Ok(ArrayLayout { shape, chunks, dtype, fill, codec, separator })
     }
 
@@ -174,12 +184,24 @@ impl ArrayLayout {
     pub fn chunk_elements(&self) -> u64 {
         self.chunks.iter().product()
     }
+}
 
-    /// The key of chunk `index` (z, y, x) of the level stored under `level_prefix`.
-    pub fn chunk_key(&self, level_prefix: &str, index: [u64; 3]) -> String {
-        let sep = self.separator;
-        format!("{level_prefix}{}{sep}{}{sep}{}", index[0], index[1], index[2])
-    }
+/// The key of chunk `index` (z, y, x) of the level stored under `level_prefix`, its indices
+/// joined by `separator`.
+pub fn chunk_key(level_prefix: &str, index: [u64; 3], separator: char) -> String {
+    format!("{level_prefix}{}{separator}{}{separator}{}", index[0], index[1], index[2])
+}
+
+/// The separator the chunk keys `names` (relative to their level's folder) actually use, if
+/// they show one: stores written before `dimension_separator` existed nest keys without saying so.
+pub fn separator_in<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<char> {
+    names.into_iter().filter(|n| !n.starts_with('.')).find_map(|n| {
+        if n.contains('/') {
+            Some('/')
+        } else {
+            n.contains('.').then_some('.')
+        }
+    })
 }
 
 /// One level of a multiscale pyramid as `.zattrs` declares it.
@@ -241,7 +263,7 @@ mod tests {
         assert_eq!(layout.chunks, [256, 256, 256]);
         assert_eq!((layout.dtype, layout.codec, layout.separator), (Dtype::F32, Codec::Blosc, '/'));
         assert_eq!(layout.fill, 0f32.to_le_bytes());
-        assert_eq!(layout.chunk_key("a.zarr/1/", [1, 2, 0]), "a.zarr/1/1/2/0");
+        assert_eq!(chunk_key("a.zarr/1/", [1, 2, 0], layout.separator), "a.zarr/1/1/2/0");
         assert_eq!(layout.elements(), 500 * 630 * 630);
     }
 
@@ -257,6 +279,8 @@ mod tests {
         assert!(with("[500, 630, 630]", "[630, 630]").unwrap_err().contains("shape"));
         assert!(with("\"zarr_format\": 2", "\"zarr_format\": 3").unwrap_err().contains("zarr_format"));
         assert!(ArrayLayout::parse(b"{\"zarr_format\": 3}").is_err());
+        assert!(with("[500, 630, 630]", "[2, 4294967296, 4294967296]").unwrap_err().contains("too large"));
+        assert!(with("[256, 256, 256]", "[2048, 2048, 2048]").unwrap_err().contains("too large"));
     }
 
     #[test]
@@ -274,7 +298,10 @@ mod tests {
         assert!(layout("\"|i1\"", "300").is_err());
         assert!(layout("\"<u2\"", "1.5").is_err());
         let flat = PORTAL_ZARRAY.replace("\"dimension_separator\": \"/\",", "");
-        assert_eq!(ArrayLayout::parse(flat.as_bytes()).unwrap().chunk_key("l/", [1, 2, 3]), "l/1.2.3");
+        assert_eq!(chunk_key("l/", [1, 2, 3], ArrayLayout::parse(flat.as_bytes()).unwrap().separator), "l/1.2.3");
+        assert_eq!(separator_in([".zarray", "0/0/1", "0/1/0"]), Some('/'));
+        assert_eq!(separator_in([".zarray", ".zattrs", "0.0.1"]), Some('.'));
+        assert_eq!(separator_in([".zarray"]), None);
     }
 
     #[test]
