@@ -96,6 +96,13 @@ pub fn prefetch(targets: &[String], jobs: usize, staging: &BucketStaging) -> Res
             }
         }
     }
+    let staged: u64 = pending.iter().filter(|job| matches!(job.source, Source::Object(_))).map(|job| job.size).sum();
+    if staged > staging.cache_size {
+        eprintln!(
+            "cdpfs: warning: staging {staged} bytes into a cache bounded to {} bytes: the first files will be evicted",
+            staging.cache_size
+        );
+    }
     run(pending, skipped, jobs, |job, bar| match &job.source {
         Source::File(path) => read_through(path, bar).map_err(Into::into),
         Source::Object(object) => bucket.as_ref().expect("objects come from a bucket").fetch(object, bar),
@@ -171,9 +178,13 @@ impl Bucket {
         let mut objects: Vec<ObjectMeta> = if key.is_empty() || key.ends_with('/') {
             listed(key)?
         } else {
-            match listed(key)?.into_iter().find(|o| o.key == key) {
+            // One delimited listing says whether KEY is an object or a folder, without walking
+            // every key that merely starts with it.
+            let here = self.runtime.block_on(self.store.list_prefix(key)).with_context(|| format!("listing {url}"))?;
+            match here.objects.into_iter().find(|o| o.key == key) {
                 Some(object) => vec![object],
-                None => listed(&format!("{key}/"))?,
+                None if here.prefixes.iter().any(|p| p.strip_suffix('/') == Some(key)) => listed(&format!("{key}/"))?,
+                None => Vec::new(),
             }
         };
         objects.retain(|o| !o.key.ends_with('/'));

@@ -300,13 +300,16 @@ fn prefetch_of_bucket_keys_needs_no_mount_and_a_later_mount_reads_them_without_g
     // A prefix as an s3:// URL, and a bare key of --bucket.
     let folder = format!("s3://{}/{TOMO_DIR}/", common::BUCKET);
     let single = "10000/dataset_metadata.json";
-    let mut keys: Vec<&String> = fixture.objects.keys().filter(|k| k.starts_with(&format!("{TOMO_DIR}/"))).collect();
+    // A bare folder key, without its slash.
+    let annotations = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/100";
+    let under = |dir: String| fixture.objects.keys().filter(move |k| k.starts_with(&dir));
+    let mut keys: Vec<&String> = under(format!("{TOMO_DIR}/")).chain(under(format!("{annotations}/"))).collect();
     keys.push(fixture.objects.keys().find(|k| *k == single).unwrap());
     let bytes: u64 = keys.iter().map(|k| fixture.objects[*k].len() as u64).sum();
-    let (ok, stdout, stderr) = prefetch(&[&folder, single]);
+    let (ok, stdout, stderr) = prefetch(&[&folder, single, annotations]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains(&format!("prefetched {} files ({bytes} bytes), 0 already cached", keys.len())), "{stdout}");
-    let (ok, stdout, _) = prefetch(&[&folder, single]);
+    let (ok, stdout, _) = prefetch(&[&folder, single, annotations]);
     assert!(ok && stdout.contains(&format!("prefetched 0 files (0 bytes), {} already cached", keys.len())), "{stdout}");
     let missing = format!("s3://{}/10000/nope", common::BUCKET);
     let (ok, _, stderr) = prefetch(&[&missing]);

@@ -117,13 +117,14 @@ impl NamespaceError {
 }
 
 /// The inodes the kernel knows: those it was handed by `lookup` or `readdirplus` and has not
-/// forgotten yet, with how many lookups it holds. Entries of cached listings that the kernel
-/// never looked up (or forgot) only keep their number, so the table stays as small as the
-/// kernel's own inode cache however much of the bucket is walked.
-#[derive(Default)]
+/// forgotten yet, with how many lookups it holds. Other entries of cached listings only have a
+/// number, remembered (for stable `ls -i` across re-listings) in a bounded LRU, so the table
+/// stays about as small as the kernel's own inode cache however much of the bucket is walked.
 struct InodeTable {
     nodes: HashMap<u64, Slot>,
     by_identity: HashMap<String, u64>,
+    /// Numbers given to entries the kernel does not hold, most recent first.
+    recent: lru::LruCache<String, u64>,
     next: u64,
 }
 
@@ -132,7 +133,19 @@ struct Slot {
     lookups: u64,
 }
 
+/// How many numbers of entries the kernel does not hold are remembered.
+const RECENT_NUMBERS: usize = 1 << 18;
+
 impl InodeTable {
+    fn new() -> InodeTable {
+        InodeTable {
+            nodes: HashMap::new(),
+            by_identity: HashMap::new(),
+            recent: lru::LruCache::new(std::num::NonZeroUsize::new(RECENT_NUMBERS).expect("non-zero")),
+            next: ROOT_INO,
+        }
+    }
+
     fn identity(node: &Node) -> String {
         match node {
             Node::Dir { prefix } => prefix.clone(),
@@ -143,16 +156,21 @@ impl InodeTable {
         }
     }
 
-    /// The number of `node`: the kernel's if it knows this key (and version), else a new one.
+    /// The number of `node`: the one it had if it is known or was seen recently, else a new one.
     fn ino_for(&mut self, node: &Node) -> u64 {
-        if let Some(&ino) = self.by_identity.get(&Self::identity(node)) {
+        let identity = Self::identity(node);
+        if let Some(&ino) = self.by_identity.get(&identity) {
             // Same key and ETag: keep the inode, refresh what the listing says (e.g. mtime).
             if let Some(slot) = self.nodes.get_mut(&ino) {
                 slot.node = node.clone();
             }
             return ino;
         }
+        if let Some(&ino) = self.recent.get(&identity) {
+            return ino;
+        }
         self.next += 1;
+        self.recent.put(identity, self.next);
         self.next
     }
 
@@ -160,7 +178,9 @@ impl InodeTable {
     fn remember(&mut self, entry: &Entry) {
         let slot = self.nodes.entry(entry.ino).or_insert_with(|| Slot { node: entry.node.clone(), lookups: 0 });
         slot.lookups += 1;
-        self.by_identity.entry(Self::identity(&entry.node)).or_insert(entry.ino);
+        let identity = Self::identity(&entry.node);
+        self.recent.pop(&identity);
+        self.by_identity.entry(identity).or_insert(entry.ino);
     }
 
     /// The kernel dropped `count` of its lookups of `ino`.
@@ -174,6 +194,7 @@ impl InodeTable {
         self.nodes.remove(&ino);
         if self.by_identity.get(&identity) == Some(&ino) {
             self.by_identity.remove(&identity);
+            self.recent.put(identity, ino);
         }
     }
 }
@@ -206,7 +227,7 @@ impl Namespace {
         saved: Option<Arc<ListingStore>>,
         warm_budget: usize,
     ) -> Namespace {
-        let mut table = InodeTable { next: ROOT_INO, ..InodeTable::default() };
+        let mut table = InodeTable::new();
         let root = Node::Dir { prefix: root_prefix.to_owned() };
         table.by_identity.insert(InodeTable::identity(&root), ROOT_INO);
         table.nodes.insert(ROOT_INO, Slot { node: root, lookups: 1 });
@@ -486,6 +507,21 @@ mod tests {
         ns.forget(987_654, 1);
         assert!(ns.node(ROOT_INO).is_ok());
         assert_eq!(store.lists.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn numbers_stay_the_same_across_re_listings_held_or_not() {
+        let store = Arc::new(MemoryStore::default());
+        store.put("a.json", "\"1\"");
+        store.put("b.json", "\"2\"");
+        let ns = Namespace::new(store.clone(), "", Duration::from_millis(50), None, 0);
+        let a = ns.lookup(ROOT_INO, "a.json").await.unwrap().ino;
+        let b = ns.directory(ROOT_INO).await.unwrap().find("b.json").unwrap().ino;
+        ns.forget(a, 1);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let again = ns.directory(ROOT_INO).await.unwrap();
+        assert_eq!(store.lists.load(Ordering::SeqCst), 2, "the listing expired and was made again");
+        assert_eq!((again.find("a.json").unwrap().ino, again.find("b.json").unwrap().ino), (a, b));
     }
 
     #[tokio::test]

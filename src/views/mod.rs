@@ -142,11 +142,13 @@ struct ChunkIndex {
     separator: char,
 }
 
-/// An open view: the view and where the last read ended (to spot sequential readers).
+/// An open view: the view, where the last read ended (to spot sequential readers) and the
+/// first block its read-ahead has not requested yet.
 pub struct OpenView {
     /// The view being read.
     pub view: Arc<MrcView>,
     next_offset: AtomicU64,
+    requested: AtomicU64,
 }
 
 /// Finds and reads the MRC views of a mount.
@@ -277,7 +279,7 @@ impl Catalog {
 
     /// Starts reading `view`.
     pub fn open(&self, view: Arc<MrcView>) -> OpenView {
-        OpenView { view, next_offset: AtomicU64::new(u64::MAX) }
+        OpenView { view, next_offset: AtomicU64::new(u64::MAX), requested: AtomicU64::new(0) }
     }
 
     /// Bytes of `view` the block cache holds (0 before it was first read).
@@ -304,11 +306,15 @@ impl Catalog {
         let blocks = view.block_at(block_size, range.start)..view.block_at(block_size, range.end - 1) + 1;
         let streaming = open.next_offset.swap(range.end, Ordering::Relaxed) == range.start;
         if streaming {
-            let ahead = blocks.end..(blocks.end + READ_AHEAD_BLOCKS).min(view.block_count(block_size));
-            for block in ahead {
+            // Each block is requested ahead once per stream, so failures are not retried in a loop.
+            let end = (blocks.end + READ_AHEAD_BLOCKS).min(view.block_count(block_size));
+            let start = open.requested.fetch_max(end, Ordering::Relaxed).max(blocks.end);
+            for block in start..end {
                 let (catalog, view) = (self.clone(), view.clone());
                 tokio::spawn(async move { catalog.block(&view, block, true).await });
             }
+        } else {
+            open.requested.store(0, Ordering::Relaxed);
         }
         let parts = try_join_all(blocks.clone().map(|block| self.block(view, block, streaming))).await?;
         Ok(crate::data::assemble(&parts, view.block_range(block_size, blocks.start).start, range))
