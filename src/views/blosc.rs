@@ -86,21 +86,26 @@ impl Frame {
         block * self.blocksize..((block + 1) * self.blocksize).min(self.nbytes)
     }
 
-    /// Where block `block` is stored in the frame, given the frame's first
-    /// [`Frame::prelude_len`] bytes.
-    pub fn block_range(&self, prelude: &[u8], block: usize) -> Result<Range<usize>, String> {
-        if block >= self.blocks() {
-            return Err(format!("block {block} of a {}-block Blosc frame", self.blocks()));
+    /// Where the blocks `blocks` are stored in the frame, given the frame's first
+    /// [`Frame::prelude_len`] bytes (the block table is read once for all of them).
+    pub fn block_ranges(&self, prelude: &[u8], blocks: Range<usize>) -> Result<Vec<Range<usize>>, String> {
+        if blocks.end > self.blocks() {
+            return Err(format!("blocks {blocks:?} of a {}-block Blosc frame", self.blocks()));
         }
         if self.memcpyed() {
-            let decoded = self.decoded_range(block);
-            return Ok(HEADER_LEN + decoded.start..HEADER_LEN + decoded.end);
+            let stored = |block| {
+                let decoded = self.decoded_range(block);
+                HEADER_LEN + decoded.start..HEADER_LEN + decoded.end
+            };
+            return Ok(blocks.map(stored).collect());
         }
         let starts = self.block_starts(prelude)?;
         // Threaded compressors write blocks in completion order: a block ends where the next
         // block in the file begins.
-        let start = starts[block];
-        Ok(start..starts.iter().copied().filter(|&s| s > start).min().unwrap_or(self.cbytes))
+        let mut sorted = starts.clone();
+        sorted.sort_unstable();
+        let end_of = |start: usize| sorted.get(sorted.partition_point(|&s| s <= start)).copied().unwrap_or(self.cbytes);
+        Ok(blocks.map(|block| starts[block]..end_of(starts[block])).collect())
     }
 
     fn block_starts(&self, prelude: &[u8]) -> Result<Vec<usize>, String> {
@@ -113,7 +118,7 @@ impl Frame {
         Ok(starts)
     }
 
-    /// Decodes block `block` from its stored bytes `data` (as [`Frame::block_range`] located
+    /// Decodes block `block` from its stored bytes `data` (as [`Frame::block_ranges`] located
     /// them). CPU-bound: call it off the async threads.
     pub fn decode_block(&self, prelude: &[u8], block: usize, data: &[u8]) -> Result<Vec<u8>, String> {
         let decoded = self.decoded_range(block);
@@ -187,8 +192,7 @@ mod tests {
         let mut decoded = Vec::new();
         let mut stored = 0;
         let blocks = frame.blocks_for(bytes.clone())?;
-        for block in blocks.clone() {
-            let range = frame.block_range(prelude, block)?;
+        for (block, range) in blocks.clone().zip(frame.block_ranges(prelude, blocks.clone())?) {
             stored += range.len();
             decoded.extend(frame.decode_block(prelude, block, &frame_bytes[range])?);
         }

@@ -423,16 +423,16 @@ impl Catalog {
                 }
                 let prelude = self.data.read_range(object, 0..frame.prelude_len() as u64).await?;
                 let blocks = frame.blocks_for(bytes.clone()).map_err(corrupt)?;
+                let stored = frame.block_ranges(&prelude, blocks.clone()).map_err(corrupt)?;
                 if streaming {
-                    let end = frame.block_range(&prelude, blocks.end - 1).map_err(corrupt)?.end as u64;
+                    let end = stored.iter().map(|r| r.end as u64).max().unwrap_or(0);
                     self.data.prefetch_range(object, end..end + CHUNK_READ_AHEAD);
                 }
                 let prelude = &prelude;
-                let decoded = try_join_all(blocks.clone().map(|block| {
+                let decoded = try_join_all(blocks.clone().zip(stored).map(|(block, stored)| {
                     let key = BlockKey { object: object.clone(), index: block as u64 };
                     self.decoded
                         .try_get_with(key, async move {
-                            let stored = frame.block_range(prelude, block).map_err(corrupt)?;
                             let data = self.data.read_range(object, stored.start as u64..stored.end as u64).await?;
                             let (prelude, frame) = (prelude.clone(), frame);
                             tokio::task::spawn_blocking(move || frame.decode_block(&prelude, block, &data))
