@@ -114,15 +114,24 @@ impl BlockCache {
         start.min(object.size)..(start + self.block_size).min(object.size)
     }
 
+    /// The blocks holding the bytes `range` (not empty) of an object.
+    pub fn blocks_covering(&self, range: &Range<u64>) -> Range<u64> {
+        range.start / self.block_size..(range.end - 1) / self.block_size + 1
+    }
+
     /// Bytes of `object` held in memory or on disk (whole blocks; disk copies are not verified).
     pub fn cached_bytes(&self, object: &ObjectMeta) -> u64 {
         let object = Arc::new(object.clone());
-        (0..object.size.div_ceil(self.block_size))
-            .filter(|&index| self.holds(&BlockKey { object: object.clone(), index }))
-            .map(|index| {
-                let range = self.block_range(&object, index);
-                range.end - range.start
-            })
+        let blocks = (0..object.size.div_ceil(self.block_size)).map(|index| (index, self.block_range(&object, index)));
+        self.held_bytes(&object, blocks)
+    }
+
+    /// The bytes of those of `blocks` (number and byte range) of `object` that memory or disk
+    /// holds.
+    pub fn held_bytes(&self, object: &Arc<ObjectMeta>, blocks: impl Iterator<Item = (u64, Range<u64>)>) -> u64 {
+        blocks
+            .filter(|(index, _)| self.holds(&BlockKey { object: object.clone(), index: *index }))
+            .map(|(_, range)| range.end - range.start)
             .sum()
     }
 

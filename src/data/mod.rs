@@ -75,7 +75,7 @@ impl DataPath {
             return Ok(Bytes::new());
         }
         let block_size = self.cache.block_size();
-        let blocks = range.start / block_size..(range.end - 1) / block_size + 1;
+        let blocks = self.cache.blocks_covering(&range);
         if object.size <= self.config.small_object.min(block_size) {
             return self.read_blocks(object, blocks, range).await;
         }
@@ -112,12 +112,11 @@ impl DataPath {
 
     /// The bytes `range` of `object` (clamped to its size), through the block cache.
     pub async fn read_range(&self, object: &Arc<ObjectMeta>, range: Range<u64>) -> Result<Bytes, StoreError> {
-        let range = range.start.min(object.size)..range.end.min(object.size);
+        let range = within(object, range);
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let block_size = self.cache.block_size();
-        self.read_blocks(object, range.start / block_size..(range.end - 1) / block_size + 1, range).await
+        self.read_blocks(object, self.cache.blocks_covering(&range), range).await
     }
 
     /// Reads whole blocks (in parallel, through the cache) and cuts `range` out of them.
@@ -144,10 +143,9 @@ impl DataPath {
     /// Fetches the blocks covering `range` of `object` in the background while fetch slots are
     /// free (for readers that know what they will read next).
     pub fn prefetch_range(&self, object: &Arc<ObjectMeta>, range: Range<u64>) {
-        let range = range.start.min(object.size)..range.end.min(object.size);
+        let range = within(object, range);
         if !range.is_empty() {
-            let block_size = self.cache.block_size();
-            self.prefetch(object, range.start / block_size..(range.end - 1) / block_size + 1);
+            self.prefetch(object, self.cache.blocks_covering(&range));
         }
     }
 
@@ -182,6 +180,11 @@ pub(crate) fn assemble(blocks: &[Bytes], first: u64, range: Range<u64>) -> Bytes
         skip = 0;
     }
     out.freeze()
+}
+
+/// The part of `range` inside `object`.
+fn within(object: &ObjectMeta, range: Range<u64>) -> Range<u64> {
+    range.start.min(object.size)..range.end.min(object.size)
 }
 
 /// The byte range a read of `len` bytes at `offset` covers in an object of `size` bytes.

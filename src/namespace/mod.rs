@@ -377,20 +377,20 @@ impl Namespace {
     }
 
     fn build_directory(&self, prefix: &str, listing: PrefixListing, views: Vec<(String, MrcView)>) -> Directory {
-        let children = names::children(prefix, listing);
-        let mut table = self.inodes.write().expect("inode table lock poisoned");
-        let mut entries: Vec<Entry> = children
+        let mut named: Vec<(String, Node)> = names::children(prefix, listing)
             .into_iter()
             .map(|child| match child {
                 Child::Dir { name, prefix } => (name, Node::Dir { prefix }),
                 Child::File { name, object } => (name, Node::File(Arc::new(object))),
             })
-            // Views never shadow a real entry (the catalog drops names the listing has).
             .chain(views.into_iter().map(|(name, view)| (name, Node::View(Arc::new(view)))))
-            .map(|(name, node)| Entry { name, ino: table.ino_for(&node), node })
             .collect();
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        entries.dedup_by(|later, earlier| later.name == earlier.name);
+        // The sort is stable and the listing's entries come first, so a view never shadows a
+        // real file or folder of the same name (nor a later level of the same binning).
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named.dedup_by(|later, earlier| later.0 == earlier.0);
+        let mut table = self.inodes.write().expect("inode table lock poisoned");
+        let entries = named.into_iter().map(|(name, node)| Entry { name, ino: table.ino_for(&node), node }).collect();
         Directory { entries }
     }
 }

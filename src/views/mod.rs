@@ -173,7 +173,8 @@ impl Catalog {
     }
 
     /// The views (name and view) the folder `prefix`, listed as `listing`, shows beside its
-    /// Zarrs. Zarrs that cannot be viewed are left out, with a debug line saying why; a failure
+    /// Zarrs (the namespace drops any whose name the listing already has). Zarrs that cannot be
+    /// viewed are left out, with a debug line saying why; a failure
     /// to read their metadata fails the listing (so it is retried, not cached without views).
     pub async fn views_in(
         &self,
@@ -194,13 +195,11 @@ impl Catalog {
         let mut views = Vec::new();
         for (zarr, found) in found {
             match found {
-                Ok(found) => views.extend(found.into_iter().filter(|(name, _)| !has_object(name))),
+                Ok(found) => views.extend(found),
                 Err(NoView::Unsupported(why)) => debug!(zarr, why, "no MRC views"),
                 Err(NoView::Store(e)) => return Err(e),
             }
         }
-        views.sort_by(|a: &(String, MrcView), b| a.0.cmp(&b.0));
-        views.dedup_by(|later, earlier| later.0 == earlier.0);
         Ok(views)
     }
 
@@ -285,14 +284,9 @@ impl Catalog {
     /// Bytes of `view` the block cache holds (0 before it was first read).
     pub fn cached_bytes(&self, view: &MrcView) -> u64 {
         let Some(index) = view.chunks.get() else { return 0 };
-        let (cache, block_size) = (self.data.cache(), self.data.cache().block_size());
-        (0..view.block_count(block_size))
-            .filter(|&block| cache.holds(&BlockKey { object: index.blocks.clone(), index: block }))
-            .map(|block| {
-                let range = view.block_range(block_size, block);
-                range.end - range.start
-            })
-            .sum()
+        let block_size = self.data.cache().block_size();
+        let blocks = (0..view.block_count(block_size)).map(|block| (block, view.block_range(block_size, block)));
+        self.data.cache().held_bytes(&index.blocks, blocks)
     }
 
     /// Up to `len` bytes of the view from `offset`; fewer at the end, none past it.
