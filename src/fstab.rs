@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 /// `-o name=value` options and the `cdpfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 13] = [
+const VALUE_OPTIONS: [(&str, &str); 14] = [
     ("bucket", "--bucket"),
     ("region", "--region"),
     ("endpoint_url", "--endpoint-url"),
@@ -17,6 +17,7 @@ const VALUE_OPTIONS: [(&str, &str); 13] = [
     ("cache_dir", "--cache-dir"),
     ("cache_size", "--cache-size"),
     ("max_memory", "--max-memory"),
+    ("kernel_read_ahead", "--kernel-read-ahead"),
     ("metadata_ttl", "--metadata-ttl"),
     ("request_timeout", "--request-timeout"),
     ("stall_timeout", "--stall-timeout"),

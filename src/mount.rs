@@ -18,7 +18,8 @@ use tracing::{info, warn};
 
 use crate::cache::admin::Registration;
 use crate::cache::disk::DiskCache;
-use crate::cache::BlockCache;
+use crate::cache::offload::{self, CacheDirIo};
+use crate::cache::{BlockCache, DiskTier, BLOCK_SIZE, PART_SIZE};
 use crate::data::{DataConfig, DataPath};
 use crate::fuse::{CdpFs, FsOptions};
 use crate::mount_table;
@@ -50,6 +51,8 @@ pub struct MountConfig {
     pub metadata_ttl: Duration,
     /// Bytes of memory for cached and in-flight blocks.
     pub max_memory: u64,
+    /// The kernel's read-ahead on the mount (and so its largest read request).
+    pub kernel_read_ahead: u64,
     /// The persistent block cache, if enabled: directory and size bound.
     pub disk_cache: Option<(PathBuf, u64)>,
     /// Directories listed in the background ahead of a walker, per opened directory.
@@ -60,11 +63,9 @@ pub struct MountConfig {
     pub mrc_views: bool,
 }
 
-/// Size of one cached block, and of one ranged GET of a sequential stream.
-pub const BLOCK_SIZE: u64 = 2 << 20;
-
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
 pub fn serve_foreground(config: &MountConfig) -> Result<()> {
+    allocate_buffers_apart();
     check_fuse_available()?;
     let mountpoint = check_mount_point(&config.mountpoint)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -77,8 +78,10 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     let store: Arc<dyn ObjectStore> = s3;
     probe_bucket(&runtime, store.as_ref(), config)?;
 
+    // Every read of the cache directory goes through one bounded, timed gate.
+    let cache_dir_io = Arc::new(CacheDirIo::new(offload::TIMEOUT));
     // The block cache first: it creates the cache directory with its 0700 mode.
-    let data = Arc::new(data_path(store.clone(), config)?);
+    let data = Arc::new(data_path(store.clone(), config, cache_dir_io.clone())?);
     // Registered for as long as this function serves the mount, so `cdpfs cache clear` can tell.
     let _registration = match &config.disk_cache {
         Some((dir, _)) => Some(Registration::new(dir, &mountpoint).context("registering in the cache directory")?),
@@ -86,12 +89,12 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     };
     let saved_listings = match &config.disk_cache {
         Some((dir, _)) => Some(Arc::new(
-            ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl)
+            ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io)
                 .with_context(|| format!("opening the cache directory {}", dir.display()))?,
         )),
         None => None,
     };
-    // Decoded Blosc blocks come out of the quarter of the memory budget kept as headroom.
+    // Decoded Blosc blocks come out of the memory budget's headroom.
     let views = Arc::new(Catalog::new(data.clone(), store.clone(), config.max_memory / 16));
     let mut namespace =
         Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead);
@@ -111,7 +114,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats);
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
-    raise_kernel_readahead(&mountpoint);
+    set_kernel_read_ahead(&mountpoint, config.kernel_read_ahead);
     // The mount is live (the kernel handshake is done); don't keep the caller's cwd busy.
     let _ = std::env::set_current_dir("/");
     info!("serving s3://{}/{} at {}", config.s3.bucket, config.prefix, mountpoint.display());
@@ -139,19 +142,25 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     }
 }
 
-/// The block cache and read path sized from the configuration: half the memory budget for
-/// cached blocks, a quarter for blocks being fetched, a quarter of headroom for the rest.
-fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig) -> Result<DataPath> {
+/// The block cache and read path sized from the configuration: of the memory budget, 3/8 for
+/// cached blocks, 1/4 for blocks being fetched, 1/8 for blocks waiting to be written to disk,
+/// and 1/4 of headroom (replies being assembled, read-ahead parts partly evicted, decoded Blosc
+/// blocks of MRC views).
+fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<DataPath> {
     let disk = match &config.disk_cache {
-        Some((dir, size)) => Some(Arc::new(
-            DiskCache::open(dir, *size).with_context(|| format!("opening the cache directory {}", dir.display()))?,
-        )),
+        Some((dir, size)) => {
+            let files = DiskCache::open(dir, *size, BLOCK_SIZE)
+                .with_context(|| format!("opening the cache directory {}", dir.display()))?;
+            Some(DiskTier::new(Arc::new(files), (config.max_memory / 8).max(BLOCK_SIZE), cache_dir_io))
+        }
         None => None,
     };
     let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
-    let cached = (config.max_memory / 2).max(BLOCK_SIZE);
+    let cached = (config.max_memory / 8 * 3).max(BLOCK_SIZE);
     let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
-    let tuning = DataConfig { small_object: 1 << 20, initial_window: 2 * BLOCK_SIZE, max_window: 32 * BLOCK_SIZE };
+    // Enough read-ahead to keep 16 part-sized GETs in flight, within the fetch slots.
+    let max_window = (16 * PART_SIZE).min(config.max_memory / 4);
+    let tuning = DataConfig { small_object: 1 << 20, initial_window: 2 * BLOCK_SIZE, max_window };
     Ok(DataPath::new(store, cache, tuning))
 }
 
@@ -173,14 +182,24 @@ async fn serve_metrics(listener: tokio::net::TcpListener, stats: Arc<Stats>, dat
     }
 }
 
-/// Lets the kernel read ahead 1 MiB at a time instead of 128 KiB (root only; best effort).
-fn raise_kernel_readahead(mountpoint: &Path) {
+/// Block buffers are large and short-lived: have the allocator map each one on its own and
+/// return it when it is freed, so the process's memory follows the budget instead of keeping
+/// its high-water mark (glibc otherwise raises its mmap threshold to the largest buffer freed,
+/// and serves later ones from heaps that never shrink).
+fn allocate_buffers_apart() {
+    // SAFETY: mallopt only changes allocator parameters; any value is safe.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+}
+
+/// Sets the kernel's read-ahead on the mount (root only; best effort: otherwise the kernel
+/// keeps its 128 KiB).
+fn set_kernel_read_ahead(mountpoint: &Path, bytes: u64) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = fs::metadata(mountpoint) else { return };
     let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
     let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = fs::write(&knob, "1024") {
-        tracing::debug!("could not raise {knob}: {e}");
+    if let Err(e) = fs::write(&knob, (bytes >> 10).max(4).to_string()) {
+        tracing::debug!("could not set {knob}: {e}");
     }
 }
 

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cache::disk::DiskCache;
 use crate::cache::BlockKey;
-use crate::mount::BLOCK_SIZE;
+use crate::cache::BLOCK_SIZE;
 use crate::store::s3::{S3Config, S3Store};
 use crate::store::{ObjectMeta, ObjectStore};
 
@@ -162,7 +162,7 @@ struct Bucket {
 
 impl Bucket {
     fn open(staging: &BucketStaging, name: &str) -> Result<Bucket> {
-        let disk = DiskCache::open(&staging.cache_dir, staging.cache_size)
+        let disk = DiskCache::open(&staging.cache_dir, staging.cache_size, BLOCK_SIZE)
             .with_context(|| format!("opening the cache directory {}", staging.cache_dir.display()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         let config = S3Config { bucket: name.to_owned(), ..staging.s3.clone() };
@@ -211,8 +211,7 @@ impl Bucket {
                 let range = start..(start + BLOCK_SIZE).min(object.size);
                 if !self.disk.contains(&key) {
                     let data = self.store.get_range(object, range.clone()).await?;
-                    self.disk.write(&key, &data);
-                    if !self.disk.contains(&key) {
+                    if !self.disk.write(&key, &data) {
                         return Err(anyhow!("cannot write to the cache directory"));
                     }
                 }

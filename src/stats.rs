@@ -71,8 +71,9 @@ pub struct Stats {
     pub reads: ReadStats,
 }
 
-/// A point-in-time copy of the counters.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+/// A point-in-time copy of the counters (fields a mount of another version lacks read as 0).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Snapshot {
     pub s3_gets: u64,
     pub s3_lists: u64,
@@ -89,6 +90,10 @@ pub struct Snapshot {
     pub cache_disk_hits: u64,
     pub cache_fetches: u64,
     pub cache_memory_bytes: u64,
+    pub cache_disk_writes: u64,
+    pub cache_disk_writes_dropped: u64,
+    pub cache_disk_write_queue_bytes: u64,
+    pub cache_disk_read_timeouts: u64,
     pub rss_bytes: u64,
 }
 
@@ -117,6 +122,10 @@ impl Stats {
             cache_disk_hits: load(&cache.stats.disk_hits),
             cache_fetches: load(&cache.stats.fetches),
             cache_memory_bytes: cache.memory_bytes(),
+            cache_disk_writes: cache.disk().map_or(0, |d| load(&d.writes().written)),
+            cache_disk_writes_dropped: cache.disk().map_or(0, |d| load(&d.writes().dropped)),
+            cache_disk_write_queue_bytes: cache.disk().map_or(0, |d| load(&d.writes().queued_bytes)),
+            cache_disk_read_timeouts: cache.disk().map_or(0, |d| d.read_timeouts()),
             rss_bytes: resident_bytes(),
         }
     }
@@ -137,12 +146,28 @@ impl Snapshot {
             ("cdpfs_cache_memory_hits_total", "Blocks served from memory", self.cache_memory_hits as f64),
             ("cdpfs_cache_disk_hits_total", "Blocks served from the disk cache", self.cache_disk_hits as f64),
             ("cdpfs_cache_fetches_total", "Blocks fetched from S3", self.cache_fetches as f64),
+            ("cdpfs_cache_disk_writes_total", "Blocks written to the disk cache", self.cache_disk_writes as f64),
+            (
+                "cdpfs_cache_disk_writes_dropped_total",
+                "Blocks not written to the disk cache because its write queue was full",
+                self.cache_disk_writes_dropped as f64,
+            ),
+            (
+                "cdpfs_cache_disk_read_timeouts_total",
+                "Disk cache reads abandoned because the cache directory did not answer in time",
+                self.cache_disk_read_timeouts as f64,
+            ),
         ];
         let gauges = [
             ("cdpfs_read_latency_p50_seconds", "Median read latency", self.read_p50_ms / 1000.0),
             ("cdpfs_read_latency_p90_seconds", "90th percentile read latency", self.read_p90_ms / 1000.0),
             ("cdpfs_read_latency_p99_seconds", "99th percentile read latency", self.read_p99_ms / 1000.0),
             ("cdpfs_cache_memory_bytes", "Bytes of blocks held in memory", self.cache_memory_bytes as f64),
+            (
+                "cdpfs_cache_disk_write_queue_bytes",
+                "Bytes of blocks waiting to be written to the disk cache",
+                self.cache_disk_write_queue_bytes as f64,
+            ),
             ("cdpfs_resident_memory_bytes", "Resident memory of the cdpfs process", self.rss_bytes as f64),
         ];
         let mut out = String::new();

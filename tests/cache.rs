@@ -72,7 +72,7 @@ fn header_read_does_not_fetch_the_whole_file() {
 }
 
 #[test]
-fn sequential_read_uses_block_sized_gets_and_a_remount_uses_none() {
+fn sequential_read_uses_part_sized_gets_and_a_remount_uses_none() {
     let _serial = serial();
     let (fixture, _) = shared();
     let cache = common::scratch_dir("cache-remount");
@@ -85,8 +85,8 @@ fn sequential_read_uses_block_sized_gets_and_a_remount_uses_none() {
         let before = counters();
         assert!(read_all(&mount.join(&key)) == *expected);
         let gets = counters().0 - before.0;
-        let blocks = (expected.len() as u64).div_ceil(2 << 20);
-        assert!(gets <= blocks + 2, "{gets} GETs for {blocks} blocks: not streaming in blocks");
+        let parts = (expected.len() as u64).div_ceil(cdpfs::cache::PART_SIZE);
+        assert!(gets <= parts + 4, "{gets} GETs for {parts} parts: not streaming in parts");
         assert_eq!(
             read_all(&mount.join("10000/dataset_metadata.json")),
             fixture.objects["10000/dataset_metadata.json"]

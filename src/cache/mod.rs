@@ -2,22 +2,43 @@
 //!
 //! Two tiers: memory (moka, bounded in bytes, LRU) in front of an optional persistent disk tier
 //! ([`disk::DiskCache`]). A block is loaded once however many readers want it at the same time
-//! (single-flight): memory, then disk, then one ranged GET, after which the block is written to
-//! disk in the background. GETs in flight are capped by a fixed number of fetch slots, so the
-//! bytes being downloaded stay within the memory budget however many files are read at once.
+//! (single-flight): memory, then disk, then S3. A block a reader waits for is fetched by one
+//! ranged GET of its own; read-ahead fetches runs of blocks within one aligned part
+//! ([`PART_SIZE`]) by one GET each. Fetched blocks go to the disk tier through the
+//! [`write_behind::WriteBehind`] stage, and disk reads go through [`offload::CacheDirIo`], so
+//! neither a slow nor a hung cache directory slows a read. GETs in flight are capped by a fixed
+//! number of fetch slots (one per block), so the bytes being downloaded stay within the memory
+//! budget however many files are read at once.
 
 pub mod admin;
 pub mod disk;
+pub mod offload;
+pub mod write_behind;
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use disk::DiskCache;
+use offload::CacheDirIo;
+use write_behind::WriteBehind;
+
+/// The one block geometry: the unit of the memory and disk tiers and of a demand GET.
+pub const BLOCK_SIZE: u64 = 512 << 10;
+
+/// Read-ahead GETs cover at most one part, aligned to the object's start: large enough that
+/// the per-request cost is small, and the same 8 MiB parts boto3 and awscli read in, so a site
+/// cache in front of S3 shares its entries with them.
+pub const PART_SIZE: u64 = 8 << 20;
+
+/// A read-ahead GET of several blocks, awaited by each of them.
+type PendingRun = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Bytes, StoreError>>>;
 
 /// One block of one object version.
 #[derive(Clone, Debug)]
@@ -51,7 +72,7 @@ impl Hash for BlockKey {
     }
 }
 
-/// Counters of where block data came from.
+/// Counters of where block data came from and where it went.
 #[derive(Debug, Default)]
 pub struct CacheStats {
     /// Blocks served from memory.
@@ -62,13 +83,42 @@ pub struct CacheStats {
     pub fetches: AtomicU64,
 }
 
+/// The disk tier as the block cache uses it: the files, the write-behind stage, the reads.
+pub struct DiskTier {
+    files: Arc<DiskCache>,
+    writes: WriteBehind,
+    reads: Arc<CacheDirIo>,
+}
+
+impl DiskTier {
+    /// `files`, written through a write-behind queue of at most `queue_bytes`, read through
+    /// `reads`.
+    pub fn new(files: Arc<DiskCache>, queue_bytes: u64, reads: Arc<CacheDirIo>) -> DiskTier {
+        DiskTier { writes: WriteBehind::start(files.clone(), queue_bytes, 2), files, reads }
+    }
+
+    /// Counters of the write-behind stage.
+    pub fn writes(&self) -> &write_behind::WriteCounters {
+        self.writes.counters()
+    }
+
+    /// Reads of the cache directory abandoned as too slow.
+    pub fn read_timeouts(&self) -> u64 {
+        self.reads.timeouts.load(Ordering::Relaxed)
+    }
+}
+
 /// Memory + disk block cache in front of an object store.
 pub struct BlockCache {
     store: Arc<dyn ObjectStore>,
     block_size: u64,
     memory: moka::future::Cache<BlockKey, Bytes>,
-    disk: Option<Arc<DiskCache>>,
+    disk: Option<DiskTier>,
     fetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Blocks a read-ahead GET is fetching: the GET and the offset its bytes start at.
+    pending: std::sync::Mutex<HashMap<BlockKey, (PendingRun, u64)>>,
+    /// Blocks in one read-ahead part (never more than there are fetch slots).
+    part_blocks: u64,
     /// Where block data came from.
     pub stats: CacheStats,
 }
@@ -81,7 +131,7 @@ impl BlockCache {
         block_size: u64,
         memory_bytes: u64,
         fetch_slots: usize,
-        disk: Option<Arc<DiskCache>>,
+        disk: Option<DiskTier>,
     ) -> BlockCache {
         let memory = moka::future::Cache::builder()
             .max_capacity(memory_bytes)
@@ -89,8 +139,19 @@ impl BlockCache {
             // TinyLFU would refuse new sequential blocks in favour of old ones.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        let fetch_slots = Arc::new(tokio::sync::Semaphore::new(fetch_slots.max(1)));
-        BlockCache { store, block_size, memory, disk, fetch_slots, stats: CacheStats::default() }
+        let fetch_slots = fetch_slots.max(1);
+        let part_blocks = (PART_SIZE / block_size).clamp(1, fetch_slots as u64);
+        let fetch_slots = Arc::new(tokio::sync::Semaphore::new(fetch_slots));
+        BlockCache {
+            store,
+            block_size,
+            memory,
+            disk,
+            fetch_slots,
+            pending: Default::default(),
+            part_blocks,
+            stats: CacheStats::default(),
+        }
     }
 
     /// Bytes of blocks held in memory.
@@ -98,14 +159,19 @@ impl BlockCache {
         self.memory.weighted_size()
     }
 
-    /// Whether a fetch could start now without waiting for a slot.
-    pub fn has_free_fetch_slot(&self) -> bool {
-        self.fetch_slots.available_permits() > 0
+    /// The disk tier, if there is one.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.disk.as_ref()
     }
 
     /// Block size in bytes.
     pub fn block_size(&self) -> u64 {
         self.block_size
+    }
+
+    /// Bytes in one read-ahead part.
+    pub fn part_size(&self) -> u64 {
+        self.part_blocks * self.block_size
     }
 
     /// The byte range block `index` covers in `object`.
@@ -135,9 +201,14 @@ impl BlockCache {
             .sum()
     }
 
-    /// Whether memory or disk holds the block (disk copies are not verified).
+    /// Whether memory or disk holds the block (answered from memory; disk copies are not
+    /// verified).
     pub fn holds(&self, key: &BlockKey) -> bool {
-        self.memory.contains_key(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
+        self.memory.contains_key(key) || self.on_disk(key)
+    }
+
+    fn on_disk(&self, key: &BlockKey) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.files.contains(key))
     }
 
     /// The block, if memory or disk has it; never fetches.
@@ -147,21 +218,99 @@ impl BlockCache {
             return Some(block);
         }
         let block = self.read_disk(key).await?;
-        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
         self.memory.insert(key.clone(), block.clone()).await;
         Some(block)
     }
 
-    /// The block, from memory, disk or one GET shared by all concurrent callers.
+    /// The block, from memory, disk, a read-ahead GET that covers it, or one GET of its own,
+    /// shared by all concurrent callers.
     pub async fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
-        let (object, range) = (key.object.clone(), self.block_range(&key.object, key.index));
+        let loader_key = key.clone();
         self.load(key, true, async move {
-            let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
-            let block = self.store.get_range(&object, range).await?;
+            let pending = self.pending.lock().expect("pending runs poisoned").get(&loader_key).cloned();
+            let block = match pending {
+                Some((run, first)) => {
+                    let range = self.block_range(&loader_key.object, loader_key.index);
+                    run.await?.slice((range.start - first) as usize..(range.end - first) as usize)
+                }
+                None => {
+                    let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
+                    let range = self.block_range(&loader_key.object, loader_key.index);
+                    self.store.get_range(&loader_key.object, range).await?
+                }
+            };
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             Ok(block)
         })
         .await
+    }
+
+    /// Loads `blocks` of `object` in the background while fetch slots are free: blocks on disk
+    /// from disk, the others by one GET per run of missing blocks within a part. A reader that
+    /// wants one of them meanwhile waits for that GET.
+    pub fn prefetch(self: &Arc<Self>, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
+        let mut next = blocks.start;
+        while next < blocks.end {
+            let part_end = ((next / self.part_blocks + 1) * self.part_blocks).min(blocks.end);
+            let key = |index| BlockKey { object: object.clone(), index };
+            let missing: Vec<u64> = {
+                let pending = self.pending.lock().expect("pending runs poisoned");
+                (next..part_end)
+                    .filter(|&i| !self.memory.contains_key(&key(i)) && !pending.contains_key(&key(i)))
+                    .collect()
+            };
+            let (on_disk, to_fetch): (Vec<u64>, Vec<u64>) = missing.into_iter().partition(|&i| self.on_disk(&key(i)));
+            for index in on_disk {
+                let (cache, key) = (self.clone(), key(index));
+                tokio::spawn(async move { cache.get(key).await });
+            }
+            if let (Some(&first), Some(&last)) = (to_fetch.first(), to_fetch.last()) {
+                let run = first..last + 1;
+                let Ok(slots) = self.fetch_slots.clone().try_acquire_many_owned((run.end - run.start) as u32) else {
+                    return;
+                };
+                self.start_run(object, run, slots);
+            }
+            next = part_end;
+        }
+    }
+
+    /// Starts one GET for the consecutive blocks `run` of `object`: registered as pending at
+    /// once (so a reader of one of them waits for it instead of fetching the block again),
+    /// then loaded into the tiers block by block.
+    fn start_run(
+        self: &Arc<Self>,
+        object: &Arc<ObjectMeta>,
+        run: Range<u64>,
+        slots: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let first = self.block_range(object, run.start).start;
+        let bytes = first..self.block_range(object, run.end - 1).end;
+        let get: PendingRun = {
+            let (store, object) = (self.store.clone(), object.clone());
+            async move {
+                let result = store.get_range(&object, bytes).await;
+                drop(slots);
+                result
+            }
+        }
+        .boxed()
+        .shared();
+        let keys: Vec<BlockKey> = run.map(|index| BlockKey { object: object.clone(), index }).collect();
+        {
+            let mut pending = self.pending.lock().expect("pending runs poisoned");
+            for key in &keys {
+                pending.insert(key.clone(), (get.clone(), first));
+            }
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            futures_util::future::join_all(keys.iter().map(|key| cache.get(key.clone()))).await;
+            let mut pending = cache.pending.lock().expect("pending runs poisoned");
+            for key in &keys {
+                pending.remove(key);
+            }
+        });
     }
 
     /// A block derived from other data (an MRC view's): from memory, or `compute` (run once
@@ -175,7 +324,7 @@ impl BlockCache {
     }
 
     /// The block from memory, else (when `persisted`) from disk, else from `load`, whose
-    /// result is kept in memory and (when `persisted`) written to disk in the background.
+    /// result is kept in memory and (when `persisted`) queued to be written to disk.
     async fn load(
         &self,
         key: BlockKey,
@@ -192,14 +341,12 @@ impl BlockCache {
                 let disk = self.disk.as_ref().filter(|_| persisted);
                 if disk.is_some() {
                     if let Some(block) = self.read_disk(&loader_key).await {
-                        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
                         return Ok(block);
                     }
                 }
                 let block = load.await?;
                 if let Some(disk) = disk {
-                    let (disk, block) = (disk.clone(), block.clone());
-                    tokio::task::spawn_blocking(move || disk.write(&loader_key, &block));
+                    disk.writes.submit(loader_key, block.clone());
                 }
                 Ok(block)
             })
@@ -207,10 +354,14 @@ impl BlockCache {
             .map_err(|e: Arc<StoreError>| (*e).clone())
     }
 
+    /// A verified copy of the block from the disk tier, if its index knows the block and the
+    /// directory answers in time.
     async fn read_disk(&self, key: &BlockKey) -> Option<Bytes> {
-        let disk = self.disk.clone()?;
-        let key = key.clone();
-        tokio::task::spawn_blocking(move || disk.read(&key)).await.ok().flatten()
+        let disk = self.disk.as_ref().filter(|_| self.on_disk(key))?;
+        let (files, key) = (disk.files.clone(), key.clone());
+        let block = disk.reads.run(move || files.read(&key)).await.flatten()?;
+        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+        Some(block)
     }
 }
 
@@ -242,6 +393,10 @@ mod tests {
                 Ok(range.map(|i| (i % 251) as u8).collect::<Vec<u8>>().into())
             })
         }
+    }
+
+    fn io() -> Arc<CacheDirIo> {
+        Arc::new(CacheDirIo::new(Duration::from_secs(1)))
     }
 
     fn object() -> Arc<ObjectMeta> {
@@ -288,8 +443,9 @@ mod tests {
         let object = object();
         let key = BlockKey { object: object.clone(), index: 0 };
         {
-            let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
-            let cache = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(disk.clone()));
+            let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20, 4096).unwrap());
+            let cache =
+                BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(DiskTier::new(disk.clone(), 1 << 20, io())));
             cache.get(key.clone()).await.unwrap();
             // Let the background write land.
             for _ in 0..100 {
@@ -300,8 +456,8 @@ mod tests {
             }
         }
         assert_eq!(store.gets.load(Ordering::SeqCst), 1);
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
-        let fresh = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(disk));
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20, 4096).unwrap());
+        let fresh = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(DiskTier::new(disk, 1 << 20, io())));
         let block = fresh.get(key.clone()).await.unwrap();
         assert_eq!(store.gets.load(Ordering::SeqCst), 1, "a persisted block was fetched again");
         assert_eq!(block[..], (0..4096u64).map(|i| (i % 251) as u8).collect::<Vec<_>>()[..]);
@@ -315,9 +471,44 @@ mod tests {
                 std::fs::write(file.path(), raw).unwrap();
             }
         }
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20).unwrap());
-        let cold = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(disk));
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20, 4096).unwrap());
+        let cold = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(DiskTier::new(disk, 1 << 20, io())));
         assert_eq!(cold.get(key).await.unwrap(), block);
         assert_eq!(store.gets.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_fetches_a_run_with_one_get_and_readers_of_it_wait_for_that_get() {
+        let store = Arc::new(CountingStore::default());
+        let cache = Arc::new(BlockCache::new(store.clone(), 1000, 1 << 20, 64, None));
+        let object = Arc::new(ObjectMeta { size: 100_000, ..(*object()).clone() });
+        cache.get(BlockKey { object: object.clone(), index: 1 }).await.unwrap();
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+        // Blocks 0..20 lie in one part: one GET for all of them (block 1 too: runs have no gaps).
+        cache.prefetch(&object, 0..20);
+        let readers: Vec<_> = (0..20)
+            .map(|index| {
+                let (cache, object) = (cache.clone(), object.clone());
+                tokio::spawn(async move { cache.get(BlockKey { object, index }).await.unwrap() })
+            })
+            .collect();
+        for (index, reader) in readers.into_iter().enumerate() {
+            let block = reader.await.unwrap();
+            let expected: Vec<u8> = (index as u64 * 1000..(index as u64 + 1) * 1000).map(|i| (i % 251) as u8).collect();
+            assert_eq!(block[..], expected[..], "block {index}");
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst), 2, "one GET for block 1, one for the run");
+        assert_eq!(cache.fetch_slots.available_permits(), 64, "the runs' fetch slots were returned");
+    }
+
+    #[tokio::test]
+    async fn read_ahead_never_takes_more_fetch_slots_than_there_are() {
+        let store = Arc::new(CountingStore::default());
+        let cache = Arc::new(BlockCache::new(store.clone(), 1000, 1 << 20, 4, None));
+        let object = Arc::new(ObjectMeta { size: 100_000, ..(*object()).clone() });
+        cache.prefetch(&object, 0..100);
+        assert_eq!(cache.fetch_slots.available_permits(), 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1, "parts are as large as the slots: one run fitted");
     }
 }

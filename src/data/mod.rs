@@ -4,9 +4,14 @@
 //! objects the per-file [`prefetch::Prefetcher`] decides: a random read (the first read, an MRC
 //! header, a seek) is served from cached blocks when they are all there and otherwise by one
 //! ranged GET of exactly the bytes asked for; a sequential read is served from whole blocks and
-//! starts background fetches of the blocks in its read-ahead window. Fetches share the block
-//! cache's fixed number of fetch slots: when all are busy, windows are simply not filled, and
-//! the process does not grow.
+//! starts background fetches of the blocks in its read-ahead window, which follows what the
+//! reader has consumed. Fetches share the block cache's fixed number of fetch slots: when all
+//! are busy, windows are simply not filled, and the process does not grow.
+//!
+//! MRC files are read by XY section (3dmod, napari, `mrcfile` slicing): a large random read
+//! in the voxel data fetches the whole section it falls in at once, as parallel block GETs in
+//! one round trip, and read-ahead stays inside that section until the reader itself moves on
+//! past the kernel's own read-ahead beyond it.
 
 pub mod prefetch;
 
@@ -16,8 +21,23 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 
 use crate::cache::{BlockCache, BlockKey};
+use crate::portal::MrcSections;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use prefetch::{Pattern, Prefetcher};
+
+/// A random read at least this large in an MRC's voxel data is a section read: the kernel
+/// turns a read of a whole section into requests of its read-ahead size (128 KiB by default,
+/// 1 MiB on a mount whose read-ahead cdpfs could raise), while a small random read (a 64 KiB
+/// `pread`) comes as one request of its own size.
+const SECTION_READ: u64 = 128 << 10;
+
+/// How far past a fetched section the kernel's own read-ahead may read before cdpfs takes it
+/// for a reader that moved on (the kernel keeps up to about two read-ahead windows in flight:
+/// this allows for `--kernel-read-ahead 1M`).
+const KERNEL_OVERSHOOT: u64 = 2 << 20;
+
+/// MRC headers remembered, per object version.
+const SECTION_TABLES: usize = 4096;
 
 /// Tuning of the read path.
 #[derive(Clone, Copy, Debug)]
@@ -41,6 +61,9 @@ struct StreamState {
     prefetcher: Prefetcher,
     /// First block not yet handed to a background fetch in the current stream.
     next_unrequested: u64,
+    /// End of the MRC section a section read fetched: read-ahead stays below it until the
+    /// reader goes past it by more than [`KERNEL_OVERSHOOT`].
+    fence: Option<u64>,
 }
 
 /// Reads object bytes through the block cache and the object store.
@@ -48,12 +71,15 @@ pub struct DataPath {
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
     config: DataConfig,
+    /// The section layout of MRC objects seen so far (`None`: not an MRC that adds up).
+    sections: Mutex<lru::LruCache<(String, String), Option<MrcSections>>>,
 }
 
 impl DataPath {
     /// A data path over `cache`, fetching through `store`.
     pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>, config: DataConfig) -> DataPath {
-        DataPath { store, cache, config }
+        let sections = Mutex::new(lru::LruCache::new(SECTION_TABLES.try_into().expect("non-zero")));
+        DataPath { store, cache, config, sections }
     }
 
     /// The block cache (for statistics).
@@ -64,7 +90,7 @@ impl DataPath {
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
         let prefetcher = Prefetcher::new(self.config.initial_window, self.config.max_window);
-        OpenFile { object, state: Mutex::new(StreamState { prefetcher, next_unrequested: 0 }) }
+        OpenFile { object, state: Mutex::new(StreamState { prefetcher, next_unrequested: 0, fence: None }) }
     }
 
     /// Up to `len` bytes of the file from `offset`; fewer at the end, none past it.
@@ -79,35 +105,113 @@ impl DataPath {
         if object.size <= self.config.small_object.min(block_size) {
             return self.read_blocks(object, blocks, range).await;
         }
-        let (pattern, prefetch) = {
-            let mut state = file.state.lock().expect("stream state poisoned");
-            let pattern = state.prefetcher.on_read(range.start, range.end - range.start);
-            let mut prefetch = 0..0;
-            if let Pattern::Sequential { window } = pattern {
-                let window_end = (range.end + window).min(object.size).div_ceil(block_size);
-                prefetch = state.next_unrequested.max(blocks.end)..window_end;
-                state.next_unrequested = state.next_unrequested.max(prefetch.end);
-            } else {
-                state.next_unrequested = 0;
-            }
-            (pattern, prefetch)
-        };
-        match pattern {
-            Pattern::Sequential { .. } => {
-                self.prefetch(object, prefetch);
-                self.read_blocks(object, blocks, range).await
+        let pattern =
+            file.state.lock().expect("stream state poisoned").prefetcher.on_read(range.start, range.end - range.start);
+        let bytes = match pattern {
+            Pattern::Sequential { window } => {
+                let ahead = {
+                    let mut state = file.state.lock().expect("stream state poisoned");
+                    // Read-ahead goes out in aligned steps as large as the window (whole parts
+                    // once it spans one), so its GETs grow with the stream.
+                    let step = prev_power_of_two(window).clamp(block_size, self.cache.part_size());
+                    let mut window_end = (range.end + window).div_ceil(step).saturating_mul(step).min(object.size);
+                    match state.fence {
+                        Some(fence) if range.end <= fence + KERNEL_OVERSHOOT => window_end = window_end.min(fence),
+                        _ => state.fence = None,
+                    }
+                    let ahead = state.next_unrequested.max(blocks.end)..window_end.div_ceil(block_size);
+                    state.next_unrequested = state.next_unrequested.max(ahead.end);
+                    ahead
+                };
+                if !ahead.is_empty() {
+                    self.cache.prefetch(object, ahead);
+                }
+                self.read_blocks(object, blocks, range.clone()).await?
             }
             Pattern::Random => {
-                let mut cached = Vec::new();
-                for index in blocks.clone() {
-                    match self.cache.cached(&BlockKey { object: object.clone(), index }).await {
-                        Some(block) => cached.push(block),
-                        None => return self.store.get_range(object, range).await,
-                    }
+                let section = match range.end - range.start >= SECTION_READ {
+                    true => self.section_of(object, &range).await,
+                    false => None,
+                };
+                {
+                    // A section read requests the section's blocks itself: read-ahead starts
+                    // after them.
+                    let mut state = file.state.lock().expect("stream state poisoned");
+                    state.next_unrequested = section.as_ref().map_or(0, |s| s.end.div_ceil(block_size));
+                    state.fence = section.as_ref().map(|s| s.end);
                 }
-                Ok(assemble(&cached, blocks.start * block_size, range))
+                match section {
+                    Some(section) => self.read_section(object, section, range.clone()).await?,
+                    None => self.read_exact(object, blocks, range.clone()).await?,
+                }
+            }
+        };
+        self.learn_sections(object, range.start, &bytes);
+        Ok(bytes)
+    }
+
+    /// `range` from the cache when it holds every block of it, else by one GET of exactly
+    /// those bytes.
+    async fn read_exact(
+        &self,
+        object: &Arc<ObjectMeta>,
+        blocks: Range<u64>,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let mut cached = Vec::new();
+        for index in blocks.clone() {
+            match self.cache.cached(&BlockKey { object: object.clone(), index }).await {
+                Some(block) => cached.push(block),
+                None => return self.store.get_range(object, range).await,
             }
         }
+        Ok(assemble(&cached, blocks.start * self.cache.block_size(), range))
+    }
+
+    /// The MRC section most of `range` lies in, when `object` is an MRC whose header adds up.
+    async fn section_of(&self, object: &Arc<ObjectMeta>, range: &Range<u64>) -> Option<Range<u64>> {
+        if !MrcSections::is_mrc(&object.key) {
+            return None;
+        }
+        let version = (object.key.clone(), object.etag.clone());
+        let known = self.sections.lock().expect("section tables poisoned").get(&version).copied();
+        let sections = match known {
+            Some(sections) => sections,
+            None => {
+                let header = self.store.get_range(object, 0..MrcSections::HEADER_LEN.min(object.size)).await.ok()?;
+                self.learn_sections(object, 0, &header);
+                MrcSections::parse(&header, object.size)
+            }
+        }?;
+        sections.section_at(range.start + (range.end - range.start) / 2)
+    }
+
+    /// Remembers the section layout of an MRC whose bytes from `offset` include its header.
+    fn learn_sections(&self, object: &ObjectMeta, offset: u64, bytes: &[u8]) {
+        if offset == 0 && bytes.len() as u64 >= MrcSections::HEADER_LEN && MrcSections::is_mrc(&object.key) {
+            let version = (object.key.clone(), object.etag.clone());
+            let mut tables = self.sections.lock().expect("section tables poisoned");
+            if !tables.contains(&version) {
+                tables.put(version, MrcSections::parse(bytes, object.size));
+            }
+        }
+    }
+
+    /// Fetches every block of `section` at once (one GET each, in parallel) and returns
+    /// `range` (which may reach a little outside the section) once its own blocks are in.
+    async fn read_section(
+        &self,
+        object: &Arc<ObjectMeta>,
+        section: Range<u64>,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let wanted = self.cache.blocks_covering(&range);
+        let whole = self.cache.blocks_covering(&(section.start.min(range.start)..section.end.max(range.end)));
+        for index in whole.filter(|index| !wanted.contains(index)) {
+            let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
+            tokio::spawn(async move { cache.get(key).await });
+        }
+        self.read_blocks(object, wanted, range).await
     }
 
     /// The bytes `range` of `object` (clamped to its size), through the block cache.
@@ -145,18 +249,7 @@ impl DataPath {
     pub fn prefetch_range(&self, object: &Arc<ObjectMeta>, range: Range<u64>) {
         let range = within(object, range);
         if !range.is_empty() {
-            self.prefetch(object, self.cache.blocks_covering(&range));
-        }
-    }
-
-    /// Fetches `blocks` in the background while fetch slots are free.
-    fn prefetch(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
-        for index in blocks {
-            if !self.cache.has_free_fetch_slot() {
-                return;
-            }
-            let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
-            tokio::spawn(async move { cache.get(key).await });
+            self.cache.prefetch(object, self.cache.blocks_covering(&range));
         }
     }
 }
@@ -182,6 +275,11 @@ pub(crate) fn assemble(blocks: &[Bytes], first: u64, range: Range<u64>) -> Bytes
     out.freeze()
 }
 
+/// The largest power of two not above `n` (1 for 0).
+fn prev_power_of_two(n: u64) -> u64 {
+    1 << (63 - n.max(1).leading_zeros())
+}
+
 /// The part of `range` inside `object`.
 fn within(object: &ObjectMeta, range: Range<u64>) -> Range<u64> {
     range.start.min(object.size)..range.end.min(object.size)
@@ -205,6 +303,11 @@ mod tests {
         assert_eq!(clamp(100, 500, 10), 100..100);
         assert_eq!(clamp(0, 0, 4096), 0..0);
         assert_eq!(clamp(u64::MAX, u64::MAX - 1, 10), u64::MAX - 1..u64::MAX);
+    }
+
+    #[test]
+    fn powers_of_two_round_down() {
+        assert_eq!([0, 1, 2, 3, 1000, 1024, 1025].map(prev_power_of_two), [1, 1, 2, 2, 512, 1024, 1024]);
     }
 
     #[test]

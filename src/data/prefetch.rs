@@ -5,17 +5,19 @@
 //! only what it needs, so reading an MRC header (offset 0) never pulls the whole file. The one
 //! exception is a first read at offset 0 as large as the kernel's read-ahead: that is a program
 //! reading the file from the start (zarr reading a chunk, `cp`), and it starts a stream at
-//! once, with the initial window. Reads that
-//! continue where the previous ones ended (allowing for the kernel's small reorderings of
-//! concurrent readahead requests) are *sequential*, and the read-ahead window doubles with each
-//! one up to a cap; a real seek resets it.
+//! once. Reads that continue where the previous ones ended (allowing for the kernel's small
+//! reorderings of concurrent readahead requests) are *sequential*, and the read-ahead window
+//! is what the stream has consumed so far (at least the initial window, at most the cap): it
+//! grows with what the reader actually reads, never tens of MiB beyond it. A seek resets it.
 
 /// How far behind the end of the previous read a read may start and still count as sequential.
 const BACKWARD_TOLERANCE: u64 = 1 << 20;
-/// How far beyond it a read may start and still count as sequential.
-const FORWARD_TOLERANCE: u64 = 16 << 20;
-/// A first read at offset 0 at least this large starts a stream.
-const STREAM_START: u64 = 512 << 10;
+/// How far beyond it a read may start and still count as sequential: the kernel sends a
+/// stream's requests a request or two out of order, never more.
+const FORWARD_TOLERANCE: u64 = 2 << 20;
+/// A first read at offset 0 at least this large starts a stream: a read of the whole
+/// read-ahead window (128 KiB unless raised), while a header read comes as a 16 KiB request.
+const STREAM_START: u64 = 128 << 10;
 
 /// What the data path should do for one read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,31 +33,32 @@ pub enum Pattern {
 pub struct Prefetcher {
     initial_window: u64,
     max_window: u64,
-    stream_end: Option<u64>,
-    window: u64,
+    /// How far the current stream has read, and how many bytes it has read.
+    stream: Option<(u64, u64)>,
 }
 
 impl Prefetcher {
     /// A detector whose window starts at `initial_window` and grows to `max_window`.
     pub fn new(initial_window: u64, max_window: u64) -> Prefetcher {
-        Prefetcher { initial_window, max_window: max_window.max(initial_window), stream_end: None, window: 0 }
+        Prefetcher { initial_window, max_window: max_window.max(initial_window), stream: None }
     }
 
     /// Classifies a read of `len` bytes at `offset` and updates the state.
     pub fn on_read(&mut self, offset: u64, len: u64) -> Pattern {
         let end = offset + len;
-        let sequential = match self.stream_end {
-            Some(prev) => offset + BACKWARD_TOLERANCE >= prev && offset <= prev + FORWARD_TOLERANCE,
+        let sequential = match self.stream {
+            Some((prev, _)) => offset + BACKWARD_TOLERANCE >= prev && offset <= prev + FORWARD_TOLERANCE,
             None => offset == 0 && len >= STREAM_START,
         };
-        if sequential {
-            self.window = if self.window == 0 { self.initial_window } else { (self.window * 2).min(self.max_window) };
+        match self.stream {
             // A reordered (earlier) request must not pull the stream back.
-            self.stream_end = self.stream_end.max(Some(end));
-            Pattern::Sequential { window: self.window }
+            Some((prev, consumed)) if sequential => self.stream = Some((prev.max(end), consumed + len)),
+            _ => self.stream = Some((end, len)),
+        }
+        let (_, consumed) = self.stream.expect("set above");
+        if sequential {
+            Pattern::Sequential { window: consumed.clamp(self.initial_window, self.max_window) }
         } else {
-            self.window = 0;
-            self.stream_end = Some(end);
             Pattern::Random
         }
     }
@@ -66,13 +69,30 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+    const KIB: u64 = 1 << 10;
 
     #[test]
-    fn header_read_is_random_and_the_window_grows_while_sequential() {
-        let mut p = Prefetcher::new(4 * MIB, 32 * MIB);
+    fn header_read_is_random_and_the_window_follows_what_was_consumed() {
+        let mut p = Prefetcher::new(MIB, 32 * MIB);
         assert_eq!(p.on_read(0, 1024), Pattern::Random);
-        let windows: Vec<Pattern> = (0..6).map(|i| p.on_read(1024 + i * 128 * 1024, 128 * 1024)).collect();
-        assert_eq!(windows, [4, 8, 16, 32, 32, 32].map(|w| Pattern::Sequential { window: w * MIB }).to_vec());
+        let windows: Vec<u64> = (0..40)
+            .map(|i| match p.on_read(1024 + i * 512 * KIB, 512 * KIB) {
+                Pattern::Sequential { window } => window,
+                Pattern::Random => panic!("read {i} was not sequential"),
+            })
+            .collect();
+        assert_eq!(windows[0], MIB, "the initial window");
+        assert_eq!(windows[5], 3 * MIB + 1024, "what the stream has read");
+        assert_eq!(windows[39], 20 * MIB + 1024);
+        // A reader that skips ahead gets read-ahead for what it reads, not for what it skips.
+        let mut sparse = Prefetcher::new(64 * KIB, 32 * MIB);
+        sparse.on_read(0, 64 * KIB);
+        let last = (1..20).map(|i| sparse.on_read(i * MIB, 64 * KIB)).last().unwrap();
+        assert_eq!(last, Pattern::Sequential { window: 20 * 64 * KIB });
+        assert_eq!(sparse.on_read(20 * MIB + 3 * MIB, 64 * KIB), Pattern::Random, "beyond the tolerance");
+        let mut long = Prefetcher::new(MIB, 32 * MIB);
+        let last = (0..100).map(|i| long.on_read(i * MIB, MIB)).last().unwrap();
+        assert_eq!(last, Pattern::Sequential { window: 32 * MIB }, "capped");
     }
 
     #[test]
@@ -88,11 +108,11 @@ mod tests {
     #[test]
     fn small_reorderings_stay_sequential_but_a_seek_resets() {
         let mut p = Prefetcher::new(MIB, 8 * MIB);
-        p.on_read(0, 128 * 1024);
-        assert!(matches!(p.on_read(256 * 1024, 128 * 1024), Pattern::Sequential { .. }));
+        p.on_read(0, 128 * KIB);
+        assert!(matches!(p.on_read(256 * KIB, 128 * KIB), Pattern::Sequential { .. }));
         // The request for the hole arrives late.
-        assert!(matches!(p.on_read(128 * 1024, 128 * 1024), Pattern::Sequential { .. }));
-        assert!(matches!(p.on_read(384 * 1024, 128 * 1024), Pattern::Sequential { window } if window == 4 * MIB));
+        assert!(matches!(p.on_read(128 * KIB, 128 * KIB), Pattern::Sequential { .. }));
+        assert_eq!(p.on_read(384 * KIB, 4 * MIB), Pattern::Sequential { window: 4 * MIB + 384 * KIB });
         assert_eq!(p.on_read(900 * MIB, 4096), Pattern::Random);
         assert_eq!(p.on_read(0, 4096), Pattern::Random);
         assert_eq!(p.on_read(4096, 4096), Pattern::Sequential { window: MIB });

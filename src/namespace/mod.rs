@@ -303,13 +303,14 @@ impl Namespace {
 
     /// A listing of `prefix`: a saved one while it is fresh, else from the store (then saved).
     async fn list(&self, prefix: &str) -> Result<PrefixListing, StoreError> {
-        if let Some(saved) = self.saved.as_ref().and_then(|s| s.load(prefix)) {
-            return Ok(saved);
+        if let Some(saved) = &self.saved {
+            if let Some(listing) = saved.load_async(prefix).await {
+                return Ok(listing);
+            }
         }
         let listing = self.store.list_prefix(prefix).await?;
-        if let Some(store) = &self.saved {
-            let (store, prefix, copy) = (store.clone(), prefix.to_owned(), listing.clone());
-            tokio::task::spawn_blocking(move || store.save(&prefix, &copy));
+        if let Some(saved) = &self.saved {
+            saved.save_in_background(prefix, &listing);
         }
         Ok(listing)
     }

@@ -3,15 +3,18 @@
 //! has not run out.
 //!
 //! One JSON file per listed prefix, written atomically (temp file + rename). A file that cannot be
-//! parsed, belongs to another bucket or prefix, or is older than the TTL is ignored.
+//! parsed, belongs to another bucket or prefix, or is older than the TTL is ignored. The mount
+//! reads and writes them through [`CacheDirIo`], off the async workers and under its timeout.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::offload::CacheDirIo;
 use crate::store::{ObjectMeta, PrefixListing};
 
 #[derive(Serialize, Deserialize)]
@@ -37,14 +40,31 @@ pub struct ListingStore {
     bucket: String,
     ttl: Duration,
     temp_counter: AtomicU64,
+    io: Arc<CacheDirIo>,
 }
 
 impl ListingStore {
-    /// A store in `cache_dir/listings` for `bucket`, trusting saved listings for `ttl`.
-    pub fn open(cache_dir: &Path, bucket: &str, ttl: Duration) -> std::io::Result<ListingStore> {
+    /// A store in `cache_dir/listings` for `bucket`, trusting saved listings for `ttl`, whose
+    /// async methods go through `io`.
+    pub fn open(cache_dir: &Path, bucket: &str, ttl: Duration, io: Arc<CacheDirIo>) -> std::io::Result<ListingStore> {
         let dir = cache_dir.join("listings");
         fs::create_dir_all(&dir)?;
-        Ok(ListingStore { dir, bucket: bucket.to_owned(), ttl, temp_counter: AtomicU64::new(0) })
+        Ok(ListingStore { dir, bucket: bucket.to_owned(), ttl, temp_counter: AtomicU64::new(0), io })
+    }
+
+    /// [`ListingStore::load`], off the async workers; `None` also when the directory is slow.
+    pub async fn load_async(self: &Arc<Self>, prefix: &str) -> Option<PrefixListing> {
+        let (store, prefix) = (self.clone(), prefix.to_owned());
+        self.io.run(move || store.load(&prefix)).await.flatten()
+    }
+
+    /// [`ListingStore::save`] in the background.
+    pub fn save_in_background(self: &Arc<Self>, prefix: &str, listing: &PrefixListing) {
+        let (store, prefix, listing) = (self.clone(), prefix.to_owned(), listing.clone());
+        tokio::spawn(async move {
+            let io = store.io.clone();
+            io.run(move || store.save(&prefix, &listing)).await
+        });
     }
 
     fn path(&self, prefix: &str) -> PathBuf {
@@ -111,6 +131,10 @@ fn now_secs() -> u64 {
 mod tests {
     use super::*;
 
+    fn io() -> Arc<CacheDirIo> {
+        Arc::new(CacheDirIo::new(Duration::from_secs(1)))
+    }
+
     fn listing() -> PrefixListing {
         PrefixListing {
             prefixes: vec!["a/b/".into()],
@@ -126,22 +150,22 @@ mod tests {
     #[test]
     fn saved_listings_round_trip_per_bucket_and_prefix() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ListingStore::open(dir.path(), "bucket", Duration::from_secs(60)).unwrap();
+        let store = ListingStore::open(dir.path(), "bucket", Duration::from_secs(60), io()).unwrap();
         assert!(store.load("a/").is_none());
         store.save("a/", &listing());
         assert_eq!(store.load("a/"), Some(listing()));
         assert!(store.load("b/").is_none());
-        let other = ListingStore::open(dir.path(), "other-bucket", Duration::from_secs(60)).unwrap();
+        let other = ListingStore::open(dir.path(), "other-bucket", Duration::from_secs(60), io()).unwrap();
         assert!(other.load("a/").is_none());
     }
 
     #[test]
     fn expired_or_damaged_listings_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let expired = ListingStore::open(dir.path(), "bucket", Duration::ZERO).unwrap();
+        let expired = ListingStore::open(dir.path(), "bucket", Duration::ZERO, io()).unwrap();
         expired.save("a/", &listing());
         assert!(expired.load("a/").is_none());
-        let store = ListingStore::open(dir.path(), "bucket", Duration::from_secs(60)).unwrap();
+        let store = ListingStore::open(dir.path(), "bucket", Duration::from_secs(60), io()).unwrap();
         fs::write(store.path("a/"), b"{not json").unwrap();
         assert!(store.load("a/").is_none());
     }

@@ -302,6 +302,7 @@ impl ObjectStore for S3Store {
                 return Ok(Bytes::new());
             }
             let what = format!("get s3://{}/{} bytes {}-{}", self.bucket, object.key, range.start, range.end - 1);
+            tracing::trace!(%what, "sending");
             // Allow for the transfer itself at a pessimistic 1 MiB/s on top of the attempt timeout.
             let transfer = Duration::from_secs((range.end - range.start) >> 20);
             self.with_retries(&what, transfer, || self.get_once(object, &range)).await

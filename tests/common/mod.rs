@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod slowfs;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
@@ -423,8 +425,14 @@ pub fn build_fixture(root: &Path) -> Fixture {
         json(&[("deposition_identifier", "10310")]),
     );
 
+    write_bucket(root, &objects);
+    Fixture { root: root.to_path_buf(), objects }
+}
+
+/// Writes `objects` where [`start_server`] serves them from `root`, with their ETag sidecars.
+pub fn write_bucket(root: &Path, objects: &BTreeMap<String, Vec<u8>>) {
     let bucket_dir = root.join(BUCKET);
-    for (key, bytes) in &objects {
+    for (key, bytes) in objects {
         let path = bucket_dir.join(key);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, bytes).unwrap();
@@ -434,7 +442,6 @@ pub fn build_fixture(root: &Path) -> Fixture {
         let etag = format!("{:016x}{:016x}", cdpfs::hash::stable_hash(&[bytes]), bytes.len());
         fs::write(sidecar, format!("{{\"e_tag\":\"{etag}\"}}")).unwrap();
     }
-    Fixture { root: root.to_path_buf(), objects }
 }
 
 /// A Python with mrcfile, zarr (v2) and numpy: `$CDPFS_TEST_PYTHON`, else `python3` if it has

@@ -1,0 +1,195 @@
+//! The read path, measured where it counts: bytes and GETs at the S3 server for a section
+//! read, small random reads and a stream of an MRC tomogram of the portal's section size
+//! (1260 x 1260 float32), and reads through cache directories that are slow or hung.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::slowfs::SlowMount;
+use common::{start_server, Faults, Mounted, Server};
+
+const KEY: &str = "10002/TS_1/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_1.mrc";
+const NX: usize = 1260;
+const NZ: usize = 8;
+const SECTION: u64 = (NX * NX * 4) as u64;
+
+/// The tomogram's bytes and the server holding it (one per test binary).
+fn bucket() -> &'static (Vec<u8>, Server) {
+    static BUCKET: OnceLock<(Vec<u8>, Server)> = OnceLock::new();
+    BUCKET.get_or_init(|| {
+        let root = common::scratch_dir("read-path-fixture");
+        let objects = BTreeMap::from([(KEY.to_owned(), common::mrc_bytes((NX, NX, NZ), 10.0, 5))]);
+        common::write_bucket(&root, &objects);
+        let server = start_server(&root, Faults::default());
+        (objects.into_values().next().unwrap(), server)
+    })
+}
+
+/// The tests count the shared server's traffic: one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// (GETs, body bytes) the server has sent so far.
+fn traffic() -> (u64, u64) {
+    let server = &bucket().1;
+    (server.gets.load(Ordering::SeqCst), server.bytes.load(Ordering::SeqCst))
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut file = File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).unwrap() {
+            0 => return out,
+            n => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A counter of a running mount, from `cdpfs stats --json`.
+fn stat(mount: &Mounted, name: &str) -> u64 {
+    let out = common::run_cdpfs(&["stats", "--json", mount.path.to_str().unwrap()], Duration::from_secs(10));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json[name].as_u64().unwrap_or_else(|| panic!("no {name} in {json}"))
+}
+
+/// `VmHWM` or `VmRSS` of the process serving `mount`, in bytes.
+fn memory(mount: &Mounted, field: &str) -> u64 {
+    let pid = common::serving_pid(&mount.path).expect("the mount's process");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn a_section_read_fetches_about_one_section_and_no_more() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let mount = Mounted::on(server, "sections", &[]);
+    let file = File::open(mount.join(KEY)).unwrap();
+    let mut header = [0u8; 1024];
+    file.read_exact_at(&mut header, 0).unwrap();
+    assert_eq!(header[..], source[..1024]);
+    let mut section = vec![0u8; SECTION as usize];
+    for z in [5u64, 1, 7, 3] {
+        let offset = 1024 + z * SECTION;
+        let before = traffic();
+        file.read_exact_at(&mut section, offset).unwrap();
+        let (gets, bytes) = (traffic().0 - before.0, traffic().1 - before.1);
+        assert!(section == source[offset as usize..(offset + SECTION) as usize], "section {z} differs");
+        // Whole 512 KiB blocks around the section, and what the kernel reads ahead past it.
+        assert!(bytes >= SECTION && bytes * 10 <= SECTION * 13, "section {z}: {bytes} bytes fetched for {SECTION}");
+        assert!(gets >= 10, "section {z}: {gets} GETs: not fetched in parallel parts");
+    }
+}
+
+#[test]
+fn small_random_reads_fetch_what_they_ask_for() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let mount = Mounted::on(server, "random", &[]);
+    let file = File::open(mount.join(KEY)).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let before = traffic();
+    let reads = 40u64;
+    for i in 0..reads {
+        let offset = (i * 7_919_993 + 12_345) % (source.len() as u64 - buf.len() as u64);
+        file.read_exact_at(&mut buf, offset).unwrap();
+        assert!(buf == source[offset as usize..offset as usize + buf.len()], "read at {offset}");
+    }
+    let bytes = traffic().1 - before.1;
+    // Page alignment adds at most 8 KiB to each 64 KiB read.
+    assert!(bytes * 10 <= reads * (64 << 10) * 12, "{bytes} bytes fetched for {reads} reads of 64 KiB");
+}
+
+#[test]
+fn a_stream_uses_part_sized_aligned_gets() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let mount = Mounted::on(server, "stream", &[]);
+    let (first_get, before) = (server.served.lock().unwrap().len(), traffic());
+    assert!(read_all(&mount.join(KEY)) == *source);
+    let bytes = traffic().1 - before.1;
+    // Each byte once, but for the first small read the kernel makes from the start.
+    assert!(bytes <= source.len() as u64 + (64 << 10), "{bytes} bytes fetched for a stream of {}", source.len());
+    let part = cdpfs::cache::PART_SIZE;
+    let ranges: Vec<(u64, u64)> = server.served.lock().unwrap()[first_get..]
+        .iter()
+        .filter_map(|line| {
+            let (start, end) = line.rsplit_once("bytes=")?.1.split_once('-')?;
+            Some((start.parse().ok()?, end.parse::<u64>().ok()? + 1))
+        })
+        .collect();
+    let in_parts: u64 = ranges.iter().filter(|(s, e)| e - s == part && s % part == 0).map(|(s, e)| e - s).sum();
+    assert!(in_parts * 10 >= source.len() as u64 * 6, "only {in_parts} bytes came in aligned 8 MiB GETs: {ranges:?}");
+}
+
+#[test]
+fn a_slow_cache_dir_drops_writes_and_neither_slows_reads_nor_grows_memory() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let plain = Mounted::on(server, "no-disk", &["--no-disk-cache", "--max-memory", "48M"]);
+    let started = Instant::now();
+    assert!(read_all(&plain.join(KEY)) == *source);
+    let without_disk = started.elapsed();
+    drop(plain);
+
+    let slow = SlowMount::new(&common::scratch_dir("slow-cache"));
+    // Each write request of the cache dir takes 100 ms: a few MB/s at most.
+    slow.controls.write_delay_ms.store(100, Ordering::SeqCst);
+    let cache = slow.path.to_str().unwrap();
+    let mount = Mounted::on(server, "slow-disk", &["--cache-dir", cache, "--max-memory", "48M"]);
+    let idle = memory(&mount, "VmRSS:");
+    let started = Instant::now();
+    assert!(read_all(&mount.join(KEY)) == *source);
+    let with_slow_disk = started.elapsed();
+    let growth = memory(&mount, "VmHWM:").saturating_sub(idle);
+    assert!(stat(&mount, "cache_disk_writes_dropped") > 0, "a full write queue must drop blocks");
+    assert!(
+        with_slow_disk <= without_disk * 3 / 2 + Duration::from_secs(1),
+        "a slow cache dir slowed the read: {with_slow_disk:?} vs {without_disk:?} without a disk cache"
+    );
+    assert!(growth <= (48 << 20) * 11 / 10, "memory grew by {} MiB under --max-memory 48M", growth >> 20);
+    slow.controls.write_delay_ms.store(0, Ordering::SeqCst);
+}
+
+#[test]
+fn a_hung_cache_dir_costs_one_timeout_not_a_stall() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let slow = SlowMount::new(&common::scratch_dir("hung-cache"));
+    let cache = slow.path.to_str().unwrap();
+    {
+        let mount = Mounted::on(server, "hung-1", &["--cache-dir", cache]);
+        assert!(read_all(&mount.join(KEY)) == *source);
+        let blocks = (source.len() as u64).div_ceil(512 << 10);
+        let started = Instant::now();
+        while stat(&mount, "cache_disk_writes") < blocks && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(stat(&mount, "cache_disk_writes"), blocks);
+    }
+    // The cache dir still lists and stats, but opening or reading a file never returns.
+    slow.controls.hang_reads.store(true, Ordering::SeqCst);
+    let mount = Mounted::on(server, "hung-2", &["--cache-dir", cache]);
+    let before = traffic();
+    let started = Instant::now();
+    assert!(read_all(&mount.join(KEY)) == *source);
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(8), "a hung cache dir stalled the read for {elapsed:?}");
+    assert!(stat(&mount, "cache_disk_read_timeouts") >= 1);
+    assert!(traffic().1 - before.1 >= source.len() as u64 / 2, "the blocks came from S3");
+    slow.controls.hang_reads.store(false, Ordering::SeqCst);
+}
