@@ -176,14 +176,16 @@ fn main() {
     let origin = OriginProcess::start(fixture.root(), opts.shaping);
     let raw = Raw::new(&origin.endpoint());
     eprintln!(
-        "origin: {} ms first byte, {} MB/s per connection; MRC {} x {} x {} float32 ({} bytes); {} runs each",
+        "origin: {} ms first byte, {} MB/s per connection; MRC {} x {} x {} float32 ({} bytes); {} runs each; \
+         load average {} (the CPU may be shared)",
         opts.shaping.latency.as_millis(),
         opts.shaping.bytes_per_sec / 1_000_000,
         opts.mrc.nx,
         opts.mrc.ny,
         opts.mrc.nz,
         opts.mrc.size(),
-        opts.runs
+        opts.runs,
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("?")
     );
     let bench = Bench { opts, origin, fixture, raw };
     let groups: [(u32, Group); 8] = [

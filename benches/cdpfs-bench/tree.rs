@@ -62,6 +62,7 @@ pub fn views(b: &Bench) -> Vec<Row> {
         let cache = mount::cache_dir();
         let mount = b.mount(cache.path(), &[]);
         listing.push(b.on(&mount, 0, || list(&mount.file(&folder))).0);
+        fs::metadata(mount.file(&view(4))).unwrap();
         let [nz, ny, nx] = levels[1].shape;
         let bytes = ny * nx * 4;
         section.push(
