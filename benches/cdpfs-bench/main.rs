@@ -137,7 +137,7 @@ impl Bench {
         self.raw_with(wanted, || self.raw.get(batches, parallel)).0
     }
 
-    /// `keys` as the origin lists them.
+    /// `key` as the origin lists it (its ETag included, so raw GETs send `If-Match`).
     fn object(&self, key: &str) -> Arc<ObjectMeta> {
         Arc::new(self.fixture.object(key))
     }
