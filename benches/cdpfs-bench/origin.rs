@@ -1,11 +1,24 @@
-//! A WAN-like S3 origin on loopback: an in-memory bucket served through the s3s protocol
-//! implementation, with a fixed first-byte latency per request and a bandwidth cap per TCP
-//! connection, so that parallel connections (not the server) set the throughput, as on real S3.
+//! A WAN-like S3 origin on loopback, in its own process: the bench binary run again with
+//! `--serve-origin DIR`, serving the files under DIR (key = path below DIR) through the s3s
+//! protocol implementation, with a fixed first-byte latency per request and a bandwidth cap per
+//! TCP connection, so that parallel connections (not the server) set the throughput, as on real
+//! S3. Each GET reads just its range from the file, 256 KiB at a time.
+//!
+//! The child prints its port on stdout and exits when its stdin closes (the parent died) or when
+//! [`OriginProcess`] is dropped. It counts GETs, LIST pages and body bytes sent; a GET of the
+//! reserved key [`COUNTERS_KEY`] (not counted, not delayed) answers them as JSON
+//! `{"gets":N,"lists":N,"bytes":N}`, which [`OriginProcess::counters`] reads.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,12 +26,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use s3s::dto::{
-    CommonPrefix, ETag, GetObjectInput, GetObjectOutput, ListObjectsV2Input, ListObjectsV2Output, Object,
-    StreamingBlob, Timestamp,
+    CommonPrefix, ETag, ETagCondition, GetObjectInput, GetObjectOutput, ListObjectsV2Input, ListObjectsV2Output,
+    Object, StreamingBlob, Timestamp,
 };
 use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use crate::fixture;
+
+/// The key whose GET returns the counters.
+pub const COUNTERS_KEY: &str = "__counters";
+/// Bytes read from the file and sent per body chunk.
+const BODY_CHUNK: u64 = 256 << 10;
 
 /// How the origin imitates S3 seen from outside its region.
 #[derive(Clone, Copy, Debug)]
@@ -29,71 +48,191 @@ pub struct Shaping {
     pub bytes_per_sec: u64,
 }
 
-/// What the origin served.
-#[derive(Default, Debug)]
+/// What the origin has served so far.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Counters {
-    pub gets: AtomicU64,
-    pub lists: AtomicU64,
-    pub bytes: AtomicU64,
+    pub gets: u64,
+    pub lists: u64,
+    pub bytes: u64,
 }
 
-impl Counters {
-    pub fn snapshot(&self) -> (u64, u64, u64) {
-        (self.gets.load(Ordering::SeqCst), self.lists.load(Ordering::SeqCst), self.bytes.load(Ordering::SeqCst))
+/// The origin process, from the parent's side; killed on drop.
+pub struct OriginProcess {
+    child: Child,
+    /// Held open: the child exits when it closes.
+    _stdin: ChildStdin,
+    addr: SocketAddr,
+}
+
+impl OriginProcess {
+    /// Starts serving `dir` as the bench's bucket.
+    pub fn start(dir: &Path, shaping: Shaping) -> OriginProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .arg("--serve-origin")
+            .arg(dir)
+            .args(["--latency-ms", &shaping.latency.as_millis().to_string()])
+            .args(["--bandwidth-mbps", &(shaping.bytes_per_sec / 1_000_000).to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("origin printed {line:?}, not a port"));
+        let stdin = child.stdin.take().unwrap();
+        OriginProcess { child, _stdin: stdin, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The origin's counters now (one plain HTTP GET of [`COUNTERS_KEY`]).
+    pub fn counters(&self) -> Counters {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        let request = format!(
+            "GET /{}/{COUNTERS_KEY} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            fixture::BUCKET,
+            self.addr
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let json = &response[response.find('{').unwrap()..=response.rfind('}').unwrap()];
+        let value: serde_json::Value = serde_json::from_str(json).unwrap();
+        let field = |name: &str| value[name].as_u64().unwrap();
+        Counters { gets: field("gets"), lists: field("lists"), bytes: field("bytes") }
     }
 }
 
-struct Stored {
-    data: Bytes,
-    etag: String,
+impl Drop for OriginProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
-/// The in-memory bucket.
-pub struct Origin {
-    bucket: String,
+/// The child's side: serves `dir` until stdin closes. Never returns.
+pub fn serve(dir: &Path, shaping: Shaping) -> ! {
+    let origin = Origin::new(dir, shaping);
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        std::process::exit(0);
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let service = s3s::service::S3ServiceBuilder::new(origin).build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { continue };
+            let _ = socket.set_nodelay(true);
+            let service = service.clone();
+            let io = Throttled::new(socket, shaping.bytes_per_sec);
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service).await;
+            });
+        }
+    })
+}
+
+/// One served file.
+struct Stored {
+    path: PathBuf,
+    size: u64,
+    etag: String,
+    mtime: SystemTime,
+}
+
+#[derive(Default)]
+struct AtomicCounters {
+    gets: AtomicU64,
+    lists: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The bucket: an index of the files, read when asked.
+struct Origin {
     objects: BTreeMap<String, Stored>,
     shaping: Shaping,
-    counters: Arc<Counters>,
-    created: SystemTime,
+    counters: Arc<AtomicCounters>,
 }
 
 impl Origin {
-    /// Starts serving `objects` as `bucket` on 127.0.0.1; returns the address and counters.
-    pub fn start(bucket: &str, objects: BTreeMap<String, Bytes>, shaping: Shaping) -> (SocketAddr, Arc<Counters>) {
-        let counters = Arc::new(Counters::default());
-        let origin = Origin {
-            bucket: bucket.to_owned(),
-            objects: objects
-                .into_iter()
-                .enumerate()
-                .map(|(i, (k, data))| (k, Stored { data, etag: format!("\"{i:032x}\"") }))
-                .collect(),
-            shaping,
-            counters: counters.clone(),
-            created: SystemTime::now(),
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let service = s3s::service::S3ServiceBuilder::new(origin).build();
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                loop {
-                    let Ok((socket, _)) = listener.accept().await else { continue };
-                    let _ = socket.set_nodelay(true);
-                    let service = service.clone();
-                    let io = Throttled::new(socket, shaping.bytes_per_sec);
-                    tokio::spawn(async move {
-                        let builder =
-                            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                        let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service).await;
-                    });
-                }
-            });
-        });
-        (rx.recv().unwrap(), counters)
+    fn new(dir: &Path, shaping: Shaping) -> Origin {
+        let mut objects = BTreeMap::new();
+        index(dir, dir, &mut objects);
+        Origin { objects, shaping, counters: Arc::default() }
     }
+
+    fn counters_json(&self) -> S3Result<S3Response<GetObjectOutput>> {
+        let c = &self.counters;
+        let json = format!(
+            r#"{{"gets":{},"lists":{},"bytes":{}}}"#,
+            c.gets.load(Ordering::SeqCst),
+            c.lists.load(Ordering::SeqCst),
+            c.bytes.load(Ordering::SeqCst)
+        );
+        let output = GetObjectOutput {
+            content_length: Some(json.len() as i64),
+            body: Some(StreamingBlob::wrap(futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(json))]))),
+            ..Default::default()
+        };
+        Ok(S3Response::new(output))
+    }
+}
+
+/// Adds every file below `dir` to `objects`, keyed by its path below `root`.
+fn index(root: &Path, dir: &Path, objects: &mut BTreeMap<String, Stored>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let (path, meta) = (entry.path(), entry.metadata().unwrap());
+        if meta.is_dir() {
+            index(root, &path, objects);
+            continue;
+        }
+        let key = path.strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+        let stored = Stored {
+            size: meta.len(),
+            etag: fixture::etag(&meta),
+            mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            path,
+        };
+        objects.insert(key, stored);
+    }
+}
+
+/// Whether an `If-Match` condition holds for `etag` (unquoted).
+fn matches(condition: &ETagCondition, etag: &str) -> bool {
+    condition.as_etag().is_none_or(|wanted| wanted.value() == etag)
+}
+
+/// The body of a GET: `range` of `file`, read `BODY_CHUNK` at a time as the connection takes it,
+/// each chunk counted as it is sent.
+fn body(
+    file: File,
+    range: Range<u64>,
+    counters: Arc<AtomicCounters>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static {
+    let file = Arc::new(file);
+    futures_util::stream::try_unfold(range.start, move |at| {
+        let (file, counters, end) = (file.clone(), counters.clone(), range.end);
+        async move {
+            if at >= end {
+                return Ok(None);
+            }
+            let len = (end - at).min(BODY_CHUNK);
+            let chunk = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            counters.bytes.fetch_add(len, Ordering::SeqCst);
+            Ok(Some((chunk, at + len)))
+        }
+    })
 }
 
 #[async_trait::async_trait]
@@ -102,7 +241,7 @@ impl S3 for Origin {
         tokio::time::sleep(self.shaping.latency).await;
         self.counters.lists.fetch_add(1, Ordering::SeqCst);
         let input = req.input;
-        if input.bucket != self.bucket {
+        if input.bucket != fixture::BUCKET {
             return Err(s3_error!(NoSuchBucket));
         }
         let prefix = input.prefix.clone().unwrap_or_default();
@@ -134,15 +273,15 @@ impl S3 for Origin {
             } else {
                 contents.push(Object {
                     key: Some(key.clone()),
-                    size: Some(stored.data.len() as i64),
-                    e_tag: Some(ETag::Strong(stored.etag.trim_matches('"').to_owned())),
-                    last_modified: Some(Timestamp::from(self.created)),
+                    size: Some(stored.size as i64),
+                    e_tag: Some(ETag::Strong(stored.etag.clone())),
+                    last_modified: Some(Timestamp::from(stored.mtime)),
                     ..Default::default()
                 });
             }
         }
         let output = ListObjectsV2Output {
-            name: Some(self.bucket.clone()),
+            name: Some(fixture::BUCKET.to_owned()),
             prefix: Some(prefix),
             delimiter: input.delimiter,
             max_keys: Some(max_keys as i32),
@@ -158,35 +297,31 @@ impl S3 for Origin {
     }
 
     async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
-        tokio::time::sleep(self.shaping.latency).await;
         let input = req.input;
-        let stored = self.objects.get(&input.key).ok_or_else(|| s3_error!(NoSuchKey))?;
-        if let Some(condition) = &input.if_match {
-            let wanted = format!("{condition:?}");
-            if !wanted.contains(stored.etag.trim_matches('"')) {
-                return Err(s3_error!(PreconditionFailed));
-            }
+        if input.key == COUNTERS_KEY {
+            return self.counters_json();
         }
-        let len = stored.data.len() as u64;
+        tokio::time::sleep(self.shaping.latency).await;
+        let stored = self.objects.get(&input.key).ok_or_else(|| s3_error!(NoSuchKey))?;
+        if input.if_match.as_ref().is_some_and(|condition| !matches(condition, &stored.etag)) {
+            return Err(s3_error!(PreconditionFailed));
+        }
+        let len = stored.size;
         let (range, content_range) = match input.range {
             Some(r) => {
                 let range = r.check(len)?;
-                let header = format!("bytes {}-{}/{len}", range.start, range.end - 1);
-                (range, Some(header))
+                (range.clone(), Some(format!("bytes {}-{}/{len}", range.start, range.end.saturating_sub(1))))
             }
             None => (0..len, None),
         };
+        let file = File::open(&stored.path).map_err(|e| s3_error!(InternalError, "{e}"))?;
         self.counters.gets.fetch_add(1, Ordering::SeqCst);
-        self.counters.bytes.fetch_add(range.end - range.start, Ordering::SeqCst);
-        let body = stored.data.slice(range.start as usize..range.end as usize);
-        let chunks: Vec<Result<Bytes, std::io::Error>> =
-            (0..body.len()).step_by(256 << 10).map(|i| Ok(body.slice(i..(i + (256 << 10)).min(body.len())))).collect();
         let output = GetObjectOutput {
-            body: Some(StreamingBlob::wrap(futures_util::stream::iter(chunks))),
-            content_length: Some(body.len() as i64),
+            content_length: Some((range.end - range.start) as i64),
+            body: Some(StreamingBlob::wrap(body(file, range, self.counters.clone()))),
             content_range,
-            e_tag: Some(ETag::Strong(stored.etag.trim_matches('"').to_owned())),
-            last_modified: Some(Timestamp::from(self.created)),
+            e_tag: Some(ETag::Strong(stored.etag.clone())),
+            last_modified: Some(Timestamp::from(stored.mtime)),
             ..Default::default()
         };
         Ok(S3Response::new(output))
@@ -195,7 +330,7 @@ impl S3 for Origin {
 
 /// A TCP stream whose writes are paced to a fixed rate.
 struct Throttled {
-    inner: TcpStream,
+    inner: tokio::net::TcpStream,
     bytes_per_sec: f64,
     epoch: Instant,
     sent: f64,
@@ -203,7 +338,7 @@ struct Throttled {
 }
 
 impl Throttled {
-    fn new(inner: TcpStream, bytes_per_sec: u64) -> Throttled {
+    fn new(inner: tokio::net::TcpStream, bytes_per_sec: u64) -> Throttled {
         Throttled { inner, bytes_per_sec: bytes_per_sec as f64, epoch: Instant::now(), sent: 0.0, sleep: None }
     }
 }

@@ -2,10 +2,6 @@
 //! way the portal stores them: Blosc lz4 with byte shuffle, 256^3 chunks with padded edge
 //! chunks, nested keys. Level 0 is left out: the full-resolution MRC stands for it.
 
-use std::collections::BTreeMap;
-
-use bytes::Bytes;
-
 /// Chunk edge, as on the portal.
 const CHUNK: u64 = 256;
 
@@ -17,9 +13,9 @@ pub struct Level {
     pub chunk_keys: Vec<String>,
 }
 
-/// Adds `zarr` (a key prefix ending in `.zarr`) for a `nx` x `nx` x `nz` float32 tomogram at
-/// 13.48 A/voxel, and returns levels 1 and 2.
-pub fn add(objects: &mut BTreeMap<String, Bytes>, zarr: &str, nx: u64, nz: u64) -> Vec<Level> {
+/// Stores (with `put(key, bytes)`) `zarr` (a key prefix ending in `.zarr`) for a `nx` x `nx` x
+/// `nz` float32 tomogram at 13.48 A/voxel, and returns levels 1 and 2.
+pub fn add(put: &mut dyn FnMut(String, Vec<u8>), zarr: &str, nx: u64, nz: u64) -> Vec<Level> {
     let datasets: Vec<String> = (0..3)
         .map(|l| {
             let s = 13.48 * f64::from(1u32 << l);
@@ -32,8 +28,8 @@ pub fn add(objects: &mut BTreeMap<String, Bytes>, zarr: &str, nx: u64, nz: u64) 
         r#"{{"multiscales": [{{"version": "0.4", "axes": [{{"name": "z"}}, {{"name": "y"}}, {{"name": "x"}}], "datasets": [{}]}}]}}"#,
         datasets.join(", ")
     );
-    objects.insert(format!("{zarr}/.zattrs"), Bytes::from(zattrs));
-    objects.insert(format!("{zarr}/.zgroup"), Bytes::from_static(br#"{"zarr_format": 2}"#));
+    put(format!("{zarr}/.zattrs"), zattrs.into_bytes());
+    put(format!("{zarr}/.zgroup"), br#"{"zarr_format": 2}"#.to_vec());
     (1..=2)
         .map(|level| {
             let shape = [(nz >> level).max(1), nx >> level, nx >> level];
@@ -41,7 +37,7 @@ pub fn add(objects: &mut BTreeMap<String, Bytes>, zarr: &str, nx: u64, nz: u64) 
                 r#"{{"zarr_format": 2, "shape": [{}, {}, {}], "chunks": [{CHUNK}, {CHUNK}, {CHUNK}], "dtype": "<f4", "compressor": {{"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}}, "fill_value": 0, "order": "C", "filters": null, "dimension_separator": "/"}}"#,
                 shape[0], shape[1], shape[2]
             );
-            objects.insert(format!("{zarr}/{level}/.zarray"), Bytes::from(zarray));
+            put(format!("{zarr}/{level}/.zarray"), zarray.into_bytes());
             let grid = shape.map(|n| n.div_ceil(CHUNK));
             let mut chunk_keys = Vec::new();
             for z in 0..grid[0] {
@@ -49,7 +45,7 @@ pub fn add(objects: &mut BTreeMap<String, Bytes>, zarr: &str, nx: u64, nz: u64) 
                     for x in 0..grid[2] {
                         let key = format!("{zarr}/{level}/{z}/{y}/{x}");
                         let origin = [z * CHUNK, y * CHUNK, x * CHUNK];
-                        objects.insert(key.clone(), chunk(shape, origin, level * 1000 + z * 100 + y * 10 + x));
+                        put(key.clone(), chunk(shape, origin, level * 1000 + z * 100 + y * 10 + x));
                         chunk_keys.push(key);
                     }
                 }
@@ -62,7 +58,7 @@ pub fn add(objects: &mut BTreeMap<String, Bytes>, zarr: &str, nx: u64, nz: u64) 
 /// One compressed chunk at `origin` of an array of `shape`: noise with about 19 significant
 /// bits per voxel (it compresses to roughly 80%, like reconstructed cryo-ET noise), zero padding
 /// past the array's edges.
-fn chunk(shape: [u64; 3], origin: [u64; 3], seed: u64) -> Bytes {
+fn chunk(shape: [u64; 3], origin: [u64; 3], seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut voxels = vec![0f32; (CHUNK * CHUNK * CHUNK) as usize];
     for (i, voxel) in voxels.iter_mut().enumerate() {
@@ -94,5 +90,5 @@ fn chunk(shape: [u64; 3], origin: [u64; 3], seed: u64) -> Bytes {
     };
     assert!(n > 0, "blosc compression failed");
     out.truncate(n as usize);
-    Bytes::from(out)
+    out
 }
