@@ -213,6 +213,11 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_NO_MRC_VIEWS")]
     no_mrc_views: bool,
 
+    /// Serve one generated file, `synthetic.bin`, of this size instead of the bucket: measures
+    /// the FUSE and cache layers alone, without a network (for benchmarks).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    synthetic_size: Option<u64>,
+
     /// Log verbosity: error, warn, info, debug or trace.
     #[arg(long, env = "CDPFS_LOG_LEVEL", default_value = "info")]
     log_level: tracing::Level,
@@ -236,6 +241,7 @@ impl MountArgs {
             list_ahead: self.list_ahead,
             metrics_addr: self.metrics_addr.clone(),
             mrc_views: !self.no_mrc_views,
+            synthetic_size: self.synthetic_size,
             disk_cache: if self.no_disk_cache {
                 None
             } else {

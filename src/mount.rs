@@ -27,6 +27,7 @@ use crate::namespace::persist::ListingStore;
 use crate::namespace::Namespace;
 use crate::stats::Stats;
 use crate::store::s3::{S3Config, S3Store};
+use crate::store::synthetic::SyntheticStore;
 use crate::store::{ObjectStore, StoreError};
 use crate::views::Catalog;
 
@@ -61,6 +62,8 @@ pub struct MountConfig {
     pub metrics_addr: Option<String>,
     /// Show `X.bin<N>.mrc` views beside every OME-Zarr `X.zarr`.
     pub mrc_views: bool,
+    /// Serve one generated file of this size instead of the bucket (measures cdpfs alone).
+    pub synthetic_size: Option<u64>,
 }
 
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
@@ -73,10 +76,19 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         .thread_name("cdpfs-io")
         .build()
         .context("starting the I/O runtime")?;
-    let s3 = Arc::new(runtime.block_on(S3Store::new(&config.s3)));
-    let stats = Arc::new(Stats::new(s3.counters()));
-    let store: Arc<dyn ObjectStore> = s3;
-    probe_bucket(&runtime, store.as_ref(), config)?;
+    let (store, stats): (Arc<dyn ObjectStore>, _) = match config.synthetic_size {
+        Some(size) => {
+            let synthetic = SyntheticStore::new(size);
+            let stats = Arc::new(Stats::new(synthetic.counters()));
+            (Arc::new(synthetic), stats)
+        }
+        None => {
+            let s3 = runtime.block_on(S3Store::new(&config.s3));
+            let stats = Arc::new(Stats::new(s3.counters()));
+            probe_bucket(&runtime, &s3, config)?;
+            (Arc::new(s3), stats)
+        }
+    };
 
     // Every read of the cache directory goes through one bounded, timed gate.
     let cache_dir_io = Arc::new(CacheDirIo::new(offload::TIMEOUT));

@@ -211,10 +211,16 @@ impl BlockCache {
         self.disk.as_ref().is_some_and(|d| d.files.contains(key))
     }
 
+    /// The block, if memory has it.
+    pub async fn in_memory(&self, key: &BlockKey) -> Option<Bytes> {
+        let block = self.memory.get(key).await?;
+        self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+        Some(block)
+    }
+
     /// The block, if memory or disk has it; never fetches.
     pub async fn cached(&self, key: &BlockKey) -> Option<Bytes> {
-        if let Some(block) = self.memory.get(key).await {
-            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(block) = self.in_memory(key).await {
             return Some(block);
         }
         let block = self.read_disk(key).await?;

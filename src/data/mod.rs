@@ -109,24 +109,33 @@ impl DataPath {
             file.state.lock().expect("stream state poisoned").prefetcher.on_read(range.start, range.end - range.start);
         let bytes = match pattern {
             Pattern::Sequential { window } => {
-                let ahead = {
+                let (ahead, past_fence) = {
                     let mut state = file.state.lock().expect("stream state poisoned");
                     // Read-ahead goes out in aligned steps as large as the window (whole parts
                     // once it spans one), so its GETs grow with the stream.
                     let step = prev_power_of_two(window).clamp(block_size, self.cache.part_size());
                     let mut window_end = (range.end + window).div_ceil(step).saturating_mul(step).min(object.size);
+                    let mut past_fence = false;
                     match state.fence {
-                        Some(fence) if range.end <= fence + KERNEL_OVERSHOOT => window_end = window_end.min(fence),
+                        Some(fence) if range.end <= fence + KERNEL_OVERSHOOT => {
+                            window_end = window_end.min(fence);
+                            past_fence = range.end > fence;
+                        }
                         _ => state.fence = None,
                     }
                     let ahead = state.next_unrequested.max(blocks.end)..window_end.div_ceil(block_size);
                     state.next_unrequested = state.next_unrequested.max(ahead.end);
-                    ahead
+                    (ahead, past_fence)
                 };
                 if !ahead.is_empty() {
                     self.cache.prefetch(object, ahead);
                 }
-                self.read_blocks(object, blocks, range.clone()).await?
+                if past_fence {
+                    // The kernel's read-ahead past a section: its own bytes, nothing around them.
+                    self.read_exact(object, blocks, range.clone()).await?
+                } else {
+                    self.read_blocks(object, blocks, range.clone()).await?
+                }
             }
             Pattern::Random => {
                 let section = match range.end - range.start >= SECTION_READ {
@@ -231,13 +240,22 @@ impl DataPath {
         range: Range<u64>,
     ) -> Result<Bytes, StoreError> {
         let first = blocks.start * self.cache.block_size();
-        let loads: Vec<_> = blocks
+        // Leading blocks in memory (a stream's read-ahead, a section read) are taken on the spot.
+        let mut held = Vec::with_capacity((blocks.end - blocks.start) as usize);
+        for index in blocks.clone() {
+            match self.cache.in_memory(&BlockKey { object: object.clone(), index }).await {
+                Some(block) => held.push(block),
+                None => break,
+            }
+        }
+        // The rest in parallel, through the cache.
+        let loads: Vec<_> = (blocks.start + held.len() as u64..blocks.end)
             .map(|index| {
                 let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
                 tokio::spawn(async move { cache.get(key).await })
             })
             .collect();
-        let mut parts = Vec::with_capacity(loads.len());
+        let mut parts = held;
         for load in loads {
             parts.push(load.await.map_err(|e| StoreError::Other(format!("block load failed: {e}")))??);
         }
