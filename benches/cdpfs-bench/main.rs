@@ -110,6 +110,10 @@ pub struct Bench {
 
 impl Bench {
     fn mount(&self, cache_dir: &Path, extra: &[&str]) -> Mount {
+        // Every case starts with the disk idle: no writeback left over from the fixture or an
+        // earlier case's cache directory.
+        // SAFETY: sync has no preconditions.
+        unsafe { libc::sync() };
         Mount::new(&self.origin.endpoint(), cache_dir, extra)
     }
 
