@@ -172,7 +172,12 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
     let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
     // Enough read-ahead to keep 16 part-sized GETs in flight, within the fetch slots.
     let max_window = (16 * PART_SIZE).min(config.max_memory / 4);
-    let tuning = DataConfig { small_object: 1 << 20, initial_window: 2 * BLOCK_SIZE, max_window };
+    let tuning = DataConfig {
+        small_object: 1 << 20,
+        initial_window: 2 * BLOCK_SIZE,
+        max_window,
+        kernel_read_ahead: config.kernel_read_ahead,
+    };
     Ok(DataPath::new(store, cache, tuning))
 }
 

@@ -48,6 +48,8 @@ pub struct DataConfig {
     pub initial_window: u64,
     /// Largest read-ahead window of one stream.
     pub max_window: u64,
+    /// The kernel's read-ahead on the mount: how far past a section it will ask.
+    pub kernel_read_ahead: u64,
 }
 
 /// One open file: the object version it reads and its access-pattern state.
@@ -146,7 +148,7 @@ impl DataPath {
                     // A section read requests the section's blocks itself: read-ahead starts
                     // after them.
                     let mut state = file.state.lock().expect("stream state poisoned");
-                    state.next_unrequested = section.as_ref().map_or(0, |s| s.end.div_ceil(block_size));
+                    state.next_unrequested = section.as_ref().map_or(0, |s| self.section_blocks(object, s, &range).end);
                     state.fence = section.as_ref().map(|s| s.end);
                 }
                 match section {
@@ -206,8 +208,10 @@ impl DataPath {
         }
     }
 
-    /// Fetches every block of `section` at once (one GET each, in parallel) and returns
-    /// `range` (which may reach a little outside the section) once its own blocks are in.
+    /// Fetches every block of `section` at once (one GET each, in parallel), and those the
+    /// kernel's read-ahead will ask for past its end (its last request for the section's own
+    /// bytes reaches there too, and must not wait for one more round trip), and returns
+    /// `range` once its own blocks are in.
     async fn read_section(
         &self,
         object: &Arc<ObjectMeta>,
@@ -215,12 +219,18 @@ impl DataPath {
         range: Range<u64>,
     ) -> Result<Bytes, StoreError> {
         let wanted = self.cache.blocks_covering(&range);
-        let whole = self.cache.blocks_covering(&(section.start.min(range.start)..section.end.max(range.end)));
-        for index in whole.filter(|index| !wanted.contains(index)) {
+        for index in self.section_blocks(object, &section, &range).filter(|index| !wanted.contains(index)) {
             let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
             tokio::spawn(async move { cache.get(key).await });
         }
         self.read_blocks(object, wanted, range).await
+    }
+
+    /// The blocks a section read of `section` for a read of `range` fetches: the section's,
+    /// the read's, and those up to the kernel's read-ahead past the section's end.
+    fn section_blocks(&self, object: &ObjectMeta, section: &Range<u64>, range: &Range<u64>) -> Range<u64> {
+        let end = (section.end + self.config.kernel_read_ahead).min(object.size).max(range.end);
+        self.cache.blocks_covering(&(section.start.min(range.start)..end))
     }
 
     /// The bytes `range` of `object` (clamped to its size), through the block cache.
