@@ -96,6 +96,35 @@ fn a_section_read_fetches_about_one_section_and_no_more() {
 }
 
 #[test]
+fn scrolling_through_sections_fetches_each_next_section_whole() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let mount = Mounted::on(server, "scroll", &[]);
+    let file = File::open(mount.join(KEY)).unwrap();
+    let mut section = vec![0u8; SECTION as usize];
+    file.read_exact_at(&mut section, 1024 + 2 * SECTION).unwrap();
+    for z in [3u64, 4, 5] {
+        let offset = 1024 + z * SECTION;
+        let (first_get, before) = (server.served.lock().unwrap().len(), traffic());
+        file.read_exact_at(&mut section, offset).unwrap();
+        assert!(section == source[offset as usize..(offset + SECTION) as usize], "section {z} differs");
+        let bytes = traffic().1 - before.1;
+        assert!(bytes * 10 <= SECTION * 13, "section {z}: {bytes} bytes fetched for {SECTION}");
+        // Fetched as a section (whole blocks, at once) from its second request on, not request
+        // by request: the first request past a section may be the kernel's own read-ahead.
+        let served = server.served.lock().unwrap()[first_get..].to_vec();
+        let unaligned: Vec<_> = served
+            .iter()
+            .filter(|line| {
+                let start = line.rsplit_once("bytes=").and_then(|(_, r)| r.split('-').next()?.parse::<u64>().ok());
+                start.is_none_or(|start| !start.is_multiple_of(512 << 10))
+            })
+            .collect();
+        assert!(unaligned.len() <= 1, "section {z} was read piecemeal: {unaligned:?}");
+    }
+}
+
+#[test]
 fn small_random_reads_fetch_what_they_ask_for() {
     let _serial = serial();
     let (source, server) = bucket();

@@ -66,6 +66,8 @@ struct StreamState {
     /// End of the MRC section a section read fetched: read-ahead stays below it until the
     /// reader goes past it by more than [`KERNEL_OVERSHOOT`].
     fence: Option<u64>,
+    /// Requests wholly past the fence since it was set.
+    past_fence: u32,
 }
 
 /// Reads object bytes through the block cache and the object store.
@@ -92,7 +94,10 @@ impl DataPath {
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
         let prefetcher = Prefetcher::new(self.config.initial_window, self.config.max_window);
-        OpenFile { object, state: Mutex::new(StreamState { prefetcher, next_unrequested: 0, fence: None }) }
+        OpenFile {
+            object,
+            state: Mutex::new(StreamState { prefetcher, next_unrequested: 0, fence: None, past_fence: 0 }),
+        }
     }
 
     /// Up to `len` bytes of the file from `offset`; fewer at the end, none past it.
@@ -107,9 +112,19 @@ impl DataPath {
         if object.size <= self.config.small_object.min(block_size) {
             return self.read_blocks(object, blocks, range).await;
         }
-        let pattern =
-            file.state.lock().expect("stream state poisoned").prefetcher.on_read(range.start, range.end - range.start);
+        let (pattern, moved_on) = {
+            let mut state = file.state.lock().expect("stream state poisoned");
+            let pattern = state.prefetcher.on_read(range.start, range.end - range.start);
+            // The kernel reads ahead past a section with one request at most; a second request
+            // wholly past it is the reader going on into the next section (3dmod scrolling
+            // through z), which gets that section whole.
+            if state.fence.is_some_and(|fence| range.start >= fence) {
+                state.past_fence += 1;
+            }
+            (pattern, state.past_fence >= 2)
+        };
         let bytes = match pattern {
+            Pattern::Sequential { .. } if moved_on => self.read_from_here(file, object, blocks, range.clone()).await?,
             Pattern::Sequential { window } => {
                 let (ahead, past_fence) = {
                     let mut state = file.state.lock().expect("stream state poisoned");
@@ -139,26 +154,37 @@ impl DataPath {
                     self.read_blocks(object, blocks, range.clone()).await?
                 }
             }
-            Pattern::Random => {
-                let section = match range.end - range.start >= SECTION_READ {
-                    true => self.section_of(object, &range).await,
-                    false => None,
-                };
-                {
-                    // A section read requests the section's blocks itself: read-ahead starts
-                    // after them.
-                    let mut state = file.state.lock().expect("stream state poisoned");
-                    state.next_unrequested = section.as_ref().map_or(0, |s| self.section_blocks(object, s, &range).end);
-                    state.fence = section.as_ref().map(|s| s.end);
-                }
-                match section {
-                    Some(section) => self.read_section(object, section, range.clone()).await?,
-                    None => self.read_exact(object, blocks, range.clone()).await?,
-                }
-            }
+            Pattern::Random => self.read_from_here(file, object, blocks, range.clone()).await?,
         };
         self.learn_sections(object, range.start, &bytes);
         Ok(bytes)
+    }
+
+    /// A read that starts something new (the first read, a seek, a move into the next MRC
+    /// section): the whole section when it is a large read in an MRC's voxel data, else just
+    /// its own bytes.
+    async fn read_from_here(
+        &self,
+        file: &OpenFile,
+        object: &Arc<ObjectMeta>,
+        blocks: Range<u64>,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let section = match range.end - range.start >= SECTION_READ {
+            true => self.section_of(object, &range).await,
+            false => None,
+        };
+        {
+            // A section read requests the section's blocks itself: read-ahead starts after them.
+            let mut state = file.state.lock().expect("stream state poisoned");
+            state.next_unrequested = section.as_ref().map_or(0, |s| self.section_blocks(object, s, &range).end);
+            state.fence = section.as_ref().map(|s| s.end);
+            state.past_fence = 0;
+        }
+        match section {
+            Some(section) => self.read_section(object, section, range).await,
+            None => self.read_exact(object, blocks, range).await,
+        }
     }
 
     /// `range` from the cache when it holds every block of it, else by one GET of exactly
