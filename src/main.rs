@@ -288,7 +288,10 @@ fn init_logging(args: &MountArgs) -> Result<()> {
             let file = mount::open_log_file(path)?;
             builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
         }
-        _ => builder.with_writer(std::io::stderr).init(),
+        // No colour codes in a log file the background child's stderr points at.
+        _ => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init()
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::Read;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -24,11 +25,19 @@ fn mount_faulty(name: &str, faults: Faults, extra: &[&str]) -> (Server, common::
     (server, common::Mounted { path })
 }
 
+/// The lines of the mount's log file that report a request which failed for good and name `key`.
+fn failure_lines(log: &Path, key: &str) -> Vec<String> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter(|l| l.contains("S3 request failed") && l.contains(key)).map(str::to_owned).collect()
+}
+
 #[test]
-fn every_file_reads_correctly_through_503s_500s_and_broken_bodies() {
+fn every_file_reads_correctly_through_faults_on_every_request_kind() {
     let (fixture, _) = shared();
-    let faults = Faults { slow_down: 100, internal_error: 20, reset_mid_body: 20, ..Faults::default() };
-    let (server, mount) = mount_faulty("faults", faults, &[]);
+    // Listing pages (the 1100-entry folder has two), metadata and data GETs alike.
+    let faults = Faults { slow_down: 100, internal_error: 20, reset_mid_body: 20, truncated: 10, ..Faults::default() };
+    let log = common::scratch_dir("faults-log").join("cdpfs.log");
+    let (server, mount) = mount_faulty("faults", faults, &["--log-file", log.to_str().unwrap()]);
     let started = Instant::now();
     let mut slowest = Duration::ZERO;
     let mut reads = 0;
@@ -40,22 +49,71 @@ fn every_file_reads_correctly_through_503s_500s_and_broken_bodies() {
         slowest = slowest.max(t.elapsed());
         reads += 1;
     }
+    let frames = fs::read_dir(mount.join("10000/TS_026/Frames")).unwrap().count();
+    assert_eq!(frames, common::FRAMES + 1, "the paged listing lost entries under faults");
     // A binned MRC view, computed from Zarr chunks fetched through the same faults: the bin-4
     // level of the fixture is one uncompressed chunk, so the view's voxels are that chunk.
     let view = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin4.mrc"))).unwrap();
     assert!(view[1024..] == fixture.objects[&format!("{TOMO_DIR}/TS_026.zarr/2/0/0/0")][..], "view bytes under faults");
     let injected = server.injected.load(Ordering::SeqCst);
+    let injected_lists = server.injected_lists.load(Ordering::SeqCst);
+    let failures: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("S3 request failed"))
+        .map(str::to_owned)
+        .collect();
     eprintln!(
-        "faults: {reads} files read, {injected} faults injected, 0 wrong bytes, slowest file {slowest:?}, total {:?}",
+        "faults: {reads} files read, {injected} faults injected ({injected_lists} into {} listing pages served), \
+         0 wrong bytes, {} requests failed for good, slowest file {slowest:?}, total {:?}",
+        server.lists.load(Ordering::SeqCst),
+        failures.len(),
         started.elapsed()
     );
     assert!(injected >= 20, "only {injected} faults were injected: the test did not exercise retries");
+    assert!(injected_lists >= 2, "only {injected_lists} faults hit listings: listings were not exercised");
+    assert!(failures.is_empty(), "requests failed for good under recoverable faults: {failures:?}");
+}
+
+#[test]
+fn every_request_that_fails_for_good_logs_one_line_naming_its_key() {
+    let (fixture, _) = shared();
+    let listed = "10000/TS with space/";
+    let always = &[
+        ("10000/dataset_metadata.json", 500),
+        ("10000/TS with space/", 503),
+        ("10001/dataset_metadata.json", 404),
+        ("depositions_metadata/10310/deposition_metadata.json", 403),
+    ];
+    let faults = Faults { always, ..Faults::default() };
+    let log = common::scratch_dir("failing-log").join("cdpfs.log");
+    let (server, mount) = mount_faulty("failing", faults, &["--log-file", log.to_str().unwrap(), "--list-ahead", "0"]);
+    let errno = |key: &str| fs::read(mount.join(key)).unwrap_err().raw_os_error();
+    assert_eq!(errno("10000/dataset_metadata.json"), Some(libc::EIO));
+    assert_eq!(errno("10001/dataset_metadata.json"), Some(libc::ESTALE));
+    assert_eq!(errno("depositions_metadata/10310/deposition_metadata.json"), Some(libc::EIO));
+    let error = fs::read_dir(mount.join(listed)).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    // Others still read.
+    let key = &format!("{TOMO_DIR}/tomogram_metadata.json");
+    assert_eq!(&fs::read(mount.join(key)).unwrap(), &fixture.objects[key]);
+    let failed = server.always_failed.lock().unwrap().clone();
+    for (key, status) in always {
+        let hits: u64 = failed.iter().filter(|(k, _)| k.contains(key)).map(|(_, n)| n).sum();
+        // 5xx are retried 6 times per request (the backoffs fit in the 30 s request timeout);
+        // 403 and 404 are final at once.
+        let requests = if *status >= 500 { hits / 6 } else { hits };
+        assert!(requests >= 1 && (*status < 500 || hits.is_multiple_of(6)), "{key}: {hits} failed attempts");
+        let lines = failure_lines(&log, key);
+        eprintln!("{key} ({status}): {hits} attempts failed, {requests} requests, log: {lines:?}");
+        assert_eq!(lines.len() as u64, requests, "{key}: {hits} attempts failed, log lines: {lines:?}");
+    }
 }
 
 #[test]
 fn a_key_the_server_keeps_failing_gives_eio_within_the_bound_and_others_still_read() {
     let (fixture, _) = shared();
-    let faults = Faults { always: Some(("TS_026.mrc", 500)), ..Faults::default() };
+    let faults = Faults { always: &[("TS_026.mrc", 500)], ..Faults::default() };
     let (_server, mount) = mount_faulty("down", faults, &["--request-timeout", "3s"]);
     let started = Instant::now();
     let error = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.mrc"))).unwrap_err();
@@ -67,7 +125,7 @@ fn a_key_the_server_keeps_failing_gives_eio_within_the_bound_and_others_still_re
 
 #[test]
 fn a_view_whose_chunk_keeps_failing_gives_eio_within_the_bound() {
-    let faults = Faults { always: Some(("TS_026.zarr/2/0/0/0", 500)), ..Faults::default() };
+    let faults = Faults { always: &[("TS_026.zarr/2/0/0/0", 500)], ..Faults::default() };
     let (_server, mount) = mount_faulty("view-down", faults, &["--request-timeout", "3s"]);
     let started = Instant::now();
     let error = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin4.mrc"))).unwrap_err();
@@ -79,7 +137,7 @@ fn a_view_whose_chunk_keeps_failing_gives_eio_within_the_bound() {
 
 #[test]
 fn an_object_replaced_after_listing_gives_estale_not_mixed_bytes() {
-    let faults = Faults { always: Some(("24apr23a_Position_12.mrc", 412)), ..Faults::default() };
+    let faults = Faults { always: &[("24apr23a_Position_12.mrc", 412)], ..Faults::default() };
     let (_server, mount) = mount_faulty("replaced", faults, &[]);
     let error = fs::read(mount.join("10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc")).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
@@ -169,8 +227,42 @@ fn sixty_four_readers_over_sixteen_files_stay_correct_and_within_memory() {
 
 #[test]
 fn a_listed_key_that_is_gone_gives_estale() {
-    let faults = Faults { always: Some(("24apr23a_Position_12.mrc", 404)), ..Faults::default() };
+    let faults = Faults { always: &[("24apr23a_Position_12.mrc", 404)], ..Faults::default() };
     let (_server, mount) = mount_faulty("gone", faults, &[]);
     let error = fs::read(mount.join("10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc")).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
+}
+
+#[test]
+fn a_zattrs_that_cannot_be_read_hides_the_views_not_the_folder() {
+    let (fixture, _) = shared();
+    let mrc = format!("{TOMO_DIR}/TS_026.mrc");
+    for (status, always) in [(412, &[("TS_026.zarr/.zattrs", 412)]), (403, &[("TS_026.zarr/.zattrs", 403)])] {
+        let faults = Faults { always, ..Faults::default() };
+        let log = common::scratch_dir(&format!("zattrs-{status}-log")).join("cdpfs.log");
+        let name = format!("zattrs-{status}");
+        let (server, mount) = mount_faulty(&name, faults, &["--log-file", log.to_str().unwrap()]);
+        let names: Vec<String> = fs::read_dir(mount.join(TOMO_DIR))
+            .unwrap_or_else(|e| panic!("{status} on .zattrs: the folder does not list: {e}"))
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        for expected in ["TS_026.mrc", "TS_026.zarr", "tomogram_metadata.json"] {
+            assert!(names.iter().any(|n| n == expected), "{status}: {expected} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|n| n.contains(".bin")), "{status}: views without metadata: {names:?}");
+        let mut bytes = Vec::new();
+        File::open(mount.join(&mrc)).unwrap().read_to_end(&mut bytes).unwrap();
+        assert!(bytes == fixture.objects[&mrc], "{status}: the real MRC beside the Zarr reads wrong bytes");
+        let failed = server.always_failed.lock().unwrap().values().sum::<u64>();
+        let lines = failure_lines(&log, "TS_026.zarr/.zattrs");
+        eprintln!(
+            "{status} on .zattrs: folder lists {} entries, {mrc} byte-exact, {failed} refused, log: {lines:?}",
+            names.len()
+        );
+        assert!(failed >= 1, "{status}: the .zattrs was never asked for");
+        assert_eq!(lines.len() as u64, failed, "{status}: one log line per refused request");
+    }
+    // Without the fault the same folder shows its views, so the check above can fail.
+    let mount = common::Mounted::new("zattrs-ok", &["--no-disk-cache"]);
+    assert!(mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc")).exists());
 }

@@ -292,7 +292,7 @@ impl Namespace {
             .try_get_with(ino, async {
                 let listing = self.list(prefix).await?;
                 let views = match &self.views {
-                    Some(catalog) => catalog.views_in(self, prefix, &listing).await?,
+                    Some(catalog) => catalog.views_in(self, prefix, &listing).await,
                     None => Vec::new(),
                 };
                 Ok::<_, StoreError>(Arc::new(self.build_directory(prefix, listing, views)))

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
@@ -41,7 +41,8 @@ pub struct S3Config {
 pub struct RetryPolicy {
     /// Attempts per request, the first included.
     pub max_attempts: u32,
-    /// Time allowed for one attempt, body included, on top of the transfer allowance.
+    /// Time allowed for one attempt of a GET, body included, on top of the transfer allowance
+    /// (a listing page gets the stall timeout, at most this).
     pub attempt_timeout: Duration,
     /// An attempt whose body delivers no data for this long is abandoned and retried.
     pub stall_timeout: Duration,
@@ -117,8 +118,10 @@ impl S3Store {
         self.counters.clone()
     }
 
-    /// Runs `attempt` under the retry policy. `what` names the request in logs and errors.
-    async fn with_retries<T, F, Fut>(&self, what: &str, extra_time: Duration, attempt: F) -> Result<T, StoreError>
+    /// Runs `attempt` under the retry policy, each attempt given at most `attempt_limit`. `what`
+    /// names the request (and its key or prefix) in logs and errors; every request that fails
+    /// for good logs exactly one warning.
+    async fn with_retries<T, F, Fut>(&self, what: &str, attempt_limit: Duration, attempt: F) -> Result<T, StoreError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, AttemptError>>,
@@ -137,10 +140,11 @@ impl S3Store {
                 tokio::time::sleep(backoff).await;
             }
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
-            let limit = (self.retry.attempt_timeout + extra_time).min(remaining);
+            let limit = attempt_limit.min(remaining);
             match tokio::time::timeout(limit, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(AttemptError::Final(e))) => {
+                    warn!(what, error = %e, "S3 request failed");
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
                     return Err(e);
                 }
@@ -208,8 +212,10 @@ impl S3Store {
         let mut token = None;
         loop {
             let what = format!("list s3://{}/{prefix}", self.bucket);
-            let page =
-                self.with_retries(&what, Duration::ZERO, || self.list_page(prefix, delimited, token.clone())).await?;
+            // The SDK reads a page's body whole, so its chunks cannot be watched: a page that has
+            // not arrived within the stall timeout counts as stalled.
+            let limit = self.retry.stall_timeout.min(self.retry.attempt_timeout);
+            let page = self.with_retries(&what, limit, || self.list_page(prefix, delimited, token.clone())).await?;
             listing.prefixes.extend(page.prefixes);
             listing.objects.extend(page.objects);
             match page.next {
@@ -304,12 +310,13 @@ impl ObjectStore for S3Store {
             let what = format!("get s3://{}/{} bytes {}-{}", self.bucket, object.key, range.start, range.end - 1);
             // Allow for the transfer itself at a pessimistic 1 MiB/s on top of the attempt timeout.
             let transfer = Duration::from_secs((range.end - range.start) >> 20);
-            self.with_retries(&what, transfer, || self.get_once(object, &range)).await
+            self.with_retries(&what, self.retry.attempt_timeout + transfer, || self.get_once(object, &range)).await
         })
     }
 }
 
-/// Sorts an SDK error into a final [`StoreError`] or a transient failure worth retrying.
+/// Sorts an SDK error into a final [`StoreError`] or a transient failure worth retrying. One
+/// rule for every request kind (listing pages, metadata and data GETs): see [`class_of`].
 fn classify<E>(bucket: &str, key: &str, err: SdkError<E, HttpResponse>) -> AttemptError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -318,22 +325,71 @@ where
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => err.raw_response().map(|r| r.status().as_u16()),
         _ => None,
     };
-    let code = err.code().map(str::to_owned);
-    let message = DisplayErrorContext(&err).to_string();
-    match (code.as_deref(), status) {
-        (Some("NoSuchBucket"), _) => AttemptError::Final(StoreError::NoSuchBucket(bucket.to_owned())),
-        (Some("NoSuchKey"), _) | (_, Some(404)) => AttemptError::Final(StoreError::NotFound(key.to_owned())),
-        (Some("PreconditionFailed"), _) | (_, Some(412)) => AttemptError::Final(StoreError::Changed(key.to_owned())),
-        (Some("AccessDenied"), _) | (_, Some(401 | 403)) => {
-            AttemptError::Final(StoreError::AccessDenied(format!("{key}: {message}")))
-        }
-        (_, Some(s)) if s == 429 || s >= 500 => AttemptError::Transient(message),
-        (_, Some(_)) => AttemptError::Final(StoreError::Other(format!("{key}: {message}"))),
-        (_, None) => match err {
-            SdkError::ConstructionFailure(_) => AttemptError::Final(StoreError::Other(message)),
-            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => AttemptError::NoConnection(root_cause(&err)),
-            _ => AttemptError::Transient(message),
-        },
+    let kind = match &err {
+        SdkError::ConstructionFailure(_) => Failure::Construction,
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => Failure::NoAnswer,
+        SdkError::ServiceError(_) => Failure::Service,
+        _ => Failure::Response,
+    };
+    // One short reason for logs and errors: the status and S3 code, else the innermost error.
+    let message = match (status, err.code()) {
+        (Some(status), Some(code)) => format!("HTTP {status} {code}: {}", err.message().unwrap_or("")),
+        (Some(status), None) => format!("HTTP {status}: {}", root_cause(&err)),
+        (None, _) => root_cause(&err),
+    };
+    match class_of(kind, status, err.code()) {
+        Class::NoSuchBucket => AttemptError::Final(StoreError::NoSuchBucket(bucket.to_owned())),
+        Class::NotFound => AttemptError::Final(StoreError::NotFound(key.to_owned())),
+        Class::Changed => AttemptError::Final(StoreError::Changed(key.to_owned())),
+        Class::Denied => AttemptError::Final(StoreError::AccessDenied(format!("{key}: {message}"))),
+        Class::Invalid => AttemptError::Final(StoreError::Other(format!("{key}: {message}"))),
+        Class::Retry => AttemptError::Transient(message),
+        Class::NoConnection => AttemptError::NoConnection(root_cause(&err)),
+    }
+}
+
+/// What kind of SDK failure an error is.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// The request could not even be built.
+    Construction,
+    /// No answer: connection refused or reset before a response, DNS, connect timeout.
+    NoAnswer,
+    /// The server answered with an S3 error.
+    Service,
+    /// An answer came, but its body could not be read or parsed (cut short, garbled).
+    Response,
+}
+
+/// How a failed attempt is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    NoSuchBucket,
+    NotFound,
+    Changed,
+    Denied,
+    Invalid,
+    Retry,
+    NoConnection,
+}
+
+/// The one classification of S3 outcomes. Final: 404 (or `NoSuchKey`/`NoSuchBucket`), 412,
+/// 401/403, other 4xx, a request that cannot be built. Retried: 5xx, 429, 408, throttling codes,
+/// a 2xx whose body was cut short or does not parse, and no answer at all.
+fn class_of(kind: Failure, status: Option<u16>, code: Option<&str>) -> Class {
+    match (kind, code, status) {
+        (Failure::Construction, ..) => Class::Invalid,
+        (_, Some("NoSuchBucket"), _) => Class::NoSuchBucket,
+        (_, Some("NoSuchKey"), _) | (_, _, Some(404)) => Class::NotFound,
+        (_, Some("PreconditionFailed"), _) | (_, _, Some(412)) => Class::Changed,
+        (_, Some("AccessDenied"), _) | (_, _, Some(401 | 403)) => Class::Denied,
+        (_, Some("SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"), _) => Class::Retry,
+        (_, _, Some(s)) if s == 408 || s == 429 || s >= 500 => Class::Retry,
+        // The status said all is well but the body did not arrive whole or does not parse.
+        (Failure::Response, _, Some(s)) if (200..300).contains(&s) => Class::Retry,
+        (_, _, Some(_)) => Class::Invalid,
+        (Failure::NoAnswer, _, None) => Class::NoConnection,
+        (_, _, None) => Class::Retry,
     }
 }
 
@@ -378,6 +434,34 @@ mod tests {
         assert!(!content_range_matches("bytes 0-99/1000", &(0..50)));
         assert!(!content_range_matches("bytes 1-100/1000", &(0..100)));
         assert!(!content_range_matches("garbage", &(0..100)));
+    }
+
+    #[test]
+    fn every_request_kind_shares_one_classification() {
+        use Failure::*;
+        // Retried: throttling, server errors, bodies cut short or unparsable under a 2xx.
+        for (kind, status, code) in [
+            (Service, Some(503), Some("SlowDown")),
+            (Service, Some(500), Some("InternalError")),
+            (Service, Some(429), None),
+            (Service, Some(408), None),
+            (Response, Some(502), None),
+            (Response, Some(200), None),
+            (Response, Some(206), None),
+            (Response, None, None),
+        ] {
+            assert_eq!(class_of(kind, status, code), Class::Retry, "{kind:?} {status:?} {code:?}");
+        }
+        assert_eq!(class_of(NoAnswer, None, None), Class::NoConnection);
+        // Final: gone, replaced, refused, a bad bucket, other client errors.
+        assert_eq!(class_of(Service, Some(404), Some("NoSuchKey")), Class::NotFound);
+        assert_eq!(class_of(Response, Some(404), None), Class::NotFound);
+        assert_eq!(class_of(Service, Some(404), Some("NoSuchBucket")), Class::NoSuchBucket);
+        assert_eq!(class_of(Service, Some(412), Some("PreconditionFailed")), Class::Changed);
+        assert_eq!(class_of(Service, Some(403), Some("AccessDenied")), Class::Denied);
+        assert_eq!(class_of(Service, Some(401), None), Class::Denied);
+        assert_eq!(class_of(Service, Some(400), Some("InvalidArgument")), Class::Invalid);
+        assert_eq!(class_of(Construction, None, None), Class::Invalid);
     }
 
     #[test]
