@@ -149,18 +149,19 @@ fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) 
 }
 
 /// The value of extended attribute `name` of a file or view, if it has one. A view's key and
-/// URL are those of the Zarr level it shows.
+/// URL are those of the Zarr level it shows. Only `user.cdpfs.cached` asks the block cache.
 fn xattr_value(name: &str, node: &Node, bucket: &str, data: &DataPath, views: &Catalog) -> Option<Vec<u8>> {
-    let (key, version, cached) = match node {
+    let (key, version) = match node {
         Node::Dir { .. } => return None,
-        Node::File(object) => (&object.key, &object.etag, data.cache().cached_bytes(object)),
-        Node::View(view) => (&view.level_prefix, &view.file.etag, views.cached_bytes(view)),
+        Node::File(object) => (&object.key, &object.etag),
+        Node::View(view) => (&view.level_prefix, &view.file.etag),
     };
-    let text = match name {
-        "user.cdpfs.key" => key.clone(),
-        "user.cdpfs.etag" => version.trim_matches('"').to_owned(),
-        "user.cdpfs.url" => format!("s3://{bucket}/{key}"),
-        "user.cdpfs.cached" => cached.to_string(),
+    let text = match (name, node) {
+        ("user.cdpfs.key", _) => key.clone(),
+        ("user.cdpfs.etag", _) => version.trim_matches('"').to_owned(),
+        ("user.cdpfs.url", _) => format!("s3://{bucket}/{key}"),
+        ("user.cdpfs.cached", Node::File(object)) => data.cache().cached_bytes(object).to_string(),
+        ("user.cdpfs.cached", Node::View(view)) => views.cached_bytes(view).to_string(),
         _ => return None,
     };
     Some(text.into_bytes())
@@ -402,15 +403,23 @@ impl Filesystem for CdpFs {
             Ok(node) => node,
             Err(e) => return reply.error(errno(&e)),
         };
-        let (name, data, bucket) = (name.to_string_lossy().into_owned(), self.data.clone(), self.bucket.clone());
-        let views = self.views.clone();
-        // "cached" looks at every block of the file: off the session thread.
-        self.spawn(async move {
-            match xattr_value(&name, &node, &bucket, &data, &views) {
-                Some(value) => reply_xattr(reply, size, &value),
-                None => reply.error(Errno::from_i32(libc::ENODATA)),
-            }
-        });
+        // Unknown names (SELinux and ACL probes of `ls -l`, `cp -a`, `rsync -X`) are answered
+        // at once, without touching the cache.
+        let Some(name) = name.to_str().filter(|n| XATTR_NAMES.contains(n)).map(str::to_owned) else {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        };
+        let (data, bucket, views) = (self.data.clone(), self.bucket.clone(), self.views.clone());
+        let cached = name == "user.cdpfs.cached";
+        let answer = move || match xattr_value(&name, &node, &bucket, &data, &views) {
+            Some(value) => reply_xattr(reply, size, &value),
+            None => reply.error(Errno::from_i32(libc::ENODATA)),
+        };
+        if cached {
+            // It looks at the file's blocks: off the session thread.
+            self.spawn(async move { answer() });
+        } else {
+            answer();
+        }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
