@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -21,6 +21,7 @@ use tracing::warn;
 use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
 use crate::stats::Stats;
+use crate::store::StoreError;
 use crate::views::{Catalog, OpenView};
 
 /// Preferred I/O size reported in `st_blksize` and `statfs`: large, so stdio and `cp` read
@@ -64,6 +65,7 @@ pub struct CdpFs {
     mounted_at: SystemTime,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     next_handle: AtomicU64,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl CdpFs {
@@ -89,7 +91,14 @@ impl CdpFs {
             mounted_at: SystemTime::now(),
             handles: Arc::default(),
             next_handle: AtomicU64::new(1),
+            notifier: Arc::default(),
         }
+    }
+
+    /// Where the session's notifier goes once the mount is live (the kernel's entries are
+    /// invalidated through it when an object turns out replaced).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn attr(&self, ino: u64, node: &Node) -> FileAttr {
@@ -178,6 +187,16 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
     }
 }
 
+/// Drops the kernel's entry `name` in `parent` and the cached pages and attributes of `ino`.
+fn invalidate(notifier: &fuser::Notifier, parent: u64, name: &str, ino: u64) {
+    if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
+        tracing::debug!(parent, name, error = %e, "could not invalidate the kernel's entry");
+    }
+    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+        tracing::debug!(ino, error = %e, "could not invalidate the kernel's inode");
+    }
+}
+
 fn errno(e: &NamespaceError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -233,6 +252,8 @@ impl Filesystem for CdpFs {
             return;
         }
         match self.namespace.node(ino.0) {
+            // Replaced since it was listed: the kernel then looks the name up again.
+            Ok(Node::File(_)) if self.namespace.is_stale(ino.0) => reply.error(Errno::ESTALE),
             Ok(Node::File(object)) => {
                 let fh = self.add_handle(Handle::File(Arc::new(self.data.open(object))));
                 // Objects are immutable per (key, ETag) and a new ETag gets a new inode, so the
@@ -253,7 +274,7 @@ impl Filesystem for CdpFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -263,6 +284,7 @@ impl Filesystem for CdpFs {
     ) {
         let handle = self.handle(fh);
         let (data, views, stats) = (self.data.clone(), self.views.clone(), self.stats.clone());
+        let (namespace, notifier) = (self.namespace.clone(), self.notifier.clone());
         self.spawn(async move {
             let started = std::time::Instant::now();
             let (key, result) = match &handle {
@@ -271,12 +293,23 @@ impl Filesystem for CdpFs {
                 Some(Handle::Dir(_)) | None => return reply.error(Errno::EBADF),
             };
             stats.reads.record(result.as_ref().ok().map(|b| b.len()), started.elapsed());
-            match result {
-                Ok(bytes) => reply.data(&bytes),
-                Err(e) => {
-                    warn!(%key, offset, size, error = %e, "read failed");
-                    reply.error(Errno::from_i32(e.errno()));
+            let error = match result {
+                Ok(bytes) => return reply.data(&bytes),
+                Err(e) => e,
+            };
+            warn!(%key, offset, size, error = %error, "read failed");
+            // Replaced or deleted since it was listed: the next open must see what is there now.
+            let changed = match (&handle, &error) {
+                (Some(Handle::File(_)), StoreError::Changed(_) | StoreError::NotFound(_)) => {
+                    namespace.object_changed(ino.0, key).await
                 }
+                _ => None,
+            };
+            reply.error(Errno::from_i32(error.errno()));
+            if let (Some((parent, name)), Some(notifier)) = (changed, notifier.get().cloned()) {
+                // The kernel may wait on this very read's pages while it invalidates: never from
+                // a FUSE thread nor an I/O worker, and only once the reply is out.
+                tokio::task::spawn_blocking(move || invalidate(&notifier, parent, &name, ino.0));
             }
         });
     }

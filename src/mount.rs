@@ -109,8 +109,10 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         runtime.spawn(serve_metrics(listener, stats.clone(), data.clone()));
     }
     let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats);
+    let notifier = fs.notifier_slot();
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     raise_kernel_readahead(&mountpoint);
     // The mount is live (the kernel handshake is done); don't keep the caller's cwd busy.
     let _ = std::env::set_current_dir("/");

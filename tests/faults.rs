@@ -266,3 +266,47 @@ fn a_zattrs_that_cannot_be_read_hides_the_views_not_the_folder() {
     let mount = common::Mounted::new("zattrs-ok", &["--no-disk-cache"]);
     assert!(mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc")).exists());
 }
+
+/// A bucket of its own (objects are replaced during the test): `key` holding `bytes`, and a
+/// neighbour, served by a server of its own.
+fn own_bucket(name: &str, faults: Faults, key: &str, bytes: &[u8]) -> (std::path::PathBuf, Server) {
+    let root = common::scratch_dir(name);
+    common::put_object(&root, key, bytes);
+    common::put_object(&root, "replaced/neighbour.json", b"{\"n\": 1}");
+    let server = start_server(&root, faults);
+    (root, server)
+}
+
+#[test]
+fn a_replaced_object_fails_open_handles_with_estale_and_the_next_open_reads_the_new_bytes() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let key = "replaced/tomogram.mrc";
+    let (old, new) = (common::noise(1, 8 << 20), common::noise(2, (8 << 20) + 4096));
+    let (root, server) = own_bucket("bucket-replaced", Faults::default(), key, &old);
+    // A long TTL with a disk cache: the cached and the saved listings must both be dropped.
+    let mount = common::Mounted::on(&server, "replaced-live", &["--metadata-ttl", "1h"]);
+    // O_DIRECT: no kernel read-ahead, so cdpfs sees exactly these reads (and fetches no more).
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(mount.join(key)).unwrap();
+    let mut head = vec![0u8; 65536];
+    file.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == old[..65536]);
+    common::put_object(&root, key, &new);
+    // The handle opened on the old version: a part it has not read yet fails, never new bytes.
+    let mut tail = vec![0u8; 65536];
+    let error = file.read_exact_at(&mut tail, 6 << 20).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
+    if file.read_exact_at(&mut head, 0).is_ok() {
+        assert!(head == old[..65536], "the old handle served new bytes");
+    }
+    drop(file);
+    // A new open (no wait for any TTL) sees the new version, whole.
+    let mut bytes = Vec::new();
+    File::open(mount.join(key)).unwrap().read_to_end(&mut bytes).unwrap();
+    assert!(bytes == new, "the next open did not read the new version");
+    assert_eq!(fs::metadata(mount.join(key)).unwrap().len(), new.len() as u64);
+    eprintln!(
+        "replaced: old handle ESTALE at 6 MiB, new open read {} new bytes; {} listing pages",
+        bytes.len(),
+        server.lists.load(Ordering::SeqCst)
+    );
+}

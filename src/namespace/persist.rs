@@ -72,6 +72,11 @@ impl ListingStore {
         Some(PrefixListing { prefixes: saved.prefixes, objects })
     }
 
+    /// Drops the saved listing of `prefix` (an object in it changed), so it is listed again.
+    pub fn forget(&self, prefix: &str) {
+        let _ = fs::remove_file(self.path(prefix));
+    }
+
     /// Saves a fresh listing of `prefix`. Failures are ignored: this is only a cache.
     pub fn save(&self, prefix: &str, listing: &PrefixListing) {
         let saved = Saved {
@@ -133,6 +138,8 @@ mod tests {
         assert!(store.load("b/").is_none());
         let other = ListingStore::open(dir.path(), "other-bucket", Duration::from_secs(60)).unwrap();
         assert!(other.load("a/").is_none());
+        store.forget("a/");
+        assert!(store.load("a/").is_none(), "a forgotten listing is listed again");
     }
 
     #[test]

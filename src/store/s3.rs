@@ -144,7 +144,11 @@ impl S3Store {
             match tokio::time::timeout(limit, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(AttemptError::Final(e))) => {
-                    warn!(what, error = %e, "S3 request failed");
+                    // A missing bucket is the mount's own error (`cdpfs mount` reports it and
+                    // exits), not one request's.
+                    if !matches!(e, StoreError::NoSuchBucket(_)) {
+                        warn!(what, error = %e, "S3 request failed");
+                    }
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
                     return Err(e);
                 }

@@ -59,7 +59,7 @@ pub struct Faults {
     /// body, then goes silent.
     pub stall_first: Option<&'static str>,
     /// A mirror without ETags: listings carry none, GET answers have no `ETag` header, and an
-    /// `If-Match` can never match (412).
+    /// `If-Match` can never match (412). Otherwise listings carry each object's ETag, as S3's do.
     pub no_etags: bool,
 }
 
@@ -170,6 +170,7 @@ fn remove_stale_scratch_dirs() {
 /// What the server's request handler shares between connections.
 #[derive(Clone)]
 struct ServerState {
+    root: PathBuf,
     faults: Faults,
     gets: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
@@ -187,6 +188,7 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
     let root = root.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
     let state = ServerState {
+        root: root.clone(),
         faults,
         gets: Arc::default(),
         bytes: Arc::default(),
@@ -232,8 +234,8 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
 }
 
 /// One request through s3s-fs: counts object GETs (not listings) and their body bytes as the
-/// origin sees them, answers `If-Match` (s3s-fs ignores it), and injects the configured faults
-/// into any request, listings included.
+/// origin sees them, answers `If-Match` and lists ETags (s3s-fs does neither), and injects the
+/// configured faults into any request, listings included.
 async fn serve_request(
     service: s3s::service::S3Service,
     state: ServerState,
@@ -285,18 +287,19 @@ async fn serve_request(
         state.bytes.fetch_add(length.and_then(|v| v.parse().ok()).unwrap_or(0), Ordering::SeqCst);
     }
     let body_fault = fault.filter(|_| parts.status.is_success());
-    if !(faults.no_etags || body_fault.is_some()) {
+    let add_etags = listing && parts.status.is_success() && !faults.no_etags;
+    if faults.no_etags {
+        parts.headers.remove("etag");
+    }
+    if !add_etags && body_fault.is_none() {
         if listing && parts.status.is_success() {
             state.lists.fetch_add(1, Ordering::SeqCst);
         }
         return Ok(hyper::Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body)));
     }
     let mut all = http_body_util::BodyExt::collect(body).await.map_err(s3s::HttpError::new)?.to_bytes();
-    if faults.no_etags {
-        parts.headers.remove("etag");
-        if listing {
-            all = strip_etags(&all).into();
-        }
+    if add_etags {
+        all = with_etags(&all, &state.root).into();
     }
     // Every body below is announced whole, whatever reaches the client.
     parts.headers.insert("content-length", all.len().into());
@@ -353,21 +356,38 @@ fn error_response(status: u16, code: &str) -> hyper::Response<TestBody> {
     hyper::Response::builder().status(status).body(body).unwrap()
 }
 
-/// A ListObjectsV2 answer without its `<ETag>` elements.
-fn strip_etags(xml: &[u8]) -> Vec<u8> {
+/// A ListObjectsV2 answer with each object's ETag (as the object's GET answers it) added.
+fn with_etags(xml: &[u8], root: &Path) -> Vec<u8> {
     let text = String::from_utf8_lossy(xml);
-    let mut out = String::with_capacity(text.len());
+    let mut out = String::with_capacity(text.len() * 2);
     let mut rest = &text[..];
-    while let Some(start) = rest.find("<ETag>") {
-        out.push_str(&rest[..start]);
-        let Some(end) = rest[start..].find("</ETag>") else {
-            out.push_str(&rest[start..]);
-            return out.into_bytes();
-        };
-        rest = &rest[start + end + "</ETag>".len()..];
+    while let Some(end) = rest.find("</Key>") {
+        let (before, after) = rest.split_at(end + "</Key>".len());
+        out.push_str(before);
+        let key = before.rfind("<Key>").map(|start| xml_unescape(&before[start + "<Key>".len()..end]));
+        if let Some(etag) = key.and_then(|key| etag_of(root, &key)) {
+            out.push_str(&format!("<ETag>\"{etag}\"</ETag>"));
+        }
+        rest = after;
     }
     out.push_str(rest);
     out.into_bytes()
+}
+
+fn xml_unescape(text: &str) -> String {
+    text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&")
+}
+
+/// Where s3s-fs keeps the ETag of `key` (it re-hashes the file on every request without it).
+fn sidecar(root: &Path, key: &str) -> PathBuf {
+    let encode = |s: &str| base64_simd::URL_SAFE_NO_PAD.encode_to_string(s);
+    root.join(format!(".bucket-{}.object-{}.internal.json", encode(BUCKET), encode(key)))
+}
+
+/// The ETag (unquoted) s3s-fs answers for `key`, when it has one saved.
+fn etag_of(root: &Path, key: &str) -> Option<String> {
+    let saved: serde_json::Value = serde_json::from_slice(&fs::read(sidecar(root, key)).ok()?).ok()?;
+    saved.get("e_tag")?.as_str().map(str::to_owned)
 }
 
 /// Decodes `%XX` escapes in a request path.
@@ -550,18 +570,22 @@ pub fn build_fixture(root: &Path) -> Fixture {
         json(&[("deposition_identifier", "10310")]),
     );
 
-    let bucket_dir = root.join(BUCKET);
     for (key, bytes) in &objects {
-        let path = bucket_dir.join(key);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, bytes).unwrap();
-        // s3s-fs re-hashes a file for its ETag on every request unless this sidecar exists.
-        let encode = |s: &str| base64_simd::URL_SAFE_NO_PAD.encode_to_string(s);
-        let sidecar = root.join(format!(".bucket-{}.object-{}.internal.json", encode(BUCKET), encode(key)));
-        let etag = format!("{:016x}{:016x}", cdpfs::hash::stable_hash(&[bytes]), bytes.len());
-        fs::write(sidecar, format!("{{\"e_tag\":\"{etag}\"}}")).unwrap();
+        put_object(root, key, bytes);
     }
     Fixture { root: root.to_path_buf(), objects }
+}
+
+/// Writes (or replaces, with a new ETag) object `key` of the bucket s3s-fs serves from `root`.
+pub fn put_object(root: &Path, key: &str, bytes: &[u8]) {
+    let path = root.join(BUCKET).join(key);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let etag = format!("{:016x}{:016x}", cdpfs::hash::stable_hash(&[bytes]), bytes.len());
+    // Replaced in place by rename, as an upload would: a reader never sees half a file.
+    let temp = path.with_extension("upload-tmp");
+    fs::write(&temp, bytes).unwrap();
+    fs::rename(&temp, &path).unwrap();
+    fs::write(sidecar(root, key), format!("{{\"e_tag\":\"{etag}\"}}")).unwrap();
 }
 
 /// A Python with mrcfile, zarr (v2) and numpy: `$CDPFS_TEST_PYTHON`, else `python3` if it has
