@@ -402,7 +402,7 @@ http {{
             proxy_set_header Host $http_host;
             proxy_set_header Range $http_range;
             proxy_cache s3;
-            proxy_cache_key "$request_method $uri$is_args$args $http_range";
+            proxy_cache_key "$request_method $uri$is_args$args $http_range $http_if_match";
             proxy_cache_valid 200 206 1h;
             proxy_cache_lock on;
             proxy_ignore_headers Cache-Control Expires Set-Cookie;
@@ -458,4 +458,29 @@ fn two_mounts_behind_a_caching_proxy_cost_the_origin_one_fetch_per_range() {
     assert_eq!(distinct.len(), ranges.len(), "the origin served a range twice: {ranges:?}");
     assert!(gets_per_mount[0] > 4, "the first mount's reads never reached the origin: {gets_per_mount:?}");
     assert!(gets_per_mount[1] * 4 < gets_per_mount[0], "the second mount mostly missed the proxy: {gets_per_mount:?}");
+}
+
+#[test]
+fn a_replaced_object_is_read_new_through_the_site_cache() {
+    let _serial = serial();
+    let key = "replaced/tomogram.mrc";
+    let (old, new) = (common::noise(3, 6 << 20), common::noise(4, (6 << 20) + 4096));
+    let root = common::scratch_dir("bucket-proxy-replaced");
+    common::put_object(&root, key, &old);
+    let server = common::start_server(&root, common::Faults::default());
+    let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    let first = Mounted::on(&server, "proxy-old", &["--endpoint-url", &nginx.url]);
+    assert!(read_all(&first.join(key)) == old, "wrong bytes through the proxy");
+    drop(first);
+    let served_before = server.gets.load(Ordering::SeqCst);
+    // Re-ingested: new bytes, new ETag. The proxy still holds the old version's ranges.
+    common::put_object(&root, key, &new);
+    let second = Mounted::on(&server, "proxy-new", &["--endpoint-url", &nginx.url]);
+    let mut bytes = Vec::new();
+    let read = File::open(second.join(key)).unwrap().read_to_end(&mut bytes);
+    assert!(read.is_ok(), "the proxy served the old version for the new ETag: {read:?}");
+    assert!(bytes == new, "wrong bytes for the new version through the proxy");
+    let origin = server.gets.load(Ordering::SeqCst) - served_before;
+    eprintln!("proxy after re-ingest: {} new bytes, {origin} GETs reached the origin", bytes.len());
+    assert!(origin > 0, "the new version was never fetched from the origin");
 }
