@@ -310,3 +310,59 @@ fn a_replaced_object_fails_open_handles_with_estale_and_the_next_open_reads_the_
         server.lists.load(Ordering::SeqCst)
     );
 }
+
+/// Opens `path` with O_DIRECT: no kernel read-ahead, so cdpfs sees exactly the reads made.
+fn open_direct(path: &Path) -> File {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).unwrap()
+}
+
+/// Replaces `key` with `bytes`, stamped `later` than it was (a mirror's Last-Modified).
+fn replace_later(root: &Path, key: &str, bytes: &[u8], later: Duration) {
+    let path = root.join(common::BUCKET).join(key);
+    let before = fs::metadata(&path).unwrap().modified().unwrap();
+    common::put_object(root, key, bytes);
+    File::options().write(true).open(&path).unwrap().set_modified(before + later).unwrap();
+}
+
+#[test]
+fn a_mirror_without_etags_never_serves_old_or_mixed_bytes_after_a_replacement() {
+    use std::os::unix::fs::FileExt;
+    // `cached` is read whole each time (its blocks are cached under the version); `fetched` only
+    // through an O_DIRECT handle, so the read after the replacement reaches the server.
+    let (cached, fetched) = ("replaced/tomogram.mrc", "replaced/other.mrc");
+    let versions = [common::noise(5, 8 << 20), common::noise(6, (8 << 20) + 4096), common::noise(7, (8 << 20) + 4096)];
+    // The server lists no ETags, sends none, and fails any If-Match (412).
+    let faults = Faults { no_etags: true, ..Faults::default() };
+    let (root, server) = own_bucket("bucket-no-etags", faults, cached, &versions[0]);
+    common::put_object(&root, fetched, &versions[0]);
+    let ttl = Duration::from_secs(2);
+    let mount = common::Mounted::on(&server, "no-etags", &["--metadata-ttl", "2s"]);
+    let version = cdpfs::stage::xattr(&mount.join(cached), "user.cdpfs.etag").unwrap();
+    assert!(version.starts_with("synth:"), "no version synthesized from size and mtime: {version:?}");
+    assert!(common::read_whole(&mount.join(cached)) == versions[0]);
+    // Then a new size (version 1), then the same size with a later mtime (version 2).
+    for (n, new) in versions.iter().enumerate().skip(1) {
+        let old = &versions[n - 1];
+        let file = open_direct(&mount.join(fetched));
+        let mut head = vec![0u8; 65536];
+        file.read_exact_at(&mut head, 0).unwrap();
+        assert!(head == old[..65536], "version {n}: the old version before replacing");
+        replace_later(&root, cached, new, Duration::from_secs(10));
+        replace_later(&root, fetched, new, Duration::from_secs(10));
+        // The old handle's next GET: the answer's size or mtime gives the replacement away.
+        let mut tail = vec![0u8; 65536];
+        let error = file.read_exact_at(&mut tail, 6 << 20).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "version {n}: {error}");
+        drop(file);
+        // Once the listing shows the new size/mtime, the old bytes are never served again,
+        // though every block of the old version is still cached.
+        std::thread::sleep(ttl + Duration::from_millis(500));
+        assert!(common::read_whole(&mount.join(cached)) == *new, "version {n}: {cached}: not the new bytes");
+        // (Only a piece of the other, so that none of its blocks is cached for the next round.)
+        open_direct(&mount.join(fetched)).read_exact_at(&mut head, 0).unwrap();
+        assert!(head == new[..65536], "version {n}: {fetched}: not the new bytes");
+        let now = cdpfs::stage::xattr(&mount.join(cached), "user.cdpfs.etag").unwrap();
+        eprintln!("no ETags, version {n} ({now}): the old handle got ESTALE; new opens read the new bytes");
+    }
+}

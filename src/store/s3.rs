@@ -194,15 +194,14 @@ impl S3Store {
             .contents()
             .iter()
             .filter_map(|o| {
-                Some(ObjectMeta {
-                    key: o.key()?.to_owned(),
-                    size: u64::try_from(o.size().unwrap_or(0)).unwrap_or(0),
-                    etag: o.e_tag().unwrap_or_default().to_owned(),
-                    mtime: o
-                        .last_modified()
-                        .and_then(|t| SystemTime::try_from(*t).ok())
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
-                })
+                let size = u64::try_from(o.size().unwrap_or(0)).unwrap_or(0);
+                let mtime =
+                    o.last_modified().and_then(|t| SystemTime::try_from(*t).ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+                let etag = match o.e_tag() {
+                    Some(etag) if !etag.is_empty() => etag.to_owned(),
+                    _ => ObjectMeta::synthesized_version(size, mtime),
+                };
+                Some(ObjectMeta { key: o.key()?.to_owned(), size, etag, mtime })
             })
             .collect();
         let next =
@@ -235,14 +234,24 @@ impl S3Store {
             range.start,
             range.end - 1
         ));
-        if !object.etag.is_empty() {
-            request = request.if_match(&object.etag);
+        let etag = object.server_etag();
+        if let Some(etag) = etag {
+            request = request.if_match(etag);
         }
         let out = request.send().await.map_err(|e| classify(&self.bucket, &object.key, e))?;
-        if let Some(etag) = out.e_tag() {
-            if !object.etag.is_empty() && etag != object.etag {
-                return Err(AttemptError::Final(StoreError::Changed(object.key.clone())));
-            }
+        let changed = || AttemptError::Final(StoreError::Changed(object.key.clone()));
+        if etag.is_some_and(|listed| out.e_tag().is_some_and(|answered| answered != listed)) {
+            return Err(changed());
+        }
+        // Without an ETag to pin (or a server that ignores If-Match), the size and mtime the
+        // answer reports must still be the listed ones.
+        let total = out.content_range().and_then(content_range_total);
+        if total.is_some_and(|total| total != object.size) {
+            return Err(changed());
+        }
+        let answered_mtime = out.last_modified().and_then(|t| SystemTime::try_from(*t).ok());
+        if etag.is_none() && answered_mtime.is_some_and(|t| newer_than_listed(t, object.mtime)) {
+            return Err(changed());
         }
         let expected = range.end - range.start;
         if let Some(content_range) = out.content_range() {
@@ -377,15 +386,16 @@ enum Class {
     NoConnection,
 }
 
-/// The one classification of S3 outcomes. Final: 404 (or `NoSuchKey`/`NoSuchBucket`), 412,
-/// 401/403, other 4xx, a request that cannot be built. Retried: 5xx, 429, 408, throttling codes,
+/// The one classification of S3 outcomes. Final: 404 (or `NoSuchKey`/`NoSuchBucket`), 412 and
+/// 416 (changed since listed), 401/403, other 4xx, a request that cannot be built. Retried: 5xx, 429, 408, throttling codes,
 /// a 2xx whose body was cut short or does not parse, and no answer at all.
 fn class_of(kind: Failure, status: Option<u16>, code: Option<&str>) -> Class {
     match (kind, code, status) {
         (Failure::Construction, ..) => Class::Invalid,
         (_, Some("NoSuchBucket"), _) => Class::NoSuchBucket,
         (_, Some("NoSuchKey"), _) | (_, _, Some(404)) => Class::NotFound,
-        (_, Some("PreconditionFailed"), _) | (_, _, Some(412)) => Class::Changed,
+        // 416: a range inside the listed size is past the object's end: it shrank.
+        (_, Some("PreconditionFailed" | "InvalidRange"), _) | (_, _, Some(412 | 416)) => Class::Changed,
         (_, Some("AccessDenied"), _) | (_, _, Some(401 | 403)) => Class::Denied,
         (_, Some("SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"), _) => Class::Retry,
         (_, _, Some(s)) if s == 408 || s == 429 || s >= 500 => Class::Retry,
@@ -420,6 +430,18 @@ fn content_range_matches(header: &str, range: &Range<u64>) -> bool {
     first.parse::<u64>().ok() == Some(range.start) && last.parse::<u64>().ok() == Some(range.end - 1)
 }
 
+/// The object size a `Content-Range: bytes a-b/n` header reports (`None` for `*` or garbage).
+fn content_range_total(header: &str) -> Option<u64> {
+    header.trim().strip_prefix("bytes ")?.split_once('/')?.1.parse().ok()
+}
+
+/// Whether a `Last-Modified` answer (whole seconds) says the object is newer than the listed
+/// mtime (which may carry a fraction of a second). An unknown listed mtime never is.
+fn newer_than_listed(answered: SystemTime, listed: SystemTime) -> bool {
+    let secs = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    listed != SystemTime::UNIX_EPOCH && secs(answered) > secs(listed)
+}
+
 /// Full-jitter exponential backoff for retry number `n` (1 for the first retry).
 fn jittered_backoff(policy: &RetryPolicy, n: u32) -> Duration {
     let ceiling = policy.base_backoff.saturating_mul(1u32 << n.min(16)).min(policy.max_backoff);
@@ -438,6 +460,28 @@ mod tests {
         assert!(!content_range_matches("bytes 0-99/1000", &(0..50)));
         assert!(!content_range_matches("bytes 1-100/1000", &(0..100)));
         assert!(!content_range_matches("garbage", &(0..100)));
+    }
+
+    #[test]
+    fn size_and_mtime_answers_are_checked_against_the_listing() {
+        assert_eq!(content_range_total("bytes 0-99/1000"), Some(1000));
+        assert_eq!(content_range_total("bytes 0-99/*"), None);
+        assert_eq!(content_range_total("garbage"), None);
+        let listed = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_500);
+        let header = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        assert!(!newer_than_listed(header(1_700_000_000), listed), "same second, fraction dropped");
+        assert!(newer_than_listed(header(1_700_000_001), listed));
+        assert!(!newer_than_listed(header(1_700_000_001), SystemTime::UNIX_EPOCH));
+        let synthesized = ObjectMeta {
+            key: "k".into(),
+            size: 1000,
+            etag: ObjectMeta::synthesized_version(1000, listed),
+            mtime: listed,
+        };
+        assert_eq!(synthesized.etag, "synth:1000-1700000000500000000");
+        assert_eq!(synthesized.server_etag(), None, "never sent as If-Match");
+        assert_eq!(ObjectMeta { etag: "\"e\"".into(), ..synthesized.clone() }.server_etag(), Some("\"e\""));
+        assert_eq!(ObjectMeta { etag: String::new(), ..synthesized }.server_etag(), None);
     }
 
     #[test]
@@ -462,6 +506,7 @@ mod tests {
         assert_eq!(class_of(Response, Some(404), None), Class::NotFound);
         assert_eq!(class_of(Service, Some(404), Some("NoSuchBucket")), Class::NoSuchBucket);
         assert_eq!(class_of(Service, Some(412), Some("PreconditionFailed")), Class::Changed);
+        assert_eq!(class_of(Service, Some(416), Some("InvalidRange")), Class::Changed);
         assert_eq!(class_of(Service, Some(403), Some("AccessDenied")), Class::Denied);
         assert_eq!(class_of(Service, Some(401), None), Class::Denied);
         assert_eq!(class_of(Service, Some(400), Some("InvalidArgument")), Class::Invalid);

@@ -613,6 +613,13 @@ pub fn run_python(python: &str, args: &[&std::ffi::OsStr], marker: &str) {
     );
 }
 
+/// The whole of the file at `path`.
+pub fn read_whole(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut fs::File::open(path).unwrap(), &mut bytes).unwrap();
+    bytes
+}
+
 /// The `cdpfs` binary under test.
 pub fn cdpfs() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cdpfs"))
