@@ -157,6 +157,20 @@ fn a_stalled_body_is_abandoned_and_the_read_completes_by_retry() {
 }
 
 #[test]
+fn a_stalled_listing_page_is_abandoned_and_the_lookup_completes_by_retry() {
+    let (fixture, _) = shared();
+    let key = "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc";
+    // The first request naming this folder is the listing of `10001/24apr23a_Position_12/`.
+    let faults = Faults { stall_first: Some("24apr23a_Position_12/"), ..Faults::default() };
+    let (server, mount) = mount_faulty("stall-list", faults, &["--stall-timeout", "1s", "--list-ahead", "0"]);
+    let started = Instant::now();
+    assert_eq!(fs::read(mount.join(key)).unwrap(), fixture.objects[key]);
+    let elapsed = started.elapsed();
+    assert_eq!(server.injected_lists.load(Ordering::SeqCst), 1, "the listing stall was not injected");
+    assert!(elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(8), "took {elapsed:?}");
+}
+
+#[test]
 fn a_full_cache_disk_degrades_to_memory_and_reads_stay_correct() {
     common::require_fuse();
     let (fixture, _) = shared();
