@@ -16,7 +16,7 @@ use fuser::{
     KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
@@ -190,10 +190,10 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
 /// Drops the kernel's entry `name` in `parent` and the cached pages and attributes of `ino`.
 fn invalidate(notifier: &fuser::Notifier, parent: u64, name: &str, ino: u64) {
     if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
-        tracing::debug!(parent, name, error = %e, "could not invalidate the kernel's entry");
+        debug!(parent, name, error = %e, "could not invalidate the kernel's entry");
     }
     if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-        tracing::debug!(ino, error = %e, "could not invalidate the kernel's inode");
+        debug!(ino, error = %e, "could not invalidate the kernel's inode");
     }
 }
 
@@ -297,7 +297,12 @@ impl Filesystem for CdpFs {
                 Ok(bytes) => return reply.data(&bytes),
                 Err(e) => e,
             };
-            warn!(%key, offset, size, error = %error, "read failed");
+            // A failed request was logged once by the store, with its key; anything else here.
+            if error.logged() {
+                debug!(%key, offset, size, error = %error, "read failed");
+            } else {
+                warn!(%key, offset, size, error = %error, "read failed");
+            }
             // Replaced or deleted since it was listed: the next open must see what is there now.
             let changed = match (&handle, &error) {
                 (Some(Handle::File(_)), StoreError::Changed(_) | StoreError::NotFound(_)) => {

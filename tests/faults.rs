@@ -25,10 +25,16 @@ fn mount_faulty(name: &str, faults: Faults, extra: &[&str]) -> (Server, common::
     (server, common::Mounted { path })
 }
 
-/// The lines of the mount's log file that report a request which failed for good and name `key`.
+/// The warnings in the mount's log file that name `key`, each of which must report a request
+/// that failed for good.
 fn failure_lines(log: &Path, key: &str) -> Vec<String> {
     let text = fs::read_to_string(log).unwrap_or_default();
-    text.lines().filter(|l| l.contains("S3 request failed") && l.contains(key)).map(str::to_owned).collect()
+    let lines: Vec<String> =
+        text.lines().filter(|l| l.contains(" WARN ") && l.contains(key)).map(str::to_owned).collect();
+    for line in &lines {
+        assert!(line.contains("S3 request failed"), "a second warning about {key}: {line}");
+    }
+    lines
 }
 
 #[test]

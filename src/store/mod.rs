@@ -74,12 +74,22 @@ pub enum StoreError {
     /// The endpoint could not be reached or did not answer in time.
     #[error("cannot reach the S3 endpoint: {0}")]
     Unreachable(String),
-    /// Anything else the server or transport reported, after retries.
+    /// A request failed for good for another reason: server errors past the retries, or a
+    /// client error not retried.
+    #[error("{0}")]
+    Failed(String),
+    /// Anything else (data that cannot be decoded, a task that failed).
     #[error("{0}")]
     Other(String),
 }
 
 impl StoreError {
+    /// Whether this is a request that failed for good, which the store has logged already
+    /// (one line with its key and reason).
+    pub fn logged(&self) -> bool {
+        !matches!(self, StoreError::Other(_))
+    }
+
     /// The errno a filesystem caller should see for this failure.
     pub fn errno(&self) -> i32 {
         match self {

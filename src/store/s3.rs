@@ -163,7 +163,7 @@ impl S3Store {
         warn!(what, elapsed = ?started.elapsed(), error = %last_error, "S3 request failed after retries");
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         Err(if connected {
-            StoreError::Other(format!("{what}: {last_error}"))
+            StoreError::Failed(format!("{what}: {last_error}"))
         } else {
             StoreError::Unreachable(last_error)
         })
@@ -355,7 +355,7 @@ where
         Class::NotFound => AttemptError::Final(StoreError::NotFound(key.to_owned())),
         Class::Changed => AttemptError::Final(StoreError::Changed(key.to_owned())),
         Class::Denied => AttemptError::Final(StoreError::AccessDenied(format!("{key}: {message}"))),
-        Class::Invalid => AttemptError::Final(StoreError::Other(format!("{key}: {message}"))),
+        Class::Invalid => AttemptError::Final(StoreError::Failed(format!("{key}: {message}"))),
         Class::Retry => AttemptError::Transient(message),
         Class::NoConnection => AttemptError::NoConnection(root_cause(&err)),
     }
