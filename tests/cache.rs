@@ -484,3 +484,48 @@ fn a_replaced_object_is_read_new_through_the_site_cache() {
     eprintln!("proxy after re-ingest: {} new bytes, {origin} GETs reached the origin", bytes.len());
     assert!(origin > 0, "the new version was never fetched from the origin");
 }
+
+#[test]
+fn xattr_probes_of_unknown_names_do_not_look_at_the_cache() {
+    let _serial = serial();
+    let Some(strace) = ["/usr/bin/strace", "/bin/strace"].into_iter().find(|p| Path::new(p).exists()) else {
+        eprintln!("SKIPPED: strace not installed");
+        return;
+    };
+    let (fixture, _) = shared();
+    let key = mrc_key();
+    let cache = common::scratch_dir("cache-xattr-probe");
+    // Every block on disk, none in the memory of the mount probed.
+    let filled = Mounted::with_cache("xattr-fill", &cache);
+    assert!(read_all(&filled.join(&key)) == fixture.objects[&key]);
+    drop(filled);
+    let mount = Mounted::with_cache("xattr-probe", &cache);
+    let path = mount.join(&key);
+    assert!(fs::metadata(&path).unwrap().len() > 8 << 20, "a file of several blocks");
+    let trace = common::scratch_dir("xattr-strace").join("trace.txt");
+    let pid = common::serving_pid(&mount.path).unwrap().to_string();
+    let mut tracer = Command::new(strace)
+        .args(["-f", "-qq", "-e", "trace=%file", "-o", trace.to_str().unwrap(), "-p", &pid])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // attached to every thread
+                                                // What `ls -l`, `cp -a` and `rsync -X` ask.
+    let probes = ["security.selinux", "system.posix_acl_access", "user.unknown"];
+    for _ in 0..10 {
+        for name in probes {
+            let error = cdpfs::stage::xattr(&path, name).unwrap_err();
+            assert_eq!(error.raw_os_error(), Some(libc::ENODATA), "{name}: {error}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling a child we started and still own.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let _ = tracer.wait();
+    let text = fs::read_to_string(&trace).unwrap();
+    let cache_name = cache.file_name().unwrap().to_str().unwrap();
+    let touched: Vec<&str> = text.lines().filter(|l| l.contains(cache_name)).collect();
+    eprintln!("30 xattr probes of unknown names: {} file syscalls on the cache dir", touched.len());
+    assert!(touched.is_empty(), "unknown xattr names looked at the cache: {:?}", &touched[..touched.len().min(5)]);
+}
