@@ -102,7 +102,8 @@ struct BucketArgs {
     #[arg(long, env = "CDPFS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
 
-    /// Abandon and retry a download that delivers no data for this long.
+    /// Abandon and retry a download that delivers no data for this long, or a listing page
+    /// that has not arrived whole by then.
     #[arg(long, env = "CDPFS_STALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
 }

@@ -163,9 +163,12 @@ impl InodeTable {
     fn ino_for(&mut self, node: &Node) -> u64 {
         let identity = Self::identity(node);
         if let Some(&ino) = self.by_identity.get(&identity) {
-            // Same key and ETag: keep the inode, refresh what the listing says (e.g. mtime).
+            // Same key and ETag: keep the inode, refresh what the listing says (e.g. mtime). A
+            // fresh listing that still has this version clears a stale mark (a 404 or 412 that
+            // was not a re-ingest after all: the next read will tell again).
             if let Some(slot) = self.nodes.get_mut(&ino) {
                 slot.node = node.clone();
+                slot.stale = false;
             }
             return ino;
         }
@@ -574,6 +577,12 @@ mod tests {
         let new = ns.lookup(d, "x.json").await.unwrap();
         assert_ne!(new.ino, old);
         assert!(matches!(new.node, Node::File(ref o) if o.etag == "\"2\""));
+        assert!(!ns.is_stale(new.ino));
+        assert!(ns.is_stale(old), "the old version stays stale");
+        // A 412 or 404 the next listing does not confirm: the same inode, usable again.
+        ns.object_changed(new.ino, "d/x.json").await;
+        assert!(ns.is_stale(new.ino));
+        assert_eq!(ns.lookup(d, "x.json").await.unwrap().ino, new.ino);
         assert!(!ns.is_stale(new.ino));
     }
 
