@@ -112,11 +112,12 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     let notifier = fs.notifier_slot();
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
-    let _ = notifier.set(session.notifier());
     raise_kernel_readahead(&mountpoint);
     // The mount is live (the kernel handshake is done); don't keep the caller's cwd busy.
     let _ = std::env::set_current_dir("/");
     info!("serving s3://{}/{} at {}", config.s3.bucket, config.prefix, mountpoint.display());
+    // From now on a replaced object's kernel entry can be invalidated.
+    let _ = notifier.set(session.notifier());
     report_ready();
 
     let stopped_by_signal = runtime.block_on(wait_for_stop(&session))?;

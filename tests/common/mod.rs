@@ -570,10 +570,15 @@ pub fn build_fixture(root: &Path) -> Fixture {
         json(&[("deposition_identifier", "10310")]),
     );
 
-    for (key, bytes) in &objects {
+    write_bucket(root, &objects);
+    Fixture { root: root.to_path_buf(), objects }
+}
+
+/// Writes `objects` where [`start_server`] serves them from `root`, with their ETag sidecars.
+pub fn write_bucket(root: &Path, objects: &BTreeMap<String, Vec<u8>>) {
+    for (key, bytes) in objects {
         put_object(root, key, bytes);
     }
-    Fixture { root: root.to_path_buf(), objects }
 }
 
 /// Writes (or replaces, with a new ETag) object `key` of the bucket s3s-fs serves from `root`.
