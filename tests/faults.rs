@@ -257,30 +257,40 @@ fn a_listed_key_that_is_gone_gives_estale() {
 fn a_zattrs_that_cannot_be_read_hides_the_views_not_the_folder() {
     let (fixture, _) = shared();
     let mrc = format!("{TOMO_DIR}/TS_026.mrc");
-    for (status, always) in [(412, &[("TS_026.zarr/.zattrs", 412)]), (403, &[("TS_026.zarr/.zattrs", 403)])] {
+    // Replaced (412), refused (403), throttled past the retries (503), and the Zarr's own
+    // listing throttled too (503 on everything under `TS_026.zarr/`, listings included).
+    let cases: [(&str, &'static [(&'static str, u16)]); 4] = [
+        ("412", &[("TS_026.zarr/.zattrs", 412)]),
+        ("403", &[("TS_026.zarr/.zattrs", 403)]),
+        ("503", &[("TS_026.zarr/.zattrs", 503)]),
+        ("503-listing", &[("TS_026.zarr/", 503)]),
+    ];
+    for (case, always) in cases {
         let faults = Faults { always, ..Faults::default() };
-        let log = common::scratch_dir(&format!("zattrs-{status}-log")).join("cdpfs.log");
-        let name = format!("zattrs-{status}");
-        let (server, mount) = mount_faulty(&name, faults, &["--log-file", log.to_str().unwrap()]);
+        let log = common::scratch_dir(&format!("zattrs-{case}-log")).join("cdpfs.log");
+        let extra = ["--log-file", log.to_str().unwrap(), "--list-ahead", "0"];
+        let (server, mount) = mount_faulty(&format!("zattrs-{case}"), faults, &extra);
         let names: Vec<String> = fs::read_dir(mount.join(TOMO_DIR))
-            .unwrap_or_else(|e| panic!("{status} on .zattrs: the folder does not list: {e}"))
+            .unwrap_or_else(|e| panic!("{case}: the folder does not list: {e}"))
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         for expected in ["TS_026.mrc", "TS_026.zarr", "tomogram_metadata.json"] {
-            assert!(names.iter().any(|n| n == expected), "{status}: {expected} missing from {names:?}");
+            assert!(names.iter().any(|n| n == expected), "{case}: {expected} missing from {names:?}");
         }
-        assert!(!names.iter().any(|n| n.contains(".bin")), "{status}: views without metadata: {names:?}");
+        assert!(!names.iter().any(|n| n.contains(".bin")), "{case}: views without metadata: {names:?}");
         let mut bytes = Vec::new();
         File::open(mount.join(&mrc)).unwrap().read_to_end(&mut bytes).unwrap();
-        assert!(bytes == fixture.objects[&mrc], "{status}: the real MRC beside the Zarr reads wrong bytes");
+        assert!(bytes == fixture.objects[&mrc], "{case}: the real MRC beside the Zarr reads wrong bytes");
         let failed = server.always_failed.lock().unwrap().values().sum::<u64>();
-        let lines = failure_lines(&log, "TS_026.zarr/.zattrs");
+        // A 503 request is 6 attempts (the backoffs fit in the 30 s request timeout).
+        let requests = if case.starts_with("503") { failed / 6 } else { failed };
+        let lines = failure_lines(&log, always[0].0);
         eprintln!(
-            "{status} on .zattrs: folder lists {} entries, {mrc} byte-exact, {failed} refused, log: {lines:?}",
+            "{case}: folder lists {} entries, {mrc} byte-exact, {failed} attempts refused, log: {lines:?}",
             names.len()
         );
-        assert!(failed >= 1, "{status}: the .zattrs was never asked for");
-        assert_eq!(lines.len() as u64, failed, "{status}: one log line per refused request");
+        assert!(requests >= 1, "{case}: the Zarr's metadata was never asked for");
+        assert_eq!(lines.len() as u64, requests, "{case}: one log line per request that failed for good");
     }
     // Without the fault the same folder shows its views, so the check above can fail.
     let mount = common::Mounted::new("zattrs-ok", &["--no-disk-cache"]);
