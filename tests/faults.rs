@@ -297,6 +297,18 @@ fn a_zattrs_that_cannot_be_read_hides_the_views_not_the_folder() {
     assert!(mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc")).exists());
 }
 
+#[test]
+fn views_left_out_for_unreadable_metadata_come_back_at_a_later_listing() {
+    let faults = Faults { always: &[("TS_026.zarr/.zattrs", 403)], ..Faults::default() };
+    let (server, mount) = mount_faulty("zattrs-later", faults, &["--metadata-ttl", "2s", "--list-ahead", "0"]);
+    let view = mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc"));
+    assert!(!view.exists(), "a view without its metadata");
+    server.always_on.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(view.exists(), "the next listing did not try the metadata again");
+    assert_eq!(fs::read(&view).unwrap().len(), 1024 + 32 * 64 * 64 * 4);
+}
+
 /// A bucket of its own (objects are replaced during the test): `key` holding `bytes`, and a
 /// neighbour, served by a server of its own.
 fn own_bucket(name: &str, faults: Faults, key: &str, bytes: &[u8]) -> (std::path::PathBuf, Server) {

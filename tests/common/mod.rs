@@ -126,6 +126,8 @@ pub struct Server {
     pub served: Arc<std::sync::Mutex<Vec<String>>>,
     /// How many requests each key (or listing prefix) matched by `Faults::always` was failed.
     pub always_failed: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// Clear to stop failing the `Faults::always` keys (the server "recovers").
+    pub always_on: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -179,6 +181,7 @@ struct ServerState {
     injected_lists: Arc<AtomicU64>,
     served: Arc<std::sync::Mutex<Vec<String>>>,
     always_failed: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    always_on: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
     stalled: Arc<AtomicBool>,
 }
@@ -197,6 +200,7 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
         injected_lists: Arc::default(),
         served: Arc::default(),
         always_failed: Arc::default(),
+        always_on: Arc::new(AtomicBool::new(true)),
         requests: Arc::default(),
         stalled: Arc::default(),
     };
@@ -230,6 +234,7 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
         injected_lists: shared.injected_lists,
         served: shared.served,
         always_failed: shared.always_failed,
+        always_on: shared.always_on,
     }
 }
 
@@ -253,7 +258,10 @@ async fn serve_request(
     } else {
         percent_decode(req.uri().path())
     };
-    let faults = state.faults;
+    let mut faults = state.faults;
+    if !state.always_on.load(Ordering::SeqCst) {
+        faults.always = &[];
+    }
     let fault = if object_get || listing {
         faults.pick(state.requests.fetch_add(1, Ordering::SeqCst), &key, &state.stalled)
     } else {
