@@ -462,26 +462,45 @@ fn two_mounts_behind_a_caching_proxy_cost_the_origin_one_fetch_per_range() {
 
 #[test]
 fn a_replaced_object_is_read_new_through_the_site_cache() {
+    use std::os::unix::fs::OpenOptionsExt;
     let _serial = serial();
     let key = "replaced/tomogram.mrc";
-    let (old, new) = (common::noise(3, 6 << 20), common::noise(4, (6 << 20) + 4096));
+    let (old, new) = (common::noise(3, 24 << 20), common::noise(4, (24 << 20) + 4096));
     let root = common::scratch_dir("bucket-proxy-replaced");
     common::put_object(&root, key, &old);
     let server = common::start_server(&root, common::Faults::default());
     let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    // One node reads the file whole: the proxy holds every block-sized range of the old version.
     let first = Mounted::on(&server, "proxy-old", &["--endpoint-url", &nginx.url]);
     assert!(read_all(&first.join(key)) == old, "wrong bytes through the proxy");
     drop(first);
+    // Another has it open (O_DIRECT: no kernel read-ahead) when it is re-ingested.
+    let live = Mounted::on(&server, "proxy-live", &["--endpoint-url", &nginx.url, "--metadata-ttl", "1h"]);
+    let file = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(live.join(key)).unwrap();
+    let mut head = vec![0u8; 65536];
+    file.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == old[..65536]);
     let served_before = server.gets.load(Ordering::SeqCst);
-    // Re-ingested: new bytes, new ETag. The proxy still holds the old version's ranges.
     common::put_object(&root, key, &new);
-    let second = Mounted::on(&server, "proxy-new", &["--endpoint-url", &nginx.url]);
-    let mut bytes = Vec::new();
-    let read = File::open(second.join(key)).unwrap().read_to_end(&mut bytes);
-    assert!(read.is_ok(), "the proxy served the old version for the new ETag: {read:?}");
-    assert!(bytes == new, "wrong bytes for the new version through the proxy");
+    // A part the handle has not read (nor read ahead), which the proxy does not hold either: the
+    // origin answers with the new version, and its ETag gives it away.
+    let error = file.read_exact_at(&mut head, 20 << 20).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
+    drop(file);
+    // The next open on that node, and a fresh node, read the new version, though the proxy
+    // still holds the old version's ranges under the same URLs and Range headers.
+    for (name, mount) in
+        [("the same node", &live), ("a new node", &Mounted::on(&server, "proxy-new", &["--endpoint-url", &nginx.url]))]
+    {
+        let mut bytes = Vec::new();
+        let read = File::open(mount.join(key)).unwrap().read_to_end(&mut bytes);
+        assert!(read.is_ok(), "{name}: the proxy answered the old version for the new ETag: {read:?}");
+        assert!(bytes == new, "{name}: wrong bytes for the new version through the proxy");
+    }
     let origin = server.gets.load(Ordering::SeqCst) - served_before;
-    eprintln!("proxy after re-ingest: {} new bytes, {origin} GETs reached the origin", bytes.len());
+    eprintln!(
+        "proxy after re-ingest: open handle ESTALE, new opens read the new bytes, {origin} GETs reached the origin"
+    );
     assert!(origin > 0, "the new version was never fetched from the origin");
 }
 
