@@ -58,6 +58,9 @@ pub struct Faults {
     /// The first request for a key (or listing prefix) containing this text sends half its
     /// body, then goes silent.
     pub stall_first: Option<&'static str>,
+    /// The first answer to every distinct request (URL and range: each listing page, each GET)
+    /// is cut short (truncated body); the retry is answered whole.
+    pub cut_every_first_answer: bool,
     /// A mirror without ETags: listings carry none, GET answers have no `ETag` header, and an
     /// `If-Match` can never match (412). Otherwise listings carry each object's ETag, as S3's do.
     pub no_etags: bool,
@@ -182,6 +185,7 @@ struct ServerState {
     served: Arc<std::sync::Mutex<Vec<String>>>,
     always_failed: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     always_on: Arc<AtomicBool>,
+    answered: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     requests: Arc<AtomicU64>,
     stalled: Arc<AtomicBool>,
 }
@@ -201,6 +205,7 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
         served: Arc::default(),
         always_failed: Arc::default(),
         always_on: Arc::new(AtomicBool::new(true)),
+        answered: Arc::default(),
         requests: Arc::default(),
         stalled: Arc::default(),
     };
@@ -262,10 +267,13 @@ async fn serve_request(
     if !state.always_on.load(Ordering::SeqCst) {
         faults.always = &[];
     }
-    let fault = if object_get || listing {
-        faults.pick(state.requests.fetch_add(1, Ordering::SeqCst), &key, &state.stalled)
-    } else {
+    let first_time = || state.answered.lock().unwrap().insert(format!("{} {range}", req.uri()));
+    let fault = if !(object_get || listing) {
         None
+    } else if faults.cut_every_first_answer && first_time() {
+        Some(Fault::TruncatedBody)
+    } else {
+        faults.pick(state.requests.fetch_add(1, Ordering::SeqCst), &key, &state.stalled)
     };
     let injected = || {
         state.injected.fetch_add(1, Ordering::SeqCst);
