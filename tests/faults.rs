@@ -82,32 +82,32 @@ fn every_file_reads_correctly_through_faults_on_every_request_kind() {
 }
 
 #[test]
-fn every_first_answer_cut_short_is_retried_listing_pages_and_metadata_included() {
+fn every_first_answer_garbled_is_retried_listing_pages_and_metadata_included() {
     let (fixture, _) = shared();
-    let faults = Faults { cut_every_first_answer: true, ..Faults::default() };
-    let log = common::scratch_dir("cut-log").join("cdpfs.log");
-    let (server, mount) = mount_faulty("cut", faults, &["--log-file", log.to_str().unwrap(), "--list-ahead", "0"]);
-    // Both pages of the 1100-entry folder, cut once each.
+    let faults = Faults { garble_every_first_answer: true, ..Faults::default() };
+    let log = common::scratch_dir("garbled-log").join("cdpfs.log");
+    let (server, mount) = mount_faulty("garbled", faults, &["--log-file", log.to_str().unwrap(), "--list-ahead", "0"]);
+    // Both pages of the 1100-entry folder, garbled once each.
     let frames = fs::read_dir(mount.join("10000/TS_026/Frames")).unwrap().count();
     assert_eq!(frames, common::FRAMES + 1, "the paged listing lost entries");
     let keys = fixture.objects.keys().filter(|k| !k.contains("/Frames/frame_") || k.ends_with("0.tif"));
     let mut reads = 0;
     for key in keys {
         let bytes = fs::read(mount.join(key)).unwrap_or_else(|e| panic!("{key}: {e}"));
-        assert!(bytes == fixture.objects[key], "{key}: wrong bytes after a cut answer");
+        assert!(bytes == fixture.objects[key], "{key}: wrong bytes after a garbled answer");
         reads += 1;
     }
-    // The views' metadata (`.zattrs`, `.zarray`, level listings) was cut once too.
+    // The views' metadata (`.zattrs`, `.zarray`, level listings) was garbled once too.
     let view = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin4.mrc"))).unwrap();
     assert!(view[1024..] == fixture.objects[&format!("{TOMO_DIR}/TS_026.zarr/2/0/0/0")][..], "view bytes");
     let (injected, lists) = (server.injected.load(Ordering::SeqCst), server.injected_lists.load(Ordering::SeqCst));
     let log_text = fs::read_to_string(&log).unwrap();
     eprintln!(
-        "cut answers: {reads} files and a view read, {injected} answers cut ({lists} listing pages), log: {log_text:?}"
+        "garbled answers: {reads} files and a view read, {injected} garbled ({lists} listing pages), log: {log_text:?}"
     );
-    assert!(lists >= 10, "only {lists} listing pages were cut");
-    assert!(injected >= reads, "only {injected} answers were cut for {reads} files");
-    assert!(!log_text.contains("S3 request failed"), "a cut answer was not retried");
+    assert!(lists >= 10, "only {lists} listing pages were garbled");
+    assert!(injected >= reads, "only {injected} answers were garbled for {reads} files");
+    assert!(!log_text.contains("S3 request failed"), "a garbled answer was not retried");
 }
 
 #[test]

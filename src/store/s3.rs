@@ -188,6 +188,14 @@ impl S3Store {
                 }
                 other => other,
             })?;
+        // A body cut short at an element boundary can still parse (the SDK's parser stops at the
+        // cut): the page then lists fewer entries than its KeyCount (objects and prefixes) says.
+        let listed = out.contents().len() + out.common_prefixes().len();
+        if let Some(count) = out.key_count().and_then(|c| usize::try_from(c).ok()).filter(|c| listed < *c) {
+            return Err(AttemptError::Transient(format!(
+                "listing page of {prefix:?} holds {listed} of the {count} entries it announces (body cut short)"
+            )));
+        }
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_owned)).collect();
         let objects = out
@@ -240,8 +248,14 @@ impl S3Store {
         }
         let out = request.send().await.map_err(|e| classify(&self.bucket, &object.key, e))?;
         let changed = || AttemptError::Final(StoreError::Changed(object.key.clone()));
-        if etag.is_some_and(|listed| out.e_tag().is_some_and(|answered| answered != listed)) {
-            return Err(changed());
+        match (etag, out.e_tag()) {
+            (Some(listed), Some(answered)) if answered != listed => return Err(changed()),
+            // S3 always names the version it answers with: a 200 without it (a proxy's error
+            // page, say) is not the object.
+            (Some(_), None) => {
+                return Err(AttemptError::Transient(format!("the answer for {} has no ETag", object.key)));
+            }
+            _ => {}
         }
         // Without an ETag to pin (or a server that ignores If-Match), the size and mtime the
         // answer reports must still be the listed ones.
@@ -262,8 +276,12 @@ impl S3Store {
                     range.end - 1
                 )));
             }
-        } else if range.start != 0 || u64::try_from(out.content_length().unwrap_or(-1)).ok() != Some(expected) {
-            return Err(AttemptError::Transient("server ignored the Range header".into()));
+        } else if range.start != 0
+            || expected != object.size
+            || u64::try_from(out.content_length().unwrap_or(-1)).ok() != Some(expected)
+        {
+            // Only a whole object may come without a Content-Range (a server ignoring Range).
+            return Err(AttemptError::Transient("the answer has no Content-Range for a part of the object".into()));
         }
         // Read the body chunk by chunk: a connection that goes quiet for the stall timeout is
         // abandoned and the attempt retried, instead of waiting for the whole attempt timeout.
@@ -399,8 +417,9 @@ fn class_of(kind: Failure, status: Option<u16>, code: Option<&str>) -> Class {
         (_, Some("AccessDenied"), _) | (_, _, Some(401 | 403)) => Class::Denied,
         (_, Some("SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"), _) => Class::Retry,
         (_, _, Some(s)) if s == 408 || s == 429 || s >= 500 => Class::Retry,
-        // The status said all is well but the body did not arrive whole or does not parse.
-        (Failure::Response, _, Some(s)) if (200..300).contains(&s) => Class::Retry,
+        // The status said all is well but the body did not arrive whole or does not parse (the
+        // SDK reports an unparsable success body as a response or as an unhandled service error).
+        (_, _, Some(s)) if (200..300).contains(&s) => Class::Retry,
         (_, _, Some(_)) => Class::Invalid,
         (Failure::NoAnswer, _, None) => Class::NoConnection,
         (_, _, None) => Class::Retry,
@@ -496,6 +515,7 @@ mod tests {
             (Response, Some(502), None),
             (Response, Some(200), None),
             (Response, Some(206), None),
+            (Service, Some(200), None),
             (Response, None, None),
         ] {
             assert_eq!(class_of(kind, status, code), Class::Retry, "{kind:?} {status:?} {code:?}");

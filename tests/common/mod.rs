@@ -59,8 +59,9 @@ pub struct Faults {
     /// body, then goes silent.
     pub stall_first: Option<&'static str>,
     /// The first answer to every distinct request (URL and range: each listing page, each GET)
-    /// is cut short (truncated body); the retry is answered whole.
-    pub cut_every_first_answer: bool,
+    /// is a complete 200 whose body is a proxy's HTML error page (no listing XML, not the
+    /// range's bytes); the retry is answered right.
+    pub garble_every_first_answer: bool,
     /// A mirror without ETags: listings carry none, GET answers have no `ETag` header, and an
     /// `If-Match` can never match (412). Otherwise listings carry each object's ETag, as S3's do.
     pub no_etags: bool,
@@ -70,6 +71,7 @@ enum Fault {
     Status(u16, &'static str),
     ResetMidBody,
     TruncatedBody,
+    GarbledBody,
     StallMidBody,
 }
 
@@ -270,8 +272,8 @@ async fn serve_request(
     let first_time = || state.answered.lock().unwrap().insert(format!("{} {range}", req.uri()));
     let fault = if !(object_get || listing) {
         None
-    } else if faults.cut_every_first_answer && first_time() {
-        Some(Fault::TruncatedBody)
+    } else if faults.garble_every_first_answer && first_time() {
+        Some(Fault::GarbledBody)
     } else {
         faults.pick(state.requests.fetch_add(1, Ordering::SeqCst), &key, &state.stalled)
     };
@@ -326,15 +328,28 @@ async fn serve_request(
         frames.extend(tail.map(Err));
         http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
     };
+    let whole = |bytes: bytes::Bytes| -> TestBody {
+        http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(http_body_util::Full::new(bytes), |e| {
+            match e {}
+        }))
+    };
     let body: TestBody = match body_fault {
         None => {
             if listing {
                 state.lists.fetch_add(1, Ordering::SeqCst);
             }
-            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                http_body_util::Full::new(all),
-                |e| match e {},
-            ))
+            whole(all)
+        }
+        // A complete message, but not what was asked for.
+        Some(Fault::GarbledBody) => {
+            injected();
+            let page = bytes::Bytes::from_static(b"<html><body><h1>502 Bad Gateway</h1></body></html>");
+            for header in ["etag", "content-range", "last-modified"] {
+                parts.headers.remove(header);
+            }
+            parts.headers.insert("content-length", page.len().into());
+            parts.headers.insert("content-type", "text/html".parse().unwrap());
+            whole(page)
         }
         Some(Fault::ResetMidBody) => {
             injected();
