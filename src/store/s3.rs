@@ -191,7 +191,7 @@ impl S3Store {
         // A body cut short at an element boundary can still parse (the SDK's parser stops at the
         // cut): the page then lists fewer entries than its KeyCount (objects and prefixes) says.
         let listed = out.contents().len() + out.common_prefixes().len();
-        if let Some(count) = out.key_count().and_then(|c| usize::try_from(c).ok()).filter(|c| listed < *c) {
+        if let Some(count) = missing_entries(listed, out.key_count()) {
             return Err(AttemptError::Transient(format!(
                 "listing page of {prefix:?} holds {listed} of the {count} entries it announces (body cut short)"
             )));
@@ -461,6 +461,12 @@ fn newer_than_listed(answered: SystemTime, listed: SystemTime) -> bool {
     listed != SystemTime::UNIX_EPOCH && secs(answered) > secs(listed)
 }
 
+/// The entries a listing page announces (`KeyCount`: objects and common prefixes) when it holds
+/// fewer (`listed`); `None` when it holds them all or announces nothing.
+fn missing_entries(listed: usize, key_count: Option<i32>) -> Option<usize> {
+    key_count.and_then(|c| usize::try_from(c).ok()).filter(|count| listed < *count)
+}
+
 /// Full-jitter exponential backoff for retry number `n` (1 for the first retry).
 fn jittered_backoff(policy: &RetryPolicy, n: u32) -> Duration {
     let ceiling = policy.base_backoff.saturating_mul(1u32 << n.min(16)).min(policy.max_backoff);
@@ -531,6 +537,14 @@ mod tests {
         assert_eq!(class_of(Service, Some(401), None), Class::Denied);
         assert_eq!(class_of(Service, Some(400), Some("InvalidArgument")), Class::Invalid);
         assert_eq!(class_of(Construction, None, None), Class::Invalid);
+    }
+
+    #[test]
+    fn a_listing_page_must_hold_what_it_announces() {
+        assert_eq!(missing_entries(1000, Some(1000)), None);
+        assert_eq!(missing_entries(3, Some(7)), Some(7), "cut short");
+        assert_eq!(missing_entries(0, None), None, "a server that does not say");
+        assert_eq!(missing_entries(5, Some(3)), None, "a server counting objects only");
     }
 
     #[test]
