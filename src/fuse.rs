@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -16,11 +16,12 @@ use fuser::{
     KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
 use crate::stats::Stats;
+use crate::store::StoreError;
 use crate::views::{Catalog, OpenView};
 
 /// Preferred I/O size reported in `st_blksize` and `statfs`: large, so stdio and `cp` read
@@ -64,6 +65,7 @@ pub struct CdpFs {
     mounted_at: SystemTime,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     next_handle: AtomicU64,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl CdpFs {
@@ -89,7 +91,14 @@ impl CdpFs {
             mounted_at: SystemTime::now(),
             handles: Arc::default(),
             next_handle: AtomicU64::new(1),
+            notifier: Arc::default(),
         }
+    }
+
+    /// Where the session's notifier goes once the mount is live (the kernel's entries are
+    /// invalidated through it when an object turns out replaced).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn attr(&self, ino: u64, node: &Node) -> FileAttr {
@@ -161,18 +170,19 @@ fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) 
 }
 
 /// The value of extended attribute `name` of a file or view, if it has one. A view's key and
-/// URL are those of the Zarr level it shows.
+/// URL are those of the Zarr level it shows. Only `user.cdpfs.cached` asks the block cache.
 fn xattr_value(name: &str, node: &Node, bucket: &str, data: &DataPath, views: &Catalog) -> Option<Vec<u8>> {
-    let (key, version, cached) = match node {
+    let (key, version) = match node {
         Node::Dir { .. } => return None,
-        Node::File(object) => (&object.key, &object.etag, data.cache().cached_bytes(object)),
-        Node::View(view) => (&view.level_prefix, &view.file.etag, views.cached_bytes(view)),
+        Node::File(object) => (&object.key, &object.etag),
+        Node::View(view) => (&view.level_prefix, &view.file.etag),
     };
-    let text = match name {
-        "user.cdpfs.key" => key.clone(),
-        "user.cdpfs.etag" => version.trim_matches('"').to_owned(),
-        "user.cdpfs.url" => format!("s3://{bucket}/{key}"),
-        "user.cdpfs.cached" => cached.to_string(),
+    let text = match (name, node) {
+        ("user.cdpfs.key", _) => key.clone(),
+        ("user.cdpfs.etag", _) => version.trim_matches('"').to_owned(),
+        ("user.cdpfs.url", _) => format!("s3://{bucket}/{key}"),
+        ("user.cdpfs.cached", Node::File(object)) => data.cache().cached_bytes(object).to_string(),
+        ("user.cdpfs.cached", Node::View(view)) => views.cached_bytes(view).to_string(),
         _ => return None,
     };
     Some(text.into_bytes())
@@ -186,6 +196,16 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(value);
+    }
+}
+
+/// Drops the kernel's entry `name` in `parent` and the cached pages and attributes of `ino`.
+fn invalidate(notifier: &fuser::Notifier, parent: u64, name: &str, ino: u64) {
+    if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
+        debug!(parent, name, error = %e, "could not invalidate the kernel's entry");
+    }
+    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+        debug!(ino, error = %e, "could not invalidate the kernel's inode");
     }
 }
 
@@ -244,6 +264,8 @@ impl Filesystem for CdpFs {
             return;
         }
         match self.namespace.node(ino.0) {
+            // Replaced since it was listed: the kernel then looks the name up again.
+            Ok(Node::File(_)) if self.namespace.is_stale(ino.0) => reply.error(Errno::ESTALE),
             Ok(Node::File(object)) => {
                 let fh = self.add_handle(Handle::File(Arc::new(self.data.open(object))));
                 // Objects are immutable per (key, ETag) and a new ETag gets a new inode, so the
@@ -264,7 +286,7 @@ impl Filesystem for CdpFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -275,6 +297,7 @@ impl Filesystem for CdpFs {
         tracing::trace!(fh = fh.0, offset, size, "read");
         let handle = self.handle(fh);
         let (data, views, stats) = (self.data.clone(), self.views.clone(), self.stats.clone());
+        let (namespace, notifier) = (self.namespace.clone(), self.notifier.clone());
         self.run_here_first(async move {
             let started = std::time::Instant::now();
             let (key, result) = match &handle {
@@ -283,12 +306,28 @@ impl Filesystem for CdpFs {
                 Some(Handle::Dir(_)) | None => return reply.error(Errno::EBADF),
             };
             stats.reads.record(result.as_ref().ok().map(|b| b.len()), started.elapsed());
-            match result {
-                Ok(bytes) => reply.data(&bytes),
-                Err(e) => {
-                    warn!(%key, offset, size, error = %e, "read failed");
-                    reply.error(Errno::from_i32(e.errno()));
+            let error = match result {
+                Ok(bytes) => return reply.data(&bytes),
+                Err(e) => e,
+            };
+            // A failed request was logged once by the store, with its key; anything else here.
+            if error.logged() {
+                debug!(%key, offset, size, error = %error, "read failed");
+            } else {
+                warn!(%key, offset, size, error = %error, "read failed");
+            }
+            // Replaced or deleted since it was listed: the next open must see what is there now.
+            let changed = match (&handle, &error) {
+                (Some(Handle::File(_)), StoreError::Changed(_) | StoreError::NotFound(_)) => {
+                    namespace.object_changed(ino.0, key).await
                 }
+                _ => None,
+            };
+            reply.error(Errno::from_i32(error.errno()));
+            if let (Some((parent, name)), Some(notifier)) = (changed, notifier.get().cloned()) {
+                // The kernel may wait on this very read's pages while it invalidates: never from
+                // a FUSE thread nor an I/O worker, and only once the reply is out.
+                tokio::task::spawn_blocking(move || invalidate(&notifier, parent, &name, ino.0));
             }
         });
     }
@@ -415,15 +454,23 @@ impl Filesystem for CdpFs {
             Ok(node) => node,
             Err(e) => return reply.error(errno(&e)),
         };
-        let (name, data, bucket) = (name.to_string_lossy().into_owned(), self.data.clone(), self.bucket.clone());
-        let views = self.views.clone();
-        // "cached" looks at every block of the file: off the session thread.
-        self.spawn(async move {
-            match xattr_value(&name, &node, &bucket, &data, &views) {
-                Some(value) => reply_xattr(reply, size, &value),
-                None => reply.error(Errno::from_i32(libc::ENODATA)),
-            }
-        });
+        // Unknown names (SELinux and ACL probes of `ls -l`, `cp -a`, `rsync -X`) are answered
+        // at once, without touching the cache.
+        let Some(name) = name.to_str().filter(|n| XATTR_NAMES.contains(n)).map(str::to_owned) else {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        };
+        let (data, bucket, views) = (self.data.clone(), self.bucket.clone(), self.views.clone());
+        let cached = name == "user.cdpfs.cached";
+        let answer = move || match xattr_value(&name, &node, &bucket, &data, &views) {
+            Some(value) => reply_xattr(reply, size, &value),
+            None => reply.error(Errno::from_i32(libc::ENODATA)),
+        };
+        if cached {
+            // It looks at the file's blocks: off the session thread.
+            self.spawn(async move { answer() });
+        } else {
+            answer();
+        }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {

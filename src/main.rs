@@ -102,7 +102,8 @@ struct BucketArgs {
     #[arg(long, env = "CDPFS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
 
-    /// Abandon and retry a download that delivers no data for this long.
+    /// Abandon and retry a download that delivers no data for this long, or a listing page
+    /// that has not arrived whole by then.
     #[arg(long, env = "CDPFS_STALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
 }
@@ -302,7 +303,10 @@ fn init_logging(args: &MountArgs) -> Result<()> {
             let file = mount::open_log_file(path)?;
             builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
         }
-        _ => builder.with_writer(std::io::stderr).init(),
+        // No colour codes in a log file the background child's stderr points at.
+        _ => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init()
+        }
     }
     Ok(())
 }

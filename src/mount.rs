@@ -124,12 +124,15 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         runtime.spawn(serve_metrics(listener, stats.clone(), data.clone()));
     }
     let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats);
+    let notifier = fs.notifier_slot();
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
     set_kernel_read_ahead(&mountpoint, config.kernel_read_ahead);
     // The mount is live (the kernel handshake is done); don't keep the caller's cwd busy.
     let _ = std::env::set_current_dir("/");
     info!("serving s3://{}/{} at {}", config.s3.bucket, config.prefix, mountpoint.display());
+    // From now on a replaced object's kernel entry can be invalidated.
+    let _ = notifier.set(session.notifier());
     report_ready();
 
     let stopped_by_signal = runtime.block_on(wait_for_stop(&session))?;

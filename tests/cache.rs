@@ -403,7 +403,7 @@ http {{
             proxy_set_header Host $http_host;
             proxy_set_header Range $http_range;
             proxy_cache s3;
-            proxy_cache_key "$request_method $uri$is_args$args $http_range";
+            proxy_cache_key "$request_method $uri$is_args$args $http_range $http_if_match";
             proxy_cache_valid 200 206 1h;
             proxy_cache_lock on;
             proxy_ignore_headers Cache-Control Expires Set-Cookie;
@@ -459,4 +459,93 @@ fn two_mounts_behind_a_caching_proxy_cost_the_origin_one_fetch_per_range() {
     assert_eq!(distinct.len(), ranges.len(), "the origin served a range twice: {ranges:?}");
     assert!(gets_per_mount[0] > 4, "the first mount's reads never reached the origin: {gets_per_mount:?}");
     assert!(gets_per_mount[1] * 4 < gets_per_mount[0], "the second mount mostly missed the proxy: {gets_per_mount:?}");
+}
+
+#[test]
+fn a_replaced_object_is_read_new_through_the_site_cache() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _serial = serial();
+    let key = "replaced/tomogram.mrc";
+    let (old, new) = (common::noise(3, 24 << 20), common::noise(4, (24 << 20) + 4096));
+    let root = common::scratch_dir("bucket-proxy-replaced");
+    common::put_object(&root, key, &old);
+    let server = common::start_server(&root, common::Faults::default());
+    let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    // One node reads the file whole: the proxy holds every block-sized range of the old version.
+    let first = Mounted::on(&server, "proxy-old", &["--endpoint-url", &nginx.url]);
+    assert!(read_all(&first.join(key)) == old, "wrong bytes through the proxy");
+    drop(first);
+    // Another has it open (O_DIRECT: no kernel read-ahead) when it is re-ingested.
+    let live = Mounted::on(&server, "proxy-live", &["--endpoint-url", &nginx.url, "--metadata-ttl", "1h"]);
+    let file = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(live.join(key)).unwrap();
+    let mut head = vec![0u8; 65536];
+    file.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == old[..65536]);
+    let served_before = server.gets.load(Ordering::SeqCst);
+    common::put_object(&root, key, &new);
+    // A part the handle has not read (nor read ahead), which the proxy does not hold either: the
+    // origin answers with the new version, and its ETag gives it away.
+    let error = file.read_exact_at(&mut head, 20 << 20).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
+    drop(file);
+    // The next open on that node, and a fresh node, read the new version, though the proxy
+    // still holds the old version's ranges under the same URLs and Range headers.
+    for (name, mount) in
+        [("the same node", &live), ("a new node", &Mounted::on(&server, "proxy-new", &["--endpoint-url", &nginx.url]))]
+    {
+        let mut bytes = Vec::new();
+        let read = File::open(mount.join(key)).unwrap().read_to_end(&mut bytes);
+        assert!(read.is_ok(), "{name}: the proxy answered the old version for the new ETag: {read:?}");
+        assert!(bytes == new, "{name}: wrong bytes for the new version through the proxy");
+    }
+    let origin = server.gets.load(Ordering::SeqCst) - served_before;
+    eprintln!(
+        "proxy after re-ingest: open handle ESTALE, new opens read the new bytes, {origin} GETs reached the origin"
+    );
+    assert!(origin > 0, "the new version was never fetched from the origin");
+}
+
+#[test]
+fn xattr_probes_of_unknown_names_do_not_look_at_the_cache() {
+    let _serial = serial();
+    let Some(strace) = ["/usr/bin/strace", "/bin/strace"].into_iter().find(|p| Path::new(p).exists()) else {
+        eprintln!("SKIPPED: strace not installed");
+        return;
+    };
+    let (fixture, _) = shared();
+    let key = mrc_key();
+    let cache = common::scratch_dir("cache-xattr-probe");
+    // Every block on disk, none in the memory of the mount probed.
+    let filled = Mounted::with_cache("xattr-fill", &cache);
+    assert!(read_all(&filled.join(&key)) == fixture.objects[&key]);
+    drop(filled);
+    let mount = Mounted::with_cache("xattr-probe", &cache);
+    let path = mount.join(&key);
+    assert!(fs::metadata(&path).unwrap().len() > 8 << 20, "a file of several blocks");
+    let trace = common::scratch_dir("xattr-strace").join("trace.txt");
+    let pid = common::serving_pid(&mount.path).unwrap().to_string();
+    let mut tracer = Command::new(strace)
+        .args(["-f", "-qq", "-e", "trace=%file", "-o", trace.to_str().unwrap(), "-p", &pid])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // attached to every thread
+                                                // What `ls -l`, `cp -a` and `rsync -X` ask.
+    let probes = ["security.selinux", "system.posix_acl_access", "user.unknown"];
+    for _ in 0..10 {
+        for name in probes {
+            let error = cdpfs::stage::xattr(&path, name).unwrap_err();
+            assert_eq!(error.raw_os_error(), Some(libc::ENODATA), "{name}: {error}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling a child we started and still own.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let _ = tracer.wait();
+    let text = fs::read_to_string(&trace).unwrap();
+    let cache_name = cache.file_name().unwrap().to_str().unwrap();
+    let touched: Vec<&str> = text.lines().filter(|l| l.contains(cache_name)).collect();
+    eprintln!("30 xattr probes of unknown names: {} file syscalls on the cache dir", touched.len());
+    assert!(touched.is_empty(), "unknown xattr names looked at the cache: {:?}", &touched[..touched.len().min(5)]);
 }

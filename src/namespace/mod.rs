@@ -131,6 +131,9 @@ struct InodeTable {
 struct Slot {
     node: Node,
     lookups: u64,
+    /// The object changed or went away since it was listed: new opens are refused (`ESTALE`),
+    /// which makes the kernel look the name up again.
+    stale: bool,
 }
 
 /// How many numbers of entries the kernel does not hold are remembered.
@@ -160,9 +163,12 @@ impl InodeTable {
     fn ino_for(&mut self, node: &Node) -> u64 {
         let identity = Self::identity(node);
         if let Some(&ino) = self.by_identity.get(&identity) {
-            // Same key and ETag: keep the inode, refresh what the listing says (e.g. mtime).
+            // Same key and ETag: keep the inode, refresh what the listing says (e.g. mtime). A
+            // fresh listing that still has this version clears a stale mark (a 404 or 412 that
+            // was not a re-ingest after all: the next read will tell again).
             if let Some(slot) = self.nodes.get_mut(&ino) {
                 slot.node = node.clone();
+                slot.stale = false;
             }
             return ino;
         }
@@ -176,7 +182,8 @@ impl InodeTable {
 
     /// The kernel was handed `entry` once more.
     fn remember(&mut self, entry: &Entry) {
-        let slot = self.nodes.entry(entry.ino).or_insert_with(|| Slot { node: entry.node.clone(), lookups: 0 });
+        let slot =
+            self.nodes.entry(entry.ino).or_insert_with(|| Slot { node: entry.node.clone(), lookups: 0, stale: false });
         slot.lookups += 1;
         let identity = Self::identity(&entry.node);
         self.recent.pop(&identity);
@@ -230,7 +237,7 @@ impl Namespace {
         let mut table = InodeTable::new();
         let root = Node::Dir { prefix: root_prefix.to_owned() };
         table.by_identity.insert(InodeTable::identity(&root), ROOT_INO);
-        table.nodes.insert(ROOT_INO, Slot { node: root, lookups: 1 });
+        table.nodes.insert(ROOT_INO, Slot { node: root, lookups: 1, stale: false });
         let directories = moka::future::Cache::builder()
             .max_capacity(MAX_CACHED_ENTRIES)
             .weigher(|_, dir: &Arc<Directory>| u32::try_from(dir.entries.len() + 1).unwrap_or(u32::MAX))
@@ -257,6 +264,32 @@ impl Namespace {
     pub fn node(&self, ino: u64) -> Result<Node, NamespaceError> {
         let table = self.inodes.read().expect("inode table lock poisoned");
         table.nodes.get(&ino).map(|slot| slot.node.clone()).ok_or(NamespaceError::Stale)
+    }
+
+    /// Whether file `ino` was found changed or gone since it was listed.
+    pub fn is_stale(&self, ino: u64) -> bool {
+        let table = self.inodes.read().expect("inode table lock poisoned");
+        table.nodes.get(&ino).is_some_and(|slot| slot.stale)
+    }
+
+    /// The object behind file `ino`, `key`, answered 412 or 404 (it was replaced or deleted
+    /// after it was listed): drops its folder's cached and saved listings so the next lookup
+    /// lists it again, and marks `ino` stale. Returns the folder's inode and the entry's name,
+    /// for the kernel's caches.
+    pub async fn object_changed(&self, ino: u64, key: &str) -> Option<(u64, String)> {
+        let (prefix, name) = key.rfind('/').map_or(("", key), |i| (&key[..=i], &key[i + 1..]));
+        if let Some(saved) = &self.saved {
+            saved.forget_async(prefix).await;
+        }
+        let parent = {
+            let mut table = self.inodes.write().expect("inode table lock poisoned");
+            if let Some(slot) = table.nodes.get_mut(&ino) {
+                slot.stale = true;
+            }
+            table.by_identity.get(prefix).copied().or_else(|| table.recent.peek(prefix).copied())
+        }?;
+        self.directories.invalidate(&parent).await;
+        Some((parent, name.to_owned()))
     }
 
     /// The parent directory of directory `ino` (the root is its own parent).
@@ -292,7 +325,7 @@ impl Namespace {
             .try_get_with(ino, async {
                 let listing = self.list(prefix).await?;
                 let views = match &self.views {
-                    Some(catalog) => catalog.views_in(self, prefix, &listing).await?,
+                    Some(catalog) => catalog.views_in(self, prefix, &listing).await,
                     None => Vec::new(),
                 };
                 Ok::<_, StoreError>(Arc::new(self.build_directory(prefix, listing, views)))
@@ -523,6 +556,36 @@ mod tests {
         let again = ns.directory(ROOT_INO).await.unwrap();
         assert_eq!(store.lists.load(Ordering::SeqCst), 2, "the listing expired and was made again");
         assert_eq!((again.find("a.json").unwrap().ino, again.find("b.json").unwrap().ino), (a, b));
+    }
+
+    #[tokio::test]
+    async fn a_changed_object_drops_its_folders_listing_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Arc::new(crate::cache::offload::CacheDirIo::new(Duration::from_secs(1)));
+        let saved = Arc::new(ListingStore::open(dir.path(), "b", Duration::from_secs(3600), io).unwrap());
+        let store = Arc::new(MemoryStore::default());
+        store.put("d/x.json", "\"1\"");
+        let ns = Namespace::new(store.clone(), "", Duration::from_secs(3600), Some(saved.clone()), 0);
+        let d = ns.lookup(ROOT_INO, "d").await.unwrap().ino;
+        let old = ns.lookup(d, "x.json").await.unwrap().ino;
+        tokio::time::sleep(Duration::from_millis(50)).await; // the listing is saved in the background
+        assert!(saved.load("d/").is_some());
+        store.put("d/x.json", "\"2\"");
+        assert_eq!(ns.lookup(d, "x.json").await.unwrap().ino, old, "cached for the TTL");
+        assert!(!ns.is_stale(old));
+        assert_eq!(ns.object_changed(old, "d/x.json").await, Some((d, "x.json".to_owned())));
+        assert!(ns.is_stale(old));
+        assert!(saved.load("d/").is_none(), "the saved listing is dropped too");
+        let new = ns.lookup(d, "x.json").await.unwrap();
+        assert_ne!(new.ino, old);
+        assert!(matches!(new.node, Node::File(ref o) if o.etag == "\"2\""));
+        assert!(!ns.is_stale(new.ino));
+        assert!(ns.is_stale(old), "the old version stays stale");
+        // A 412 or 404 the next listing does not confirm: the same inode, usable again.
+        ns.object_changed(new.ino, "d/x.json").await;
+        assert!(ns.is_stale(new.ino));
+        assert_eq!(ns.lookup(d, "x.json").await.unwrap().ino, new.ino);
+        assert!(!ns.is_stale(new.ino));
     }
 
     #[tokio::test]

@@ -58,6 +58,12 @@ impl ListingStore {
         self.io.run(move || store.load(&prefix)).await.flatten()
     }
 
+    /// [`ListingStore::forget`], off the async workers.
+    pub async fn forget_async(self: &Arc<Self>, prefix: &str) {
+        let (store, prefix) = (self.clone(), prefix.to_owned());
+        self.io.run(move || store.forget(&prefix)).await;
+    }
+
     /// [`ListingStore::save`] in the background.
     pub fn save_in_background(self: &Arc<Self>, prefix: &str, listing: &PrefixListing) {
         let (store, prefix, listing) = (self.clone(), prefix.to_owned(), listing.clone());
@@ -90,6 +96,11 @@ impl ListingStore {
             })
             .collect();
         Some(PrefixListing { prefixes: saved.prefixes, objects })
+    }
+
+    /// Drops the saved listing of `prefix` (an object in it changed), so it is listed again.
+    pub fn forget(&self, prefix: &str) {
+        let _ = fs::remove_file(self.path(prefix));
     }
 
     /// Saves a fresh listing of `prefix`. Failures are ignored: this is only a cache.
@@ -157,6 +168,8 @@ mod tests {
         assert!(store.load("b/").is_none());
         let other = ListingStore::open(dir.path(), "other-bucket", Duration::from_secs(60), io()).unwrap();
         assert!(other.load("a/").is_none());
+        store.forget("a/");
+        assert!(store.load("a/").is_none(), "a forgotten listing is listed again");
     }
 
     #[test]

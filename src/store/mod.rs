@@ -23,10 +23,29 @@ pub struct ObjectMeta {
     pub key: String,
     /// Size in bytes.
     pub size: u64,
-    /// ETag as the server sent it (quotes included), used to pin ranged reads.
+    /// ETag as the server sent it (quotes included), used to pin ranged reads; for a server
+    /// that lists no ETags, a version made up from size and mtime ([`ObjectMeta::synthesized_version`]).
     pub etag: String,
     /// Last-modified time.
     pub mtime: SystemTime,
+}
+
+/// How a version cdpfs made up (not the server's ETag) begins.
+const SYNTHESIZED: &str = "synth:";
+
+impl ObjectMeta {
+    /// The version of an object listed without an ETag (some S3-compatible mirrors): its size
+    /// and mtime. It pins the inode and the cache entries like an ETag, but is never sent to
+    /// the server; reads check the size and mtime the server answers with instead.
+    pub fn synthesized_version(size: u64, mtime: SystemTime) -> String {
+        let nanos = mtime.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("{SYNTHESIZED}{size}-{nanos}")
+    }
+
+    /// The server's ETag, when the listing gave one (for `If-Match`).
+    pub fn server_etag(&self) -> Option<&str> {
+        (!self.etag.is_empty() && !self.etag.starts_with(SYNTHESIZED)).then_some(self.etag.as_str())
+    }
 }
 
 /// The immediate children of one prefix: sub-prefixes (each ending in `/`) and objects.
@@ -56,12 +75,22 @@ pub enum StoreError {
     /// The endpoint could not be reached or did not answer in time.
     #[error("cannot reach the S3 endpoint: {0}")]
     Unreachable(String),
-    /// Anything else the server or transport reported, after retries.
+    /// A request failed for good for another reason: server errors past the retries, or a
+    /// client error not retried.
+    #[error("{0}")]
+    Failed(String),
+    /// Anything else (data that cannot be decoded, a task that failed).
     #[error("{0}")]
     Other(String),
 }
 
 impl StoreError {
+    /// Whether this is a request that failed for good, which the store has logged already
+    /// (one line with its key and reason).
+    pub fn logged(&self) -> bool {
+        !matches!(self, StoreError::Other(_))
+    }
+
     /// The errno a filesystem caller should see for this failure.
     pub fn errno(&self) -> i32 {
         match self {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
@@ -41,7 +41,8 @@ pub struct S3Config {
 pub struct RetryPolicy {
     /// Attempts per request, the first included.
     pub max_attempts: u32,
-    /// Time allowed for one attempt, body included, on top of the transfer allowance.
+    /// Time allowed for one attempt of a GET, body included, on top of the transfer allowance
+    /// (a listing page gets the stall timeout, at most this).
     pub attempt_timeout: Duration,
     /// An attempt whose body delivers no data for this long is abandoned and retried.
     pub stall_timeout: Duration,
@@ -117,8 +118,10 @@ impl S3Store {
         self.counters.clone()
     }
 
-    /// Runs `attempt` under the retry policy. `what` names the request in logs and errors.
-    async fn with_retries<T, F, Fut>(&self, what: &str, extra_time: Duration, attempt: F) -> Result<T, StoreError>
+    /// Runs `attempt` under the retry policy, each attempt given at most `attempt_limit`. `what`
+    /// names the request (and its key or prefix) in logs and errors; every request that fails
+    /// for good logs exactly one warning.
+    async fn with_retries<T, F, Fut>(&self, what: &str, attempt_limit: Duration, attempt: F) -> Result<T, StoreError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, AttemptError>>,
@@ -137,10 +140,15 @@ impl S3Store {
                 tokio::time::sleep(backoff).await;
             }
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
-            let limit = (self.retry.attempt_timeout + extra_time).min(remaining);
+            let limit = attempt_limit.min(remaining);
             match tokio::time::timeout(limit, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(AttemptError::Final(e))) => {
+                    // A missing bucket is the mount's own error (`cdpfs mount` reports it and
+                    // exits), not one request's.
+                    if !matches!(e, StoreError::NoSuchBucket(_)) {
+                        warn!(what, error = %e, "S3 request failed");
+                    }
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
                     return Err(e);
                 }
@@ -155,7 +163,7 @@ impl S3Store {
         warn!(what, elapsed = ?started.elapsed(), error = %last_error, "S3 request failed after retries");
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         Err(if connected {
-            StoreError::Other(format!("{what}: {last_error}"))
+            StoreError::Failed(format!("{what}: {last_error}"))
         } else {
             StoreError::Unreachable(last_error)
         })
@@ -180,21 +188,28 @@ impl S3Store {
                 }
                 other => other,
             })?;
+        // A body cut short at an element boundary can still parse (the SDK's parser stops at the
+        // cut): the page then lists fewer entries than its KeyCount (objects and prefixes) says.
+        let listed = out.contents().len() + out.common_prefixes().len();
+        if let Some(count) = missing_entries(listed, out.key_count()) {
+            return Err(AttemptError::Transient(format!(
+                "listing page of {prefix:?} holds {listed} of the {count} entries it announces (body cut short)"
+            )));
+        }
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_owned)).collect();
         let objects = out
             .contents()
             .iter()
             .filter_map(|o| {
-                Some(ObjectMeta {
-                    key: o.key()?.to_owned(),
-                    size: u64::try_from(o.size().unwrap_or(0)).unwrap_or(0),
-                    etag: o.e_tag().unwrap_or_default().to_owned(),
-                    mtime: o
-                        .last_modified()
-                        .and_then(|t| SystemTime::try_from(*t).ok())
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
-                })
+                let size = u64::try_from(o.size().unwrap_or(0)).unwrap_or(0);
+                let mtime =
+                    o.last_modified().and_then(|t| SystemTime::try_from(*t).ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+                let etag = match o.e_tag() {
+                    Some(etag) if !etag.is_empty() => etag.to_owned(),
+                    _ => ObjectMeta::synthesized_version(size, mtime),
+                };
+                Some(ObjectMeta { key: o.key()?.to_owned(), size, etag, mtime })
             })
             .collect();
         let next =
@@ -208,8 +223,10 @@ impl S3Store {
         let mut token = None;
         loop {
             let what = format!("list s3://{}/{prefix}", self.bucket);
-            let page =
-                self.with_retries(&what, Duration::ZERO, || self.list_page(prefix, delimited, token.clone())).await?;
+            // The SDK reads a page's body whole, so its chunks cannot be watched: a page that has
+            // not arrived within the stall timeout counts as stalled.
+            let limit = self.retry.stall_timeout.min(self.retry.attempt_timeout);
+            let page = self.with_retries(&what, limit, || self.list_page(prefix, delimited, token.clone())).await?;
             listing.prefixes.extend(page.prefixes);
             listing.objects.extend(page.objects);
             match page.next {
@@ -225,14 +242,30 @@ impl S3Store {
             range.start,
             range.end - 1
         ));
-        if !object.etag.is_empty() {
-            request = request.if_match(&object.etag);
+        let etag = object.server_etag();
+        if let Some(etag) = etag {
+            request = request.if_match(etag);
         }
         let out = request.send().await.map_err(|e| classify(&self.bucket, &object.key, e))?;
-        if let Some(etag) = out.e_tag() {
-            if !object.etag.is_empty() && etag != object.etag {
-                return Err(AttemptError::Final(StoreError::Changed(object.key.clone())));
+        let changed = || AttemptError::Final(StoreError::Changed(object.key.clone()));
+        match (etag, out.e_tag()) {
+            (Some(listed), Some(answered)) if answered != listed => return Err(changed()),
+            // S3 always names the version it answers with: a 200 without it (a proxy's error
+            // page, say) is not the object.
+            (Some(_), None) => {
+                return Err(AttemptError::Transient(format!("the answer for {} has no ETag", object.key)));
             }
+            _ => {}
+        }
+        // Without an ETag to pin (or a server that ignores If-Match), the size and mtime the
+        // answer reports must still be the listed ones.
+        let total = out.content_range().and_then(content_range_total);
+        if total.is_some_and(|total| total != object.size) {
+            return Err(changed());
+        }
+        let answered_mtime = out.last_modified().and_then(|t| SystemTime::try_from(*t).ok());
+        if etag.is_none() && answered_mtime.is_some_and(|t| newer_than_listed(t, object.mtime)) {
+            return Err(changed());
         }
         let expected = range.end - range.start;
         if let Some(content_range) = out.content_range() {
@@ -243,8 +276,12 @@ impl S3Store {
                     range.end - 1
                 )));
             }
-        } else if range.start != 0 || u64::try_from(out.content_length().unwrap_or(-1)).ok() != Some(expected) {
-            return Err(AttemptError::Transient("server ignored the Range header".into()));
+        } else if range.start != 0
+            || expected != object.size
+            || u64::try_from(out.content_length().unwrap_or(-1)).ok() != Some(expected)
+        {
+            // Only a whole object may come without a Content-Range (a server ignoring Range).
+            return Err(AttemptError::Transient("the answer has no Content-Range for a part of the object".into()));
         }
         // Read the body chunk by chunk: a connection that goes quiet for the stall timeout is
         // abandoned and the attempt retried, instead of waiting for the whole attempt timeout.
@@ -305,12 +342,13 @@ impl ObjectStore for S3Store {
             tracing::trace!(%what, "sending");
             // Allow for the transfer itself at a pessimistic 1 MiB/s on top of the attempt timeout.
             let transfer = Duration::from_secs((range.end - range.start) >> 20);
-            self.with_retries(&what, transfer, || self.get_once(object, &range)).await
+            self.with_retries(&what, self.retry.attempt_timeout + transfer, || self.get_once(object, &range)).await
         })
     }
 }
 
-/// Sorts an SDK error into a final [`StoreError`] or a transient failure worth retrying.
+/// Sorts an SDK error into a final [`StoreError`] or a transient failure worth retrying. One
+/// rule for every request kind (listing pages, metadata and data GETs): see [`class_of`].
 fn classify<E>(bucket: &str, key: &str, err: SdkError<E, HttpResponse>) -> AttemptError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -319,22 +357,73 @@ where
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => err.raw_response().map(|r| r.status().as_u16()),
         _ => None,
     };
-    let code = err.code().map(str::to_owned);
-    let message = DisplayErrorContext(&err).to_string();
-    match (code.as_deref(), status) {
-        (Some("NoSuchBucket"), _) => AttemptError::Final(StoreError::NoSuchBucket(bucket.to_owned())),
-        (Some("NoSuchKey"), _) | (_, Some(404)) => AttemptError::Final(StoreError::NotFound(key.to_owned())),
-        (Some("PreconditionFailed"), _) | (_, Some(412)) => AttemptError::Final(StoreError::Changed(key.to_owned())),
-        (Some("AccessDenied"), _) | (_, Some(401 | 403)) => {
-            AttemptError::Final(StoreError::AccessDenied(format!("{key}: {message}")))
-        }
-        (_, Some(s)) if s == 429 || s >= 500 => AttemptError::Transient(message),
-        (_, Some(_)) => AttemptError::Final(StoreError::Other(format!("{key}: {message}"))),
-        (_, None) => match err {
-            SdkError::ConstructionFailure(_) => AttemptError::Final(StoreError::Other(message)),
-            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => AttemptError::NoConnection(root_cause(&err)),
-            _ => AttemptError::Transient(message),
-        },
+    let kind = match &err {
+        SdkError::ConstructionFailure(_) => Failure::Construction,
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => Failure::NoAnswer,
+        SdkError::ServiceError(_) => Failure::Service,
+        _ => Failure::Response,
+    };
+    // One short reason for logs and errors: the status and S3 code, else the innermost error.
+    let message = match (status, err.code()) {
+        (Some(status), Some(code)) => format!("HTTP {status} {code}: {}", err.message().unwrap_or("")),
+        (Some(status), None) => format!("HTTP {status}: {}", root_cause(&err)),
+        (None, _) => root_cause(&err),
+    };
+    match class_of(kind, status, err.code()) {
+        Class::NoSuchBucket => AttemptError::Final(StoreError::NoSuchBucket(bucket.to_owned())),
+        Class::NotFound => AttemptError::Final(StoreError::NotFound(key.to_owned())),
+        Class::Changed => AttemptError::Final(StoreError::Changed(key.to_owned())),
+        Class::Denied => AttemptError::Final(StoreError::AccessDenied(format!("{key}: {message}"))),
+        Class::Invalid => AttemptError::Final(StoreError::Failed(format!("{key}: {message}"))),
+        Class::Retry => AttemptError::Transient(message),
+        Class::NoConnection => AttemptError::NoConnection(root_cause(&err)),
+    }
+}
+
+/// What kind of SDK failure an error is.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// The request could not even be built.
+    Construction,
+    /// No answer: connection refused or reset before a response, DNS, connect timeout.
+    NoAnswer,
+    /// The server answered with an S3 error.
+    Service,
+    /// An answer came, but its body could not be read or parsed (cut short, garbled).
+    Response,
+}
+
+/// How a failed attempt is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    NoSuchBucket,
+    NotFound,
+    Changed,
+    Denied,
+    Invalid,
+    Retry,
+    NoConnection,
+}
+
+/// The one classification of S3 outcomes. Final: 404 (or `NoSuchKey`/`NoSuchBucket`), 412 and
+/// 416 (changed since listed), 401/403, other 4xx, a request that cannot be built. Retried: 5xx, 429, 408, throttling codes,
+/// a 2xx whose body was cut short or does not parse, and no answer at all.
+fn class_of(kind: Failure, status: Option<u16>, code: Option<&str>) -> Class {
+    match (kind, code, status) {
+        (Failure::Construction, ..) => Class::Invalid,
+        (_, Some("NoSuchBucket"), _) => Class::NoSuchBucket,
+        (_, Some("NoSuchKey"), _) | (_, _, Some(404)) => Class::NotFound,
+        // 416: a range inside the listed size is past the object's end: it shrank.
+        (_, Some("PreconditionFailed" | "InvalidRange"), _) | (_, _, Some(412 | 416)) => Class::Changed,
+        (_, Some("AccessDenied"), _) | (_, _, Some(401 | 403)) => Class::Denied,
+        (_, Some("SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"), _) => Class::Retry,
+        (_, _, Some(s)) if s == 408 || s == 429 || s >= 500 => Class::Retry,
+        // The status said all is well but the body did not arrive whole or does not parse (the
+        // SDK reports an unparsable success body as a response or as an unhandled service error).
+        (_, _, Some(s)) if (200..300).contains(&s) => Class::Retry,
+        (_, _, Some(_)) => Class::Invalid,
+        (Failure::NoAnswer, _, None) => Class::NoConnection,
+        (_, _, None) => Class::Retry,
     }
 }
 
@@ -361,6 +450,24 @@ fn content_range_matches(header: &str, range: &Range<u64>) -> bool {
     first.parse::<u64>().ok() == Some(range.start) && last.parse::<u64>().ok() == Some(range.end - 1)
 }
 
+/// The object size a `Content-Range: bytes a-b/n` header reports (`None` for `*` or garbage).
+fn content_range_total(header: &str) -> Option<u64> {
+    header.trim().strip_prefix("bytes ")?.split_once('/')?.1.parse().ok()
+}
+
+/// Whether a `Last-Modified` answer (whole seconds) says the object is newer than the listed
+/// mtime (which may carry a fraction of a second). An unknown listed mtime never is.
+fn newer_than_listed(answered: SystemTime, listed: SystemTime) -> bool {
+    let secs = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    listed != SystemTime::UNIX_EPOCH && secs(answered) > secs(listed)
+}
+
+/// The entries a listing page announces (`KeyCount`: objects and common prefixes) when it holds
+/// fewer (`listed`); `None` when it holds them all or announces nothing.
+fn missing_entries(listed: usize, key_count: Option<i32>) -> Option<usize> {
+    key_count.and_then(|c| usize::try_from(c).ok()).filter(|count| listed < *count)
+}
+
 /// Full-jitter exponential backoff for retry number `n` (1 for the first retry).
 fn jittered_backoff(policy: &RetryPolicy, n: u32) -> Duration {
     let ceiling = policy.base_backoff.saturating_mul(1u32 << n.min(16)).min(policy.max_backoff);
@@ -379,6 +486,66 @@ mod tests {
         assert!(!content_range_matches("bytes 0-99/1000", &(0..50)));
         assert!(!content_range_matches("bytes 1-100/1000", &(0..100)));
         assert!(!content_range_matches("garbage", &(0..100)));
+    }
+
+    #[test]
+    fn size_and_mtime_answers_are_checked_against_the_listing() {
+        assert_eq!(content_range_total("bytes 0-99/1000"), Some(1000));
+        assert_eq!(content_range_total("bytes 0-99/*"), None);
+        assert_eq!(content_range_total("garbage"), None);
+        let listed = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_500);
+        let header = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        assert!(!newer_than_listed(header(1_700_000_000), listed), "same second, fraction dropped");
+        assert!(newer_than_listed(header(1_700_000_001), listed));
+        assert!(!newer_than_listed(header(1_700_000_001), SystemTime::UNIX_EPOCH));
+        let synthesized = ObjectMeta {
+            key: "k".into(),
+            size: 1000,
+            etag: ObjectMeta::synthesized_version(1000, listed),
+            mtime: listed,
+        };
+        assert_eq!(synthesized.etag, "synth:1000-1700000000500000000");
+        assert_eq!(synthesized.server_etag(), None, "never sent as If-Match");
+        assert_eq!(ObjectMeta { etag: "\"e\"".into(), ..synthesized.clone() }.server_etag(), Some("\"e\""));
+        assert_eq!(ObjectMeta { etag: String::new(), ..synthesized }.server_etag(), None);
+    }
+
+    #[test]
+    fn every_request_kind_shares_one_classification() {
+        use Failure::*;
+        // Retried: throttling, server errors, bodies cut short or unparsable under a 2xx.
+        for (kind, status, code) in [
+            (Service, Some(503), Some("SlowDown")),
+            (Service, Some(500), Some("InternalError")),
+            (Service, Some(429), None),
+            (Service, Some(408), None),
+            (Response, Some(502), None),
+            (Response, Some(200), None),
+            (Response, Some(206), None),
+            (Service, Some(200), None),
+            (Response, None, None),
+        ] {
+            assert_eq!(class_of(kind, status, code), Class::Retry, "{kind:?} {status:?} {code:?}");
+        }
+        assert_eq!(class_of(NoAnswer, None, None), Class::NoConnection);
+        // Final: gone, replaced, refused, a bad bucket, other client errors.
+        assert_eq!(class_of(Service, Some(404), Some("NoSuchKey")), Class::NotFound);
+        assert_eq!(class_of(Response, Some(404), None), Class::NotFound);
+        assert_eq!(class_of(Service, Some(404), Some("NoSuchBucket")), Class::NoSuchBucket);
+        assert_eq!(class_of(Service, Some(412), Some("PreconditionFailed")), Class::Changed);
+        assert_eq!(class_of(Service, Some(416), Some("InvalidRange")), Class::Changed);
+        assert_eq!(class_of(Service, Some(403), Some("AccessDenied")), Class::Denied);
+        assert_eq!(class_of(Service, Some(401), None), Class::Denied);
+        assert_eq!(class_of(Service, Some(400), Some("InvalidArgument")), Class::Invalid);
+        assert_eq!(class_of(Construction, None, None), Class::Invalid);
+    }
+
+    #[test]
+    fn a_listing_page_must_hold_what_it_announces() {
+        assert_eq!(missing_entries(1000, Some(1000)), None);
+        assert_eq!(missing_entries(3, Some(7)), Some(7), "cut short");
+        assert_eq!(missing_entries(0, None), None, "a server that does not say");
+        assert_eq!(missing_entries(5, Some(3)), None, "a server counting objects only");
     }
 
     #[test]

@@ -108,8 +108,8 @@ impl MrcView {
 
 /// Why a Zarr, or one of its levels, shows no view.
 enum NoView {
-    /// Its metadata could not be read: the folder listing fails (and is retried) rather than
-    /// being cached without the view for a whole TTL.
+    /// Its metadata could not be read (412, 403, throttling past the retries): the Zarr has no
+    /// views in this listing of its folder, and the next listing tries again.
     Store(StoreError),
     /// Its metadata is nothing a view can serve (the reason, for the debug log).
     Unsupported(String),
@@ -174,14 +174,10 @@ impl Catalog {
 
     /// The views (name and view) the folder `prefix`, listed as `listing`, shows beside its
     /// Zarrs (the namespace drops any whose name the listing already has). Zarrs that cannot be
-    /// viewed are left out, with a debug line saying why; a failure
-    /// to read their metadata fails the listing (so it is retried, not cached without views).
-    pub async fn views_in(
-        &self,
-        lister: &dyn Lister,
-        prefix: &str,
-        listing: &PrefixListing,
-    ) -> Result<Vec<(String, MrcView)>, StoreError> {
+    /// viewed are left out, with a debug line saying why. Views are optional: a Zarr whose
+    /// metadata cannot be read has none until a later listing of the folder reads it, and the
+    /// folder itself lists as if views were off (the store already logged the failed request).
+    pub async fn views_in(&self, lister: &dyn Lister, prefix: &str, listing: &PrefixListing) -> Vec<(String, MrcView)> {
         let has_object = |name: &str| listing.objects.iter().any(|o| o.key.strip_prefix(prefix) == Some(name));
         let zarrs = listing.prefixes.iter().filter_map(|p| {
             let stem = p.strip_prefix(prefix)?.strip_suffix(".zarr/")?;
@@ -197,10 +193,12 @@ impl Catalog {
             match found {
                 Ok(found) => views.extend(found),
                 Err(NoView::Unsupported(why)) => debug!(zarr, why, "no MRC views"),
-                Err(NoView::Store(e)) => return Err(e),
+                Err(NoView::Store(e)) => {
+                    debug!(zarr, error = %e, "no MRC views: metadata unreadable, retried at the next listing")
+                }
             }
         }
-        Ok(views)
+        views
     }
 
     /// The views of one Zarr `zarr` (named `stem.zarr` in folder `prefix`).

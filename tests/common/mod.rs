@@ -41,51 +41,72 @@ impl Fixture {
     }
 }
 
-/// Faults the test server injects into object GETs (listings are never touched).
+/// Faults the test server injects into every request kind: listing pages (ListObjectsV2), GETs
+/// of small metadata (`.zattrs`, `.zarray`, JSON) and data GETs alike.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
-    /// Per mille of GETs answered `503 SlowDown`.
+    /// Per mille of requests answered `503 SlowDown`.
     pub slow_down: u64,
-    /// Per mille of GETs answered `500 InternalError`.
+    /// Per mille of requests answered `500 InternalError`.
     pub internal_error: u64,
-    /// Per mille of GETs whose connection breaks after half of the body was sent.
+    /// Per mille of requests whose connection breaks after half of the body was sent.
     pub reset_mid_body: u64,
-    /// Every GET of a key containing this text gets this status (e.g. 500: "server down" for it,
-    /// 412: the object was replaced).
-    pub always: Option<(&'static str, u16)>,
-    /// The first GET of a key containing this text sends half its body, then goes silent.
+    /// Per mille of requests answered 200 with the full `Content-Length` but half the body, then
+    /// the connection is closed.
+    pub truncated: u64,
+    /// Every request for a key (or listing prefix) containing one of these texts gets this
+    /// status (500: "server down" for it; 403: refused; 404: gone; 412: replaced).
+    pub always: &'static [(&'static str, u16)],
+    /// The first request for a key (or listing prefix) containing this text sends half its
+    /// body, then goes silent.
     pub stall_first: Option<&'static str>,
+    /// The first answer to every distinct request (URL and range: each listing page, each GET)
+    /// is a complete 200 whose body is a proxy's HTML error page (no listing XML, not the
+    /// range's bytes); the retry is answered right.
+    pub garble_every_first_answer: bool,
+    /// A mirror without ETags: listings carry none, GET answers have no `ETag` header, and an
+    /// `If-Match` can never match (412). Otherwise listings carry each object's ETag, as S3's do.
+    pub no_etags: bool,
 }
 
 enum Fault {
     Status(u16, &'static str),
     ResetMidBody,
+    TruncatedBody,
+    GarbledBody,
     StallMidBody,
 }
 
 impl Faults {
-    /// The fault for GET number `n` of `key`, if any; deterministic, so runs repeat.
+    /// The fault for request number `n`, of `key`, if any; deterministic, so runs repeat.
     fn pick(&self, n: u64, key: &str, stalled: &AtomicBool) -> Option<Fault> {
         if self.stall_first.is_some_and(|needle| key.contains(needle)) && !stalled.swap(true, Ordering::SeqCst) {
             return Some(Fault::StallMidBody);
         }
-        if let Some((needle, status)) = self.always {
-            if key.contains(needle) {
-                let code = match status {
-                    404 => "NoSuchKey",
-                    412 => "PreconditionFailed",
-                    _ => "InternalError",
-                };
-                return Some(Fault::Status(status, code));
-            }
+        if let Some(&(_, status)) = self.always.iter().find(|(needle, _)| key.contains(needle)) {
+            let code = match status {
+                403 => "AccessDenied",
+                404 => "NoSuchKey",
+                412 => "PreconditionFailed",
+                503 => "SlowDown",
+                _ => "InternalError",
+            };
+            return Some(Fault::Status(status, code));
         }
         let roll = cdpfs::hash::stable_hash(&[&n.to_le_bytes()]) % 1000;
-        if roll < self.slow_down {
+        let mut bound = 0;
+        let mut next = |per_mille: u64| {
+            bound += per_mille;
+            roll < bound
+        };
+        if next(self.slow_down) {
             Some(Fault::Status(503, "SlowDown"))
-        } else if roll < self.slow_down + self.internal_error {
+        } else if next(self.internal_error) {
             Some(Fault::Status(500, "InternalError"))
-        } else if roll < self.slow_down + self.internal_error + self.reset_mid_body {
+        } else if next(self.reset_mid_body) {
             Some(Fault::ResetMidBody)
+        } else if next(self.truncated) {
+            Some(Fault::TruncatedBody)
         } else {
             None
         }
@@ -102,10 +123,18 @@ pub struct Server {
     pub gets: Arc<AtomicU64>,
     /// Body bytes of those GETs.
     pub bytes: Arc<AtomicU64>,
-    /// Faults injected so far.
+    /// Listing pages served whole so far.
+    pub lists: Arc<AtomicU64>,
+    /// Faults injected so far (into any request).
     pub injected: Arc<AtomicU64>,
+    /// Of those, the faults injected into listing pages.
+    pub injected_lists: Arc<AtomicU64>,
     /// "path range" of every successful object GET, in order.
     pub served: Arc<std::sync::Mutex<Vec<String>>>,
+    /// How many requests each key (or listing prefix) matched by `Faults::always` was failed.
+    pub always_failed: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// Clear to stop failing the `Faults::always` keys (the server "recovers").
+    pub always_on: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -147,17 +176,44 @@ fn remove_stale_scratch_dirs() {
     }
 }
 
+/// What the server's request handler shares between connections.
+#[derive(Clone)]
+struct ServerState {
+    root: PathBuf,
+    faults: Faults,
+    gets: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    lists: Arc<AtomicU64>,
+    injected: Arc<AtomicU64>,
+    injected_lists: Arc<AtomicU64>,
+    served: Arc<std::sync::Mutex<Vec<String>>>,
+    always_failed: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    always_on: Arc<AtomicBool>,
+    answered: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    requests: Arc<AtomicU64>,
+    stalled: Arc<AtomicBool>,
+}
+
 /// Starts s3s-fs serving `root` on 127.0.0.1 in a background thread, injecting `faults`.
 pub fn start_server(root: &Path, faults: Faults) -> Server {
     let root = root.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
-    let (gets, bytes, injected) =
-        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (gets_counter, bytes_counter, injected_counter) = (gets.clone(), bytes.clone(), injected.clone());
-    let requests = Arc::new(AtomicU64::new(0));
-    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let served_log = served.clone();
-    let stalled = Arc::new(AtomicBool::new(false));
+    let state = ServerState {
+        root: root.clone(),
+        faults,
+        gets: Arc::default(),
+        bytes: Arc::default(),
+        lists: Arc::default(),
+        injected: Arc::default(),
+        injected_lists: Arc::default(),
+        served: Arc::default(),
+        always_failed: Arc::default(),
+        always_on: Arc::new(AtomicBool::new(true)),
+        answered: Arc::default(),
+        requests: Arc::default(),
+        stalled: Arc::default(),
+    };
+    let shared = state.clone();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
@@ -167,82 +223,204 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
             tx.send(listener.local_addr().unwrap()).unwrap();
             loop {
                 let Ok((socket, _)) = listener.accept().await else { continue };
-                let (service, gets, bytes) = (service.clone(), gets_counter.clone(), bytes_counter.clone());
-                let (injected, requests, stalled) = (injected_counter.clone(), requests.clone(), stalled.clone());
-                let served = served_log.clone();
-                // Counts object GETs (not listings) and their body bytes, as the origin sees them,
-                // and injects the configured faults into them.
-                let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (service, gets, bytes) = (service.clone(), gets.clone(), bytes.clone());
-                    let (injected, requests, stalled) = (injected.clone(), requests.clone(), stalled.clone());
-                    let served = served.clone();
-                    async move {
-                        let object_get =
-                            req.method() == "GET" && !req.uri().query().unwrap_or("").contains("list-type");
-                        let range = req.headers().get("range").and_then(|v| v.to_str().ok()).unwrap_or("all");
-                        let request_line = format!("{} {range}", req.uri().path());
-                        let fault = if object_get {
-                            let key = percent_decode(req.uri().path());
-                            faults.pick(requests.fetch_add(1, Ordering::SeqCst), &key, &stalled)
-                        } else {
-                            None
-                        };
-                        if let Some(Fault::Status(status, code)) = fault {
-                            injected.fetch_add(1, Ordering::SeqCst);
-                            let xml = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
-                            let body = http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                                http_body_util::Full::new(bytes::Bytes::from(xml)),
-                                |e| match e {},
-                            ));
-                            return Ok(hyper::Response::builder().status(status).body(body).unwrap());
-                        }
-                        let response = service.call(req.map(s3s::Body::from)).await?;
-                        if object_get && response.status().is_success() {
-                            gets.fetch_add(1, Ordering::SeqCst);
-                            served.lock().unwrap().push(request_line);
-                            let length = response.headers().get("content-length").and_then(|v| v.to_str().ok());
-                            bytes.fetch_add(length.and_then(|v| v.parse().ok()).unwrap_or(0), Ordering::SeqCst);
-                        }
-                        let (parts, body) = response.into_parts();
-                        let body: TestBody = match fault {
-                            Some(Fault::ResetMidBody) if parts.status.is_success() => {
-                                injected.fetch_add(1, Ordering::SeqCst);
-                                let all = http_body_util::BodyExt::collect(body).await.map_err(s3s::HttpError::new)?.to_bytes();
-                                let frames: Vec<Result<http_body::Frame<bytes::Bytes>, s3s::StdError>> = vec![
-                                    Ok(http_body::Frame::data(all.slice(..all.len() / 2))),
-                                    Err("injected reset".into()),
-                                ];
-                                http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(
-                                    futures_util::stream::iter(frames),
-                                ))
-                            }
-                            Some(Fault::StallMidBody) if parts.status.is_success() => {
-                                injected.fetch_add(1, Ordering::SeqCst);
-                                let all = http_body_util::BodyExt::collect(body).await.map_err(s3s::HttpError::new)?.to_bytes();
-                                let (half, rest) = (all.slice(..all.len() / 2), all.slice(all.len() / 2..));
-                                let first = futures_util::stream::once(async move {
-                                    Ok::<_, s3s::StdError>(http_body::Frame::data(half))
-                                });
-                                let late = futures_util::stream::once(async move {
-                                    tokio::time::sleep(Duration::from_secs(60)).await;
-                                    Ok::<_, s3s::StdError>(http_body::Frame::data(rest))
-                                });
-                                let stream = futures_util::StreamExt::chain(first, late);
-                                http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream))
-                            }
-                            _ => http_body_util::BodyExt::boxed_unsync(body),
-                        };
-                        Ok::<_, s3s::HttpError>(hyper::Response::from_parts(parts, body))
-                    }
+                let (service, state) = (service.clone(), state.clone());
+                let handler = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    serve_request(service.clone(), state.clone(), req)
                 });
                 tokio::spawn(async move {
                     let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), counted).await;
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), handler).await;
                 });
             }
         });
     });
-    Server { addr: rx.recv().unwrap(), gets, bytes, injected, served }
+    Server {
+        addr: rx.recv().unwrap(),
+        gets: shared.gets,
+        bytes: shared.bytes,
+        lists: shared.lists,
+        injected: shared.injected,
+        injected_lists: shared.injected_lists,
+        served: shared.served,
+        always_failed: shared.always_failed,
+        always_on: shared.always_on,
+    }
+}
+
+/// One request through s3s-fs: counts object GETs (not listings) and their body bytes as the
+/// origin sees them, answers `If-Match` and lists ETags (s3s-fs does neither), and injects the
+/// configured faults into any request, listings included.
+async fn serve_request(
+    service: s3s::service::S3Service,
+    state: ServerState,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<TestBody>, s3s::HttpError> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let listing = query.contains("list-type");
+    let object_get = req.method() == "GET" && !listing;
+    let range = req.headers().get("range").and_then(|v| v.to_str().ok()).unwrap_or("all");
+    let request_line = format!("{} {range}", req.uri().path());
+    let if_match = req.headers().get("if-match").map(|v| v.as_bytes().to_vec());
+    // A listing's "key" is its prefix, for `always` and `stall_first`.
+    let key = if listing {
+        query.split('&').find_map(|pair| pair.strip_prefix("prefix=")).map(percent_decode).unwrap_or_default()
+    } else {
+        percent_decode(req.uri().path())
+    };
+    let mut faults = state.faults;
+    if !state.always_on.load(Ordering::SeqCst) {
+        faults.always = &[];
+    }
+    let first_time = || state.answered.lock().unwrap().insert(format!("{} {range}", req.uri()));
+    let fault = if !(object_get || listing) {
+        None
+    } else if faults.garble_every_first_answer && first_time() {
+        Some(Fault::GarbledBody)
+    } else {
+        faults.pick(state.requests.fetch_add(1, Ordering::SeqCst), &key, &state.stalled)
+    };
+    let injected = || {
+        state.injected.fetch_add(1, Ordering::SeqCst);
+        if listing {
+            state.injected_lists.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    if let Some(Fault::Status(status, code)) = fault {
+        injected();
+        if faults.always.iter().any(|(needle, _)| key.contains(needle)) {
+            *state.always_failed.lock().unwrap().entry(key).or_default() += 1;
+        }
+        return Ok(error_response(status, code));
+    }
+    let response = service.call(req.map(s3s::Body::from)).await?;
+    let (mut parts, body) = response.into_parts();
+    if object_get && parts.status.is_success() {
+        if let Some(wanted) = if_match {
+            let current = parts.headers.get("etag").map(|v| v.as_bytes().to_vec());
+            if faults.no_etags || current.as_deref() != Some(&wanted[..]) {
+                return Ok(error_response(412, "PreconditionFailed"));
+            }
+        }
+        state.gets.fetch_add(1, Ordering::SeqCst);
+        state.served.lock().unwrap().push(request_line);
+        let length = parts.headers.get("content-length").and_then(|v| v.to_str().ok());
+        state.bytes.fetch_add(length.and_then(|v| v.parse().ok()).unwrap_or(0), Ordering::SeqCst);
+    }
+    let body_fault = fault.filter(|_| parts.status.is_success());
+    let add_etags = listing && parts.status.is_success() && !faults.no_etags;
+    if faults.no_etags {
+        parts.headers.remove("etag");
+    }
+    if !add_etags && body_fault.is_none() {
+        if listing && parts.status.is_success() {
+            state.lists.fetch_add(1, Ordering::SeqCst);
+        }
+        return Ok(hyper::Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body)));
+    }
+    let mut all = http_body_util::BodyExt::collect(body).await.map_err(s3s::HttpError::new)?.to_bytes();
+    if add_etags {
+        all = with_etags(&all, &state.root).into();
+    }
+    // Every body below is announced whole, whatever reaches the client.
+    parts.headers.insert("content-length", all.len().into());
+    let (half, rest) = (all.slice(..all.len() / 2), all.slice(all.len() / 2..));
+    let frames = |tail: Option<s3s::StdError>| {
+        let mut frames: Vec<Result<http_body::Frame<bytes::Bytes>, s3s::StdError>> =
+            vec![Ok(http_body::Frame::data(half.clone()))];
+        frames.extend(tail.map(Err));
+        http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
+    };
+    let whole = |bytes: bytes::Bytes| -> TestBody {
+        http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(http_body_util::Full::new(bytes), |e| {
+            match e {}
+        }))
+    };
+    let body: TestBody = match body_fault {
+        None => {
+            if listing {
+                state.lists.fetch_add(1, Ordering::SeqCst);
+            }
+            whole(all)
+        }
+        // A complete message, but not what was asked for.
+        Some(Fault::GarbledBody) => {
+            injected();
+            let page = bytes::Bytes::from_static(b"<html><body><h1>502 Bad Gateway</h1></body></html>");
+            for header in ["etag", "content-range", "last-modified"] {
+                parts.headers.remove(header);
+            }
+            parts.headers.insert("content-length", page.len().into());
+            parts.headers.insert("content-type", "text/html".parse().unwrap());
+            whole(page)
+        }
+        Some(Fault::ResetMidBody) => {
+            injected();
+            frames(Some("injected reset".into()))
+        }
+        // Half the announced bytes, then the end: hyper closes the connection short.
+        Some(Fault::TruncatedBody) => {
+            injected();
+            frames(None)
+        }
+        Some(Fault::StallMidBody) => {
+            injected();
+            let first = futures_util::stream::once(async move { Ok::<_, s3s::StdError>(http_body::Frame::data(half)) });
+            let late = futures_util::stream::once(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, s3s::StdError>(http_body::Frame::data(rest))
+            });
+            let stream = futures_util::StreamExt::chain(first, late);
+            http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream))
+        }
+        Some(Fault::Status(..)) => unreachable!("answered before the request reached s3s-fs"),
+    };
+    Ok(hyper::Response::from_parts(parts, body))
+}
+
+/// An S3 error answer.
+fn error_response(status: u16, code: &str) -> hyper::Response<TestBody> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected</Message></Error>"
+    );
+    let body = http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+        http_body_util::Full::new(bytes::Bytes::from(xml)),
+        |e| match e {},
+    ));
+    hyper::Response::builder().status(status).body(body).unwrap()
+}
+
+/// A ListObjectsV2 answer with each object's ETag (as the object's GET answers it) added.
+fn with_etags(xml: &[u8], root: &Path) -> Vec<u8> {
+    let text = String::from_utf8_lossy(xml);
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut rest = &text[..];
+    while let Some(end) = rest.find("</Key>") {
+        let (before, after) = rest.split_at(end + "</Key>".len());
+        out.push_str(before);
+        let key = before.rfind("<Key>").map(|start| xml_unescape(&before[start + "<Key>".len()..end]));
+        if let Some(etag) = key.and_then(|key| etag_of(root, &key)) {
+            out.push_str(&format!("<ETag>\"{etag}\"</ETag>"));
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out.into_bytes()
+}
+
+fn xml_unescape(text: &str) -> String {
+    text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&")
+}
+
+/// Where s3s-fs keeps the ETag of `key` (it re-hashes the file on every request without it).
+fn sidecar(root: &Path, key: &str) -> PathBuf {
+    let encode = |s: &str| base64_simd::URL_SAFE_NO_PAD.encode_to_string(s);
+    root.join(format!(".bucket-{}.object-{}.internal.json", encode(BUCKET), encode(key)))
+}
+
+/// The ETag (unquoted) s3s-fs answers for `key`, when it has one saved.
+fn etag_of(root: &Path, key: &str) -> Option<String> {
+    let saved: serde_json::Value = serde_json::from_slice(&fs::read(sidecar(root, key)).ok()?).ok()?;
+    saved.get("e_tag")?.as_str().map(str::to_owned)
 }
 
 /// Decodes `%XX` escapes in a request path.
@@ -431,17 +609,21 @@ pub fn build_fixture(root: &Path) -> Fixture {
 
 /// Writes `objects` where [`start_server`] serves them from `root`, with their ETag sidecars.
 pub fn write_bucket(root: &Path, objects: &BTreeMap<String, Vec<u8>>) {
-    let bucket_dir = root.join(BUCKET);
     for (key, bytes) in objects {
-        let path = bucket_dir.join(key);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, bytes).unwrap();
-        // s3s-fs re-hashes a file for its ETag on every request unless this sidecar exists.
-        let encode = |s: &str| base64_simd::URL_SAFE_NO_PAD.encode_to_string(s);
-        let sidecar = root.join(format!(".bucket-{}.object-{}.internal.json", encode(BUCKET), encode(key)));
-        let etag = format!("{:016x}{:016x}", cdpfs::hash::stable_hash(&[bytes]), bytes.len());
-        fs::write(sidecar, format!("{{\"e_tag\":\"{etag}\"}}")).unwrap();
+        put_object(root, key, bytes);
     }
+}
+
+/// Writes (or replaces, with a new ETag) object `key` of the bucket s3s-fs serves from `root`.
+pub fn put_object(root: &Path, key: &str, bytes: &[u8]) {
+    let path = root.join(BUCKET).join(key);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let etag = format!("{:016x}{:016x}", cdpfs::hash::stable_hash(&[bytes]), bytes.len());
+    // Replaced in place by rename, as an upload would: a reader never sees half a file.
+    let temp = path.with_extension("upload-tmp");
+    fs::write(&temp, bytes).unwrap();
+    fs::rename(&temp, &path).unwrap();
+    fs::write(sidecar(root, key), format!("{{\"e_tag\":\"{etag}\"}}")).unwrap();
 }
 
 /// A Python with mrcfile, zarr (v2) and numpy: `$CDPFS_TEST_PYTHON`, else `python3` if it has
@@ -467,6 +649,13 @@ pub fn run_python(python: &str, args: &[&std::ffi::OsStr], marker: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The whole of the file at `path`.
+pub fn read_whole(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut fs::File::open(path).unwrap(), &mut bytes).unwrap();
+    bytes
 }
 
 /// The `cdpfs` binary under test.
