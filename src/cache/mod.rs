@@ -254,7 +254,9 @@ impl BlockCache {
     /// Loads `blocks` of `object` in the background while fetch slots are free: blocks on disk
     /// from disk, the others by one GET per run of missing blocks within a part. A reader that
     /// wants one of them meanwhile waits for that GET.
-    pub fn prefetch(self: &Arc<Self>, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
+    /// Returns where it stopped: `blocks.end`, or the first block it had no fetch slots for
+    /// (the caller asks again later).
+    pub fn prefetch(self: &Arc<Self>, object: &Arc<ObjectMeta>, blocks: Range<u64>) -> u64 {
         let mut next = blocks.start;
         while next < blocks.end {
             let part_end = ((next / self.part_blocks + 1) * self.part_blocks).min(blocks.end);
@@ -273,12 +275,13 @@ impl BlockCache {
             if let (Some(&first), Some(&last)) = (to_fetch.first(), to_fetch.last()) {
                 let run = first..last + 1;
                 let Ok(slots) = self.fetch_slots.clone().try_acquire_many_owned((run.end - run.start) as u32) else {
-                    return;
+                    return next;
                 };
                 self.start_run(object, run, slots);
             }
             next = part_end;
         }
+        blocks.end
     }
 
     /// Starts one GET for the consecutive blocks `run` of `object`: registered as pending at

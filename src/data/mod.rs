@@ -141,11 +141,13 @@ impl DataPath {
                         _ => state.fence = None,
                     }
                     let ahead = state.next_unrequested.max(blocks.end)..window_end.div_ceil(block_size);
-                    state.next_unrequested = state.next_unrequested.max(ahead.end);
                     (ahead, past_fence)
                 };
                 if !ahead.is_empty() {
-                    self.cache.prefetch(object, ahead);
+                    // What found no fetch slot is asked for again by the next read.
+                    let requested = self.cache.prefetch(object, ahead);
+                    let mut state = file.state.lock().expect("stream state poisoned");
+                    state.next_unrequested = state.next_unrequested.max(requested);
                 }
                 if past_fence {
                     // The kernel's read-ahead past a section: its own bytes, nothing around them.

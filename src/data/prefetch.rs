@@ -5,10 +5,11 @@
 //! only what it needs, so reading an MRC header (offset 0) never pulls the whole file. The one
 //! exception is a first read at offset 0 as large as the kernel's read-ahead: that is a program
 //! reading the file from the start (zarr reading a chunk, `cp`), and it starts a stream at
-//! once. Reads that continue where the previous ones ended (allowing for the kernel's small
-//! reorderings of concurrent readahead requests) are *sequential*, and the read-ahead window
-//! is what the stream has consumed so far (at least the initial window, at most the cap): it
-//! grows with what the reader actually reads, never tens of MiB beyond it. A seek resets it.
+//! once, with a window of [`WHOLE_FILE_WINDOW`] at least. Reads that continue where the
+//! previous ones ended (allowing for the kernel's small reorderings of concurrent readahead
+//! requests) are *sequential*, and the read-ahead window is what the stream has consumed so
+//! far (at least the initial window, at most the cap): after a seek it grows with what the
+//! reader actually reads, never tens of MiB beyond it. A seek resets it.
 
 /// How far behind the end of the previous read a read may start and still count as sequential.
 const BACKWARD_TOLERANCE: u64 = 1 << 20;
@@ -18,6 +19,10 @@ const FORWARD_TOLERANCE: u64 = 2 << 20;
 /// A first read at offset 0 at least this large starts a stream: a read of the whole
 /// read-ahead window (128 KiB unless raised), while a header read comes as a 16 KiB request.
 const STREAM_START: u64 = 128 << 10;
+
+/// The smallest window of a stream that began at the start of the file: a program reading a
+/// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
+const WHOLE_FILE_WINDOW: u64 = 8 << 20;
 
 /// What the data path should do for one read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,12 +40,14 @@ pub struct Prefetcher {
     max_window: u64,
     /// How far the current stream has read, and how many bytes it has read.
     stream: Option<(u64, u64)>,
+    /// Whether the current stream began at the start of the file.
+    from_start: bool,
 }
 
 impl Prefetcher {
     /// A detector whose window starts at `initial_window` and grows to `max_window`.
     pub fn new(initial_window: u64, max_window: u64) -> Prefetcher {
-        Prefetcher { initial_window, max_window: max_window.max(initial_window), stream: None }
+        Prefetcher { initial_window, max_window: max_window.max(initial_window), stream: None, from_start: false }
     }
 
     /// Classifies a read of `len` bytes at `offset` and updates the state.
@@ -53,11 +60,15 @@ impl Prefetcher {
         match self.stream {
             // A reordered (earlier) request must not pull the stream back.
             Some((prev, consumed)) if sequential => self.stream = Some((prev.max(end), consumed + len)),
-            _ => self.stream = Some((end, len)),
+            _ => {
+                self.stream = Some((end, len));
+                self.from_start = offset == 0;
+            }
         }
         let (_, consumed) = self.stream.expect("set above");
+        let floor = if self.from_start { self.initial_window.max(WHOLE_FILE_WINDOW) } else { self.initial_window };
         if sequential {
-            Pattern::Sequential { window: consumed.clamp(self.initial_window, self.max_window) }
+            Pattern::Sequential { window: consumed.clamp(floor.min(self.max_window), self.max_window) }
         } else {
             Pattern::Random
         }
@@ -81,15 +92,24 @@ mod tests {
                 Pattern::Random => panic!("read {i} was not sequential"),
             })
             .collect();
-        assert_eq!(windows[0], MIB, "the initial window");
-        assert_eq!(windows[5], 3 * MIB + 1024, "what the stream has read");
-        assert_eq!(windows[39], 20 * MIB + 1024);
+        assert_eq!(windows[0], WHOLE_FILE_WINDOW, "a stream from the start of the file");
+        assert_eq!(windows[5], WHOLE_FILE_WINDOW);
+        assert_eq!(windows[39], 20 * MIB + 1024, "what the stream has read");
+        let mut after_seek = Prefetcher::new(MIB, 32 * MIB);
+        after_seek.on_read(100 * MIB, 4096);
+        assert_eq!(
+            after_seek.on_read(100 * MIB + 4096, 4096),
+            Pattern::Sequential { window: MIB },
+            "the initial window"
+        );
+        let fifth = (2..6).map(|i| after_seek.on_read(100 * MIB + i * 4096, 512 * KIB)).last().unwrap();
+        assert_eq!(fifth, Pattern::Sequential { window: 4096 * 2 + 4 * 512 * KIB });
         // A reader that skips ahead gets read-ahead for what it reads, not for what it skips.
         let mut sparse = Prefetcher::new(64 * KIB, 32 * MIB);
-        sparse.on_read(0, 64 * KIB);
-        let last = (1..20).map(|i| sparse.on_read(i * MIB, 64 * KIB)).last().unwrap();
+        sparse.on_read(MIB, 64 * KIB);
+        let last = (2..21).map(|i| sparse.on_read(i * MIB, 64 * KIB)).last().unwrap();
         assert_eq!(last, Pattern::Sequential { window: 20 * 64 * KIB });
-        assert_eq!(sparse.on_read(20 * MIB + 3 * MIB, 64 * KIB), Pattern::Random, "beyond the tolerance");
+        assert_eq!(sparse.on_read(24 * MIB, 64 * KIB), Pattern::Random, "beyond the tolerance");
         let mut long = Prefetcher::new(MIB, 32 * MIB);
         let last = (0..100).map(|i| long.on_read(i * MIB, MIB)).last().unwrap();
         assert_eq!(last, Pattern::Sequential { window: 32 * MIB }, "capped");
@@ -98,7 +118,7 @@ mod tests {
     #[test]
     fn a_large_first_read_from_the_start_is_a_stream_but_a_small_one_is_not() {
         let mut whole = Prefetcher::new(4 * MIB, 32 * MIB);
-        assert_eq!(whole.on_read(0, MIB), Pattern::Sequential { window: 4 * MIB });
+        assert_eq!(whole.on_read(0, MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
         let mut header = Prefetcher::new(4 * MIB, 32 * MIB);
         assert_eq!(header.on_read(0, 16 * 1024), Pattern::Random);
         let mut elsewhere = Prefetcher::new(4 * MIB, 32 * MIB);
@@ -112,9 +132,10 @@ mod tests {
         assert!(matches!(p.on_read(256 * KIB, 128 * KIB), Pattern::Sequential { .. }));
         // The request for the hole arrives late.
         assert!(matches!(p.on_read(128 * KIB, 128 * KIB), Pattern::Sequential { .. }));
-        assert_eq!(p.on_read(384 * KIB, 4 * MIB), Pattern::Sequential { window: 4 * MIB + 384 * KIB });
+        assert_eq!(p.on_read(384 * KIB, 4 * MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
         assert_eq!(p.on_read(900 * MIB, 4096), Pattern::Random);
+        assert_eq!(p.on_read(900 * MIB + 4096, 4096), Pattern::Sequential { window: MIB });
         assert_eq!(p.on_read(0, 4096), Pattern::Random);
-        assert_eq!(p.on_read(4096, 4096), Pattern::Sequential { window: MIB });
+        assert_eq!(p.on_read(4096, 4096), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
     }
 }
