@@ -173,8 +173,8 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
     let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
     let cached = (config.max_memory / 8 * 3).max(BLOCK_SIZE);
     let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
-    // Enough read-ahead to keep 16 part-sized GETs in flight, within the fetch slots.
-    let max_window = (16 * PART_SIZE).min(config.max_memory / 4);
+    // Up to 8 part-sized GETs in flight per stream, and 4 such streams within the fetch slots.
+    let max_window = (8 * PART_SIZE).min(config.max_memory / 16).max(PART_SIZE);
     let tuning = DataConfig {
         small_object: 1 << 20,
         initial_window: 2 * BLOCK_SIZE,

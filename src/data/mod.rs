@@ -140,7 +140,9 @@ impl DataPath {
                         }
                         _ => state.fence = None,
                     }
-                    let ahead = state.next_unrequested.max(blocks.end)..window_end.div_ceil(block_size);
+                    // The read's own blocks too, when nothing asked for them yet: they come
+                    // with the run that follows them rather than by GETs of their own.
+                    let ahead = state.next_unrequested.max(blocks.start)..window_end.div_ceil(block_size);
                     (ahead, past_fence)
                 };
                 if !ahead.is_empty() {

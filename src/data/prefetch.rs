@@ -22,7 +22,7 @@ const STREAM_START: u64 = 128 << 10;
 
 /// The smallest window of a stream that began at the start of the file: a program reading a
 /// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
-const WHOLE_FILE_WINDOW: u64 = 8 << 20;
+const WHOLE_FILE_WINDOW: u64 = 64 << 20;
 
 /// What the data path should do for one read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,9 +92,8 @@ mod tests {
                 Pattern::Random => panic!("read {i} was not sequential"),
             })
             .collect();
-        assert_eq!(windows[0], WHOLE_FILE_WINDOW, "a stream from the start of the file");
-        assert_eq!(windows[5], WHOLE_FILE_WINDOW);
-        assert_eq!(windows[39], 20 * MIB + 1024, "what the stream has read");
+        assert_eq!(windows[0], WHOLE_FILE_WINDOW.min(32 * MIB), "a stream from the start of the file");
+        assert_eq!(windows[39], WHOLE_FILE_WINDOW.min(32 * MIB));
         let mut after_seek = Prefetcher::new(MIB, 32 * MIB);
         after_seek.on_read(100 * MIB, 4096);
         assert_eq!(
@@ -118,7 +117,7 @@ mod tests {
     #[test]
     fn a_large_first_read_from_the_start_is_a_stream_but_a_small_one_is_not() {
         let mut whole = Prefetcher::new(4 * MIB, 32 * MIB);
-        assert_eq!(whole.on_read(0, MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
+        assert_eq!(whole.on_read(0, MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW.min(32 * MIB) });
         let mut header = Prefetcher::new(4 * MIB, 32 * MIB);
         assert_eq!(header.on_read(0, 16 * 1024), Pattern::Random);
         let mut elsewhere = Prefetcher::new(4 * MIB, 32 * MIB);
@@ -132,10 +131,10 @@ mod tests {
         assert!(matches!(p.on_read(256 * KIB, 128 * KIB), Pattern::Sequential { .. }));
         // The request for the hole arrives late.
         assert!(matches!(p.on_read(128 * KIB, 128 * KIB), Pattern::Sequential { .. }));
-        assert_eq!(p.on_read(384 * KIB, 4 * MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
+        assert_eq!(p.on_read(384 * KIB, 4 * MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW.min(8 * MIB) });
         assert_eq!(p.on_read(900 * MIB, 4096), Pattern::Random);
         assert_eq!(p.on_read(900 * MIB + 4096, 4096), Pattern::Sequential { window: MIB });
         assert_eq!(p.on_read(0, 4096), Pattern::Random);
-        assert_eq!(p.on_read(4096, 4096), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
+        assert_eq!(p.on_read(4096, 4096), Pattern::Sequential { window: WHOLE_FILE_WINDOW.min(8 * MIB) });
     }
 }
