@@ -125,6 +125,35 @@ fn scrolling_through_sections_fetches_each_next_section_whole() {
 }
 
 #[test]
+fn a_reader_that_goes_through_section_after_section_becomes_a_stream() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let mount = Mounted::on(server, "mid-stream", &[]);
+    let file = File::open(mount.join(KEY)).unwrap();
+    // An HPC job's stripe: from the middle of section 1 to the end, 1 MiB at a time.
+    let (first_get, before) = (server.served.lock().unwrap().len(), traffic());
+    let mut offset = 1024 + SECTION + SECTION / 2;
+    let mut buf = vec![0u8; 1 << 20];
+    while offset < source.len() as u64 {
+        let n = file.read_at(&mut buf, offset).unwrap();
+        assert!(n > 0 && buf[..n] == source[offset as usize..offset as usize + n], "at {offset}");
+        offset += n as u64;
+    }
+    let wanted = source.len() as u64 - (1024 + SECTION + SECTION / 2);
+    let bytes = traffic().1 - before.1;
+    assert!(bytes * 10 <= wanted * 11, "{bytes} bytes fetched for {wanted}");
+    let large = server.served.lock().unwrap()[first_get..]
+        .iter()
+        .filter_map(|line| {
+            let (start, end) = line.rsplit_once("bytes=")?.1.split_once('-')?;
+            Some(end.parse::<u64>().ok()? + 1 - start.parse::<u64>().ok()?)
+        })
+        .filter(|len| *len >= 4 << 20)
+        .count();
+    assert!(large >= 1, "still reading section by section after {} sections", NZ - 2);
+}
+
+#[test]
 fn small_random_reads_fetch_what_they_ask_for() {
     let _serial = serial();
     let (source, server) = bucket();

@@ -36,6 +36,10 @@ const SECTION_READ: u64 = 128 << 10;
 /// this allows for `--kernel-read-ahead 1M`).
 const KERNEL_OVERSHOOT: u64 = 2 << 20;
 
+/// Sections a reader may go on into one after the other before its reads are a stream (a
+/// sequential reader that began in the middle of an MRC, or a viewer scrolling through z).
+const SECTIONS_BEFORE_STREAMING: u32 = 4;
+
 /// MRC headers remembered, per object version.
 const SECTION_TABLES: usize = 4096;
 
@@ -68,6 +72,8 @@ struct StreamState {
     fence: Option<u64>,
     /// Requests wholly past the fence since it was set.
     past_fence: u32,
+    /// Sections the reader went on into, one after the other, since its last seek.
+    sections_in_a_row: u32,
 }
 
 /// Reads object bytes through the block cache and the object store.
@@ -96,7 +102,13 @@ impl DataPath {
         let prefetcher = Prefetcher::new(self.config.initial_window, self.config.max_window);
         OpenFile {
             object,
-            state: Mutex::new(StreamState { prefetcher, next_unrequested: 0, fence: None, past_fence: 0 }),
+            state: Mutex::new(StreamState {
+                prefetcher,
+                next_unrequested: 0,
+                fence: None,
+                past_fence: 0,
+                sections_in_a_row: 0,
+            }),
         }
     }
 
@@ -121,7 +133,17 @@ impl DataPath {
             if state.fence.is_some_and(|fence| range.start >= fence) {
                 state.past_fence += 1;
             }
-            (pattern, state.past_fence >= 2)
+            let mut moved_on = state.past_fence >= 2;
+            if moved_on {
+                state.sections_in_a_row += 1;
+                // A reader going through section after section is a stream: read ahead freely.
+                if state.sections_in_a_row > SECTIONS_BEFORE_STREAMING {
+                    (state.fence, state.past_fence, moved_on) = (None, 0, false);
+                }
+            } else if pattern == Pattern::Random {
+                state.sections_in_a_row = 0;
+            }
+            (pattern, moved_on)
         };
         let bytes = match pattern {
             Pattern::Sequential { .. } if moved_on => self.read_from_here(file, object, blocks, range.clone()).await?,
