@@ -97,9 +97,14 @@ impl DataPath {
         &self.cache
     }
 
+    /// The read-ahead policy's state for one new reader (of a file or an MRC view).
+    pub fn prefetcher(&self) -> Prefetcher {
+        Prefetcher::new(self.config.initial_window, self.config.max_window)
+    }
+
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
-        let prefetcher = Prefetcher::new(self.config.initial_window, self.config.max_window);
+        let prefetcher = self.prefetcher();
         OpenFile {
             object,
             state: Mutex::new(StreamState {

@@ -28,13 +28,12 @@ use futures_util::TryFutureExt;
 use tracing::debug;
 
 use crate::cache::BlockKey;
+use crate::data::prefetch::{Pattern, Prefetcher};
 use crate::data::{clamp, DataPath};
 use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
 use blosc::Frame;
 use zarr::{ArrayLayout, Codec, PyramidLevel};
 
-/// Blocks computed ahead of a sequential reader of a view.
-const READ_AHEAD_BLOCKS: u64 = 16;
 /// Compressed bytes of a chunk fetched ahead of what a view block needed from it (sequential
 /// readers of a view read each chunk front to back).
 const CHUNK_READ_AHEAD: u64 = 32 << 20;
@@ -142,12 +141,12 @@ struct ChunkIndex {
     separator: char,
 }
 
-/// An open view: the view, where the last read ended (to spot sequential readers) and the
-/// first block its read-ahead has not requested yet.
+/// An open view: the view, its reader's access pattern (the same read-ahead policy as for
+/// files, [`crate::data::prefetch`]) and the first block its read-ahead has not requested yet.
 pub struct OpenView {
     /// The view being read.
     pub view: Arc<MrcView>,
-    next_offset: AtomicU64,
+    pattern: std::sync::Mutex<Prefetcher>,
     requested: AtomicU64,
 }
 
@@ -276,7 +275,7 @@ impl Catalog {
 
     /// Starts reading `view`.
     pub fn open(&self, view: Arc<MrcView>) -> OpenView {
-        OpenView { view, next_offset: AtomicU64::new(u64::MAX), requested: AtomicU64::new(0) }
+        OpenView { view, pattern: std::sync::Mutex::new(self.data.prefetcher()), requested: AtomicU64::new(0) }
     }
 
     /// Bytes of `view` the block cache holds (0 before it was first read).
@@ -296,10 +295,11 @@ impl Catalog {
         }
         let block_size = self.data.cache().block_size();
         let blocks = view.block_at(block_size, range.start)..view.block_at(block_size, range.end - 1) + 1;
-        let streaming = open.next_offset.swap(range.end, Ordering::Relaxed) == range.start;
-        if streaming {
+        let pattern = open.pattern.lock().expect("view pattern poisoned").on_read(range.start, range.end - range.start);
+        let streaming = matches!(pattern, Pattern::Sequential { .. });
+        if let Pattern::Sequential { window } = pattern {
             // Each block is requested ahead once per stream, so failures are not retried in a loop.
-            let end = (blocks.end + READ_AHEAD_BLOCKS).min(view.block_count(block_size));
+            let end = (blocks.end + window.div_ceil(block_size)).min(view.block_count(block_size));
             let start = open.requested.fetch_max(end, Ordering::Relaxed).max(blocks.end);
             for block in start..end {
                 let (catalog, view) = (self.clone(), view.clone());
