@@ -103,7 +103,7 @@ impl DiskCache {
         match decode(&raw, key, self.block_size) {
             Some(range) => {
                 let mut index = self.index.lock().expect("disk index poisoned");
-                // A block another process wrote becomes known here.
+                // Back in the index if it had lost the file (the caller checked it was there).
                 if index.files.get(&name).is_none() {
                     index.files.put(name, raw.len() as u64);
                     index.total += raw.len() as u64;
