@@ -294,7 +294,6 @@ impl Filesystem for CdpFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        tracing::trace!(fh = fh.0, offset, size, "read");
         let handle = self.handle(fh);
         let (data, views, stats) = (self.data.clone(), self.views.clone(), self.stats.clone());
         let (namespace, notifier) = (self.namespace.clone(), self.notifier.clone());

@@ -231,17 +231,14 @@ impl BlockCache {
     /// The block, from memory, disk, a read-ahead GET that covers it, or one GET of its own,
     /// shared by all concurrent callers.
     pub async fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
-        let loader_key = key.clone();
+        let (loader_key, range) = (key.clone(), self.block_range(&key.object, key.index));
         self.load(key, true, async move {
+            // Looked up only on a miss: memory hits take no lock.
             let pending = self.pending.lock().expect("pending runs poisoned").get(&loader_key).cloned();
             let block = match pending {
-                Some((run, first)) => {
-                    let range = self.block_range(&loader_key.object, loader_key.index);
-                    run.await?.slice((range.start - first) as usize..(range.end - first) as usize)
-                }
+                Some((run, first)) => run.await?.slice((range.start - first) as usize..(range.end - first) as usize),
                 None => {
                     let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
-                    let range = self.block_range(&loader_key.object, loader_key.index);
                     self.store.get_range(&loader_key.object, range).await?
                 }
             };
@@ -249,6 +246,12 @@ impl BlockCache {
             Ok(block)
         })
         .await
+    }
+
+    /// Loads the block into the tiers in the background ([`BlockCache::get`]).
+    pub fn get_in_background(self: &Arc<Self>, key: BlockKey) {
+        let cache = self.clone();
+        tokio::spawn(async move { cache.get(key).await });
     }
 
     /// Loads `blocks` of `object` in the background while fetch slots are free: blocks on disk
@@ -269,8 +272,7 @@ impl BlockCache {
             };
             let (on_disk, to_fetch): (Vec<u64>, Vec<u64>) = missing.into_iter().partition(|&i| self.on_disk(&key(i)));
             for index in on_disk {
-                let (cache, key) = (self.clone(), key(index));
-                tokio::spawn(async move { cache.get(key).await });
+                self.get_in_background(key(index));
             }
             if let (Some(&first), Some(&last)) = (to_fetch.first(), to_fetch.last()) {
                 let run = first..last + 1;

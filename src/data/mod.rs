@@ -247,22 +247,21 @@ impl DataPath {
             Some(sections) => sections,
             None => {
                 let header = self.store.get_range(object, 0..MrcSections::HEADER_LEN.min(object.size)).await.ok()?;
-                self.learn_sections(object, 0, &header);
-                MrcSections::parse(&header, object.size)
+                self.learn_sections(object, 0, &header)?
             }
         }?;
         sections.section_at(range.start + (range.end - range.start) / 2)
     }
 
-    /// Remembers the section layout of an MRC whose bytes from `offset` include its header.
-    fn learn_sections(&self, object: &ObjectMeta, offset: u64, bytes: &[u8]) {
-        if offset == 0 && bytes.len() as u64 >= MrcSections::HEADER_LEN && MrcSections::is_mrc(&object.key) {
-            let version = (object.key.clone(), object.etag.clone());
-            let mut tables = self.sections.lock().expect("section tables poisoned");
-            if !tables.contains(&version) {
-                tables.put(version, MrcSections::parse(bytes, object.size));
-            }
+    /// Remembers (and returns) the section layout of an MRC whose bytes from `offset` include
+    /// its header; `None` when they do not.
+    fn learn_sections(&self, object: &ObjectMeta, offset: u64, bytes: &[u8]) -> Option<Option<MrcSections>> {
+        if offset != 0 || (bytes.len() as u64) < MrcSections::HEADER_LEN || !MrcSections::is_mrc(&object.key) {
+            return None;
         }
+        let version = (object.key.clone(), object.etag.clone());
+        let mut tables = self.sections.lock().expect("section tables poisoned");
+        Some(*tables.get_or_insert(version, || MrcSections::parse(bytes, object.size)))
     }
 
     /// Fetches every block of `section` at once (one GET each, in parallel), and those the
@@ -277,8 +276,7 @@ impl DataPath {
     ) -> Result<Bytes, StoreError> {
         let wanted = self.cache.blocks_covering(&range);
         for index in self.section_blocks(object, &section, &range).filter(|index| !wanted.contains(index)) {
-            let (cache, key) = (self.cache.clone(), BlockKey { object: object.clone(), index });
-            tokio::spawn(async move { cache.get(key).await });
+            self.cache.get_in_background(BlockKey { object: object.clone(), index });
         }
         self.read_blocks(object, wanted, range).await
     }
