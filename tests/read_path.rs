@@ -57,6 +57,19 @@ fn read_all(path: &Path) -> Vec<u8> {
     }
 }
 
+/// The byte range of every object GET the server answered since the `first`th (`None`: the
+/// whole object, no Range header).
+fn served_since(first: usize) -> Vec<Option<std::ops::Range<u64>>> {
+    let served = bucket().1.served.lock().unwrap();
+    served[first..]
+        .iter()
+        .map(|line| {
+            let (start, end) = line.rsplit_once("bytes=")?.1.split_once('-')?;
+            Some(start.parse().ok()?..end.parse::<u64>().ok()? + 1)
+        })
+        .collect()
+}
+
 /// A counter of a running mount, from `cdpfs stats --json`.
 fn stat(mount: &Mounted, name: &str) -> u64 {
     let out = common::run_cdpfs(&["stats", "--json", mount.path.to_str().unwrap()], Duration::from_secs(10));
@@ -112,13 +125,9 @@ fn scrolling_through_sections_fetches_each_next_section_whole() {
         assert!(bytes * 10 <= SECTION * 13, "section {z}: {bytes} bytes fetched for {SECTION}");
         // Fetched as a section (whole blocks, at once) from its second request on, not request
         // by request: the first request past a section may be the kernel's own read-ahead.
-        let served = server.served.lock().unwrap()[first_get..].to_vec();
-        let unaligned: Vec<_> = served
-            .iter()
-            .filter(|line| {
-                let start = line.rsplit_once("bytes=").and_then(|(_, r)| r.split('-').next()?.parse::<u64>().ok());
-                start.is_none_or(|start| !start.is_multiple_of(512 << 10))
-            })
+        let unaligned: Vec<_> = served_since(first_get)
+            .into_iter()
+            .filter(|range| range.as_ref().is_none_or(|r| !r.start.is_multiple_of(512 << 10)))
             .collect();
         assert!(unaligned.len() <= 1, "section {z} was read piecemeal: {unaligned:?}");
     }
@@ -142,14 +151,7 @@ fn a_reader_that_goes_through_section_after_section_becomes_a_stream() {
     let wanted = source.len() as u64 - (1024 + SECTION + SECTION / 2);
     let bytes = traffic().1 - before.1;
     assert!(bytes * 10 <= wanted * 11, "{bytes} bytes fetched for {wanted}");
-    let large = server.served.lock().unwrap()[first_get..]
-        .iter()
-        .filter_map(|line| {
-            let (start, end) = line.rsplit_once("bytes=")?.1.split_once('-')?;
-            Some(end.parse::<u64>().ok()? + 1 - start.parse::<u64>().ok()?)
-        })
-        .filter(|len| *len >= 4 << 20)
-        .count();
+    let large = served_since(first_get).into_iter().flatten().filter(|r| r.end - r.start >= 4 << 20).count();
     assert!(large >= 1, "still reading section by section after {} sections", NZ - 2);
 }
 
@@ -183,14 +185,9 @@ fn a_stream_uses_part_sized_aligned_gets() {
     // Each byte once, but for the first small read the kernel makes from the start.
     assert!(bytes <= source.len() as u64 + (64 << 10), "{bytes} bytes fetched for a stream of {}", source.len());
     let part = cdpfs::cache::PART_SIZE;
-    let ranges: Vec<(u64, u64)> = server.served.lock().unwrap()[first_get..]
-        .iter()
-        .filter_map(|line| {
-            let (start, end) = line.rsplit_once("bytes=")?.1.split_once('-')?;
-            Some((start.parse().ok()?, end.parse::<u64>().ok()? + 1))
-        })
-        .collect();
-    let in_parts: u64 = ranges.iter().filter(|(s, e)| e - s == part && s % part == 0).map(|(s, e)| e - s).sum();
+    let ranges: Vec<_> = served_since(first_get).into_iter().flatten().collect();
+    let in_parts: u64 =
+        ranges.iter().filter(|r| r.end - r.start == part && r.start % part == 0).map(|r| r.end - r.start).sum();
     assert!(in_parts * 10 >= source.len() as u64 * 6, "only {in_parts} bytes came in aligned 8 MiB GETs: {ranges:?}");
 }
 
