@@ -218,7 +218,7 @@ impl DataPath {
         }
     }
 
-    /// `range` from the cache when it holds every block of it, else by one GET of exactly
+    /// `range` from the blocks the cache holds at its start, and the rest by one GET of exactly
     /// those bytes.
     async fn read_exact(
         &self,
@@ -226,14 +226,22 @@ impl DataPath {
         blocks: Range<u64>,
         range: Range<u64>,
     ) -> Result<Bytes, StoreError> {
-        let mut cached = Vec::new();
+        let block_size = self.cache.block_size();
+        let (mut parts, mut first) = (Vec::new(), blocks.start * block_size);
         for index in blocks.clone() {
             match self.cache.cached(&BlockKey { object: object.clone(), index }).await {
-                Some(block) => cached.push(block),
-                None => return self.store.get_range(object, range).await,
+                Some(block) => parts.push(block),
+                None => {
+                    let from = (index * block_size).max(range.start);
+                    if parts.is_empty() {
+                        first = from;
+                    }
+                    parts.push(self.store.get_range(object, from..range.end).await?);
+                    break;
+                }
             }
         }
-        Ok(assemble(&cached, blocks.start * self.cache.block_size(), range))
+        Ok(assemble(&parts, first, range))
     }
 
     /// The MRC section most of `range` lies in, when `object` is an MRC whose header adds up.
