@@ -37,8 +37,9 @@ pub const BLOCK_SIZE: u64 = 512 << 10;
 /// cache in front of S3 shares its entries with them.
 pub const PART_SIZE: u64 = 8 << 20;
 
-/// A read-ahead GET of several blocks, awaited by each of them.
-type PendingRun = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Bytes, StoreError>>>;
+/// A read-ahead GET of several blocks (each in a buffer of its own), awaited by each of them.
+type PendingRun =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Arc<Vec<Bytes>>, StoreError>>>;
 
 /// One block of one object version.
 #[derive(Clone, Debug)]
@@ -115,7 +116,7 @@ pub struct BlockCache {
     memory: moka::future::Cache<BlockKey, Bytes>,
     disk: Option<DiskTier>,
     fetch_slots: Arc<tokio::sync::Semaphore>,
-    /// Blocks a read-ahead GET is fetching: the GET and the offset its bytes start at.
+    /// Blocks a read-ahead GET is fetching: the GET and the first block it fetches.
     pending: std::sync::Mutex<HashMap<BlockKey, (PendingRun, u64)>>,
     /// Blocks in one read-ahead part (never more than there are fetch slots).
     part_blocks: u64,
@@ -236,7 +237,7 @@ impl BlockCache {
             // Looked up only on a miss: memory hits take no lock.
             let pending = self.pending.lock().expect("pending runs poisoned").get(&loader_key).cloned();
             let block = match pending {
-                Some((run, first)) => run.await?.slice((range.start - first) as usize..(range.end - first) as usize),
+                Some((run, first)) => run.await?[(loader_key.index - first) as usize].clone(),
                 None => {
                     let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
                     self.store.get_range(&loader_key.object, range).await?
@@ -295,14 +296,14 @@ impl BlockCache {
         run: Range<u64>,
         slots: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let first = self.block_range(object, run.start).start;
-        let bytes = first..self.block_range(object, run.end - 1).end;
+        let bytes = self.block_range(object, run.start).start..self.block_range(object, run.end - 1).end;
+        let (first, block_size) = (run.start, self.block_size);
         let get: PendingRun = {
             let (store, object) = (self.store.clone(), object.clone());
             async move {
-                let result = store.get_range(&object, bytes).await;
+                let result = store.get_pieces(&object, bytes, block_size).await;
                 drop(slots);
-                result
+                Ok(Arc::new(result?))
             }
         }
         .boxed()

@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use crate::cache::{BlockCache, BlockKey};
 use crate::portal::MrcSections;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
-use prefetch::{Pattern, Prefetcher};
+use prefetch::{Pattern, Prefetcher, StreamBudget};
 
 /// A random read at least this large in an MRC's voxel data is a section read: the kernel
 /// turns a read of a whole section into requests of its read-ahead size (128 KiB by default,
@@ -50,8 +50,8 @@ pub struct DataConfig {
     pub small_object: u64,
     /// First read-ahead window of a sequential stream.
     pub initial_window: u64,
-    /// Largest read-ahead window of one stream.
-    pub max_window: u64,
+    /// Read-ahead of all streams together: each stream's window is capped at its share.
+    pub read_ahead_budget: u64,
     /// The kernel's read-ahead on the mount: how far past a section it will ask.
     pub kernel_read_ahead: u64,
 }
@@ -81,6 +81,7 @@ pub struct DataPath {
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
     config: DataConfig,
+    budget: Arc<StreamBudget>,
     /// The section layout of MRC objects seen so far (`None`: not an MRC that adds up).
     sections: Mutex<lru::LruCache<(String, String), Option<MrcSections>>>,
 }
@@ -89,7 +90,8 @@ impl DataPath {
     /// A data path over `cache`, fetching through `store`.
     pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>, config: DataConfig) -> DataPath {
         let sections = Mutex::new(lru::LruCache::new(SECTION_TABLES.try_into().expect("non-zero")));
-        DataPath { store, cache, config, sections }
+        let budget = StreamBudget::new(config.read_ahead_budget, cache.part_size());
+        DataPath { store, cache, config, budget, sections }
     }
 
     /// The block cache (for statistics).
@@ -97,14 +99,15 @@ impl DataPath {
         &self.cache
     }
 
-    /// The read-ahead policy's state for one new reader (of a file or an MRC view).
-    pub fn prefetcher(&self) -> Prefetcher {
-        Prefetcher::new(self.config.initial_window, self.config.max_window)
+    /// The read-ahead policy's state for one new reader (of a file or an MRC view) whose
+    /// window may grow to `max_window`, or to its share of the read-ahead budget if that is less.
+    pub fn prefetcher(&self, max_window: u64) -> Prefetcher {
+        Prefetcher::new(self.config.initial_window, max_window, self.budget.clone())
     }
 
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
-        let prefetcher = self.prefetcher();
+        let prefetcher = self.prefetcher(u64::MAX);
         OpenFile {
             object,
             state: Mutex::new(StreamState {

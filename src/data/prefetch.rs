@@ -10,6 +10,14 @@
 //! requests) are *sequential*, and the read-ahead window is what the stream has consumed so
 //! far (at least the initial window, at most the cap): after a seek it grows with what the
 //! reader actually reads, never tens of MiB beyond it. A seek resets it.
+//!
+//! The cap is a fair share of one read-ahead budget ([`StreamBudget`]): a lone stream may keep
+//! the whole budget in flight (a WAN connection delivers a part at a time, so line rate takes
+//! many parts at once), while N concurrent streams get 1/N of it each, so the blocks they read
+//! ahead fit the memory tier together.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// How far behind the end of the previous read a read may start and still count as sequential.
 const BACKWARD_TOLERANCE: u64 = 1 << 20;
@@ -23,6 +31,30 @@ const STREAM_START: u64 = 128 << 10;
 /// The smallest window of a stream that began at the start of the file: a program reading a
 /// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
 const WHOLE_FILE_WINDOW: u64 = 64 << 20;
+
+/// The read-ahead budget shared by the streams of a mount: each stream's window is capped at
+/// an equal share of it.
+#[derive(Debug)]
+pub struct StreamBudget {
+    /// Bytes of read-ahead all streams together may ask for.
+    total: u64,
+    /// No stream's share is below this.
+    floor: u64,
+    /// Streams reading sequentially now.
+    active: AtomicU64,
+}
+
+impl StreamBudget {
+    /// A budget of `total` bytes, shared equally, but never below `floor` per stream.
+    pub fn new(total: u64, floor: u64) -> Arc<StreamBudget> {
+        Arc::new(StreamBudget { total: total.max(floor), floor, active: AtomicU64::new(0) })
+    }
+
+    /// One stream's share.
+    fn share(&self) -> u64 {
+        (self.total / self.active.load(Ordering::Relaxed).max(1)).max(self.floor)
+    }
+}
 
 /// What the data path should do for one read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +70,9 @@ pub enum Pattern {
 pub struct Prefetcher {
     initial_window: u64,
     max_window: u64,
+    budget: Arc<StreamBudget>,
+    /// Whether this reader is counted as an active stream in the budget.
+    counted: bool,
     /// How far the current stream has read, and how many bytes it has read.
     stream: Option<(u64, u64)>,
     /// Whether the current stream began at the start of the file.
@@ -45,9 +80,22 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// A detector whose window starts at `initial_window` and grows to `max_window`.
-    pub fn new(initial_window: u64, max_window: u64) -> Prefetcher {
-        Prefetcher { initial_window, max_window: max_window.max(initial_window), stream: None, from_start: false }
+    /// A detector whose window starts at `initial_window` and grows to `max_window`, or to its
+    /// share of `budget` if that is smaller.
+    pub fn new(initial_window: u64, max_window: u64, budget: Arc<StreamBudget>) -> Prefetcher {
+        let max_window = max_window.max(initial_window);
+        Prefetcher { initial_window, max_window, budget, counted: false, stream: None, from_start: false }
+    }
+
+    /// Counts this reader in the budget's active streams while it reads sequentially.
+    fn count_as_stream(&mut self, streaming: bool) {
+        if streaming != self.counted {
+            match streaming {
+                true => self.budget.active.fetch_add(1, Ordering::Relaxed),
+                false => self.budget.active.fetch_sub(1, Ordering::Relaxed),
+            };
+            self.counted = streaming;
+        }
     }
 
     /// Classifies a read of `len` bytes at `offset` and updates the state.
@@ -66,12 +114,20 @@ impl Prefetcher {
             }
         }
         let (_, consumed) = self.stream.expect("set above");
+        self.count_as_stream(sequential);
+        let cap = self.max_window.min(self.budget.share()).max(self.initial_window);
         let floor = if self.from_start { self.initial_window.max(WHOLE_FILE_WINDOW) } else { self.initial_window };
         if sequential {
-            Pattern::Sequential { window: consumed.clamp(floor.min(self.max_window), self.max_window) }
+            Pattern::Sequential { window: consumed.clamp(floor.min(cap), cap) }
         } else {
             Pattern::Random
         }
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.count_as_stream(false);
     }
 }
 
@@ -82,9 +138,39 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const KIB: u64 = 1 << 10;
 
+    fn unbounded() -> Arc<StreamBudget> {
+        StreamBudget::new(u64::MAX, 0)
+    }
+
+    #[test]
+    fn concurrent_streams_share_the_budget() {
+        let budget = StreamBudget::new(256 * MIB, 16 * MIB);
+        let stream = |budget: &Arc<StreamBudget>| {
+            let mut p = Prefetcher::new(MIB, 512 * MIB, budget.clone());
+            p.on_read(0, MIB);
+            p
+        };
+        let window = |p: &mut Prefetcher| match p.on_read(MIB, MIB) {
+            Pattern::Sequential { window } => window,
+            Pattern::Random => panic!("not sequential"),
+        };
+        let mut first = stream(&budget);
+        let mut long = Prefetcher::new(MIB, 512 * MIB, budget.clone());
+        let last = (0..400).map(|i| long.on_read(i * MIB, MIB)).last().unwrap();
+        assert_eq!(last, Pattern::Sequential { window: 128 * MIB }, "two streams: half the budget each");
+        drop(long);
+        let lone = (2..300).map(|i| first.on_read(i * MIB, MIB)).last().unwrap();
+        assert_eq!(lone, Pattern::Sequential { window: 256 * MIB }, "alone again: the whole budget");
+        let mut others: Vec<Prefetcher> = (0..31).map(|_| stream(&budget)).collect();
+        assert_eq!(window(&mut others[0]), 16 * MIB, "32 streams: never below the floor");
+        first.on_read(900 * MIB, 4096);
+        others.truncate(1);
+        assert_eq!(budget.active.load(Ordering::Relaxed), 1, "a seek or a close leaves the streams");
+    }
+
     #[test]
     fn header_read_is_random_and_the_window_follows_what_was_consumed() {
-        let mut p = Prefetcher::new(MIB, 32 * MIB);
+        let mut p = Prefetcher::new(MIB, 32 * MIB, unbounded());
         assert_eq!(p.on_read(0, 1024), Pattern::Random);
         let windows: Vec<u64> = (0..40)
             .map(|i| match p.on_read(1024 + i * 512 * KIB, 512 * KIB) {
@@ -94,7 +180,7 @@ mod tests {
             .collect();
         assert_eq!(windows[0], WHOLE_FILE_WINDOW.min(32 * MIB), "a stream from the start of the file");
         assert_eq!(windows[39], WHOLE_FILE_WINDOW.min(32 * MIB));
-        let mut after_seek = Prefetcher::new(MIB, 32 * MIB);
+        let mut after_seek = Prefetcher::new(MIB, 32 * MIB, unbounded());
         after_seek.on_read(100 * MIB, 4096);
         assert_eq!(
             after_seek.on_read(100 * MIB + 4096, 4096),
@@ -104,29 +190,29 @@ mod tests {
         let fifth = (2..6).map(|i| after_seek.on_read(100 * MIB + i * 4096, 512 * KIB)).last().unwrap();
         assert_eq!(fifth, Pattern::Sequential { window: 4096 * 2 + 4 * 512 * KIB });
         // A reader that skips ahead gets read-ahead for what it reads, not for what it skips.
-        let mut sparse = Prefetcher::new(64 * KIB, 32 * MIB);
+        let mut sparse = Prefetcher::new(64 * KIB, 32 * MIB, unbounded());
         sparse.on_read(MIB, 64 * KIB);
         let last = (2..21).map(|i| sparse.on_read(i * MIB, 64 * KIB)).last().unwrap();
         assert_eq!(last, Pattern::Sequential { window: 20 * 64 * KIB });
         assert_eq!(sparse.on_read(24 * MIB, 64 * KIB), Pattern::Random, "beyond the tolerance");
-        let mut long = Prefetcher::new(MIB, 32 * MIB);
+        let mut long = Prefetcher::new(MIB, 32 * MIB, unbounded());
         let last = (0..100).map(|i| long.on_read(i * MIB, MIB)).last().unwrap();
         assert_eq!(last, Pattern::Sequential { window: 32 * MIB }, "capped");
     }
 
     #[test]
     fn a_large_first_read_from_the_start_is_a_stream_but_a_small_one_is_not() {
-        let mut whole = Prefetcher::new(4 * MIB, 32 * MIB);
+        let mut whole = Prefetcher::new(4 * MIB, 32 * MIB, unbounded());
         assert_eq!(whole.on_read(0, MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW.min(32 * MIB) });
-        let mut header = Prefetcher::new(4 * MIB, 32 * MIB);
+        let mut header = Prefetcher::new(4 * MIB, 32 * MIB, unbounded());
         assert_eq!(header.on_read(0, 16 * 1024), Pattern::Random);
-        let mut elsewhere = Prefetcher::new(4 * MIB, 32 * MIB);
+        let mut elsewhere = Prefetcher::new(4 * MIB, 32 * MIB, unbounded());
         assert_eq!(elsewhere.on_read(8 * MIB, MIB), Pattern::Random);
     }
 
     #[test]
     fn small_reorderings_stay_sequential_but_a_seek_resets() {
-        let mut p = Prefetcher::new(MIB, 8 * MIB);
+        let mut p = Prefetcher::new(MIB, 8 * MIB, unbounded());
         p.on_read(0, 128 * KIB);
         assert!(matches!(p.on_read(256 * KIB, 128 * KIB), Pattern::Sequential { .. }));
         // The request for the hole arrives late.

@@ -129,4 +129,15 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Reads `range` of `object`, pinned to its ETag. Returns exactly `range.len()` bytes.
     fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes>;
+
+    /// Reads `range` of `object` with one request, as consecutive pieces of `piece` bytes (the
+    /// last may be shorter). A store that can should give each piece a buffer of its own, so
+    /// that keeping one piece (a cached block) does not keep the others' memory.
+    fn get_pieces<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>, piece: u64) -> StoreFuture<'a, Vec<Bytes>> {
+        Box::pin(async move {
+            let bytes = self.get_range(object, range).await?;
+            let piece = usize::try_from(piece.max(1)).unwrap_or(usize::MAX);
+            Ok((0..bytes.len()).step_by(piece).map(|at| bytes.slice(at..(at + piece).min(bytes.len()))).collect())
+        })
+    }
 }

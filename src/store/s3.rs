@@ -236,7 +236,7 @@ impl S3Store {
         }
     }
 
-    async fn get_once(&self, object: &ObjectMeta, range: &Range<u64>) -> Result<Bytes, AttemptError> {
+    async fn get_once(&self, object: &ObjectMeta, range: &Range<u64>, piece: u64) -> Result<Vec<Bytes>, AttemptError> {
         let mut request = self.client.get_object().bucket(&self.bucket).key(&object.key).range(format!(
             "bytes={}-{}",
             range.start,
@@ -286,7 +286,7 @@ impl S3Store {
         // Read the body chunk by chunk: a connection that goes quiet for the stall timeout is
         // abandoned and the attempt retried, instead of waiting for the whole attempt timeout.
         let mut stream = out.body;
-        let mut body = BytesMut::with_capacity(expected as usize);
+        let mut body = Pieces::new(expected, piece);
         loop {
             let chunk = match tokio::time::timeout(self.retry.stall_timeout, stream.next()).await {
                 Err(_) => {
@@ -299,22 +299,55 @@ impl S3Store {
                 Ok(Some(Err(e))) => return Err(AttemptError::Transient(format!("body of {}: {e}", object.key))),
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            if body.len() + chunk.len() > expected as usize {
+            if !body.push(&chunk) {
                 return Err(AttemptError::Transient(format!("body of {} is longer than {expected} bytes", object.key)));
             }
-            body.extend_from_slice(&chunk);
         }
-        if body.len() as u64 != expected {
+        if body.received != expected {
             return Err(AttemptError::Transient(format!(
                 "body of {} has {} bytes, expected {expected}",
-                object.key,
-                body.len()
+                object.key, body.received
             )));
         }
-        let body = body.freeze();
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes.fetch_add(expected, Ordering::Relaxed);
-        Ok(body)
+        Ok(body.done)
+    }
+}
+
+/// A response body being received into pieces of a fixed size, each a buffer of its own.
+struct Pieces {
+    done: Vec<Bytes>,
+    current: BytesMut,
+    piece: u64,
+    expected: u64,
+    received: u64,
+}
+
+impl Pieces {
+    fn new(expected: u64, piece: u64) -> Pieces {
+        let piece = piece.max(1);
+        let current = BytesMut::with_capacity(piece.min(expected) as usize);
+        Pieces { done: Vec::with_capacity(expected.div_ceil(piece) as usize), current, piece, expected, received: 0 }
+    }
+
+    /// Appends `chunk`; false when the body would be longer than expected.
+    fn push(&mut self, mut chunk: &[u8]) -> bool {
+        if self.received + chunk.len() as u64 > self.expected {
+            return false;
+        }
+        self.received += chunk.len() as u64;
+        while !chunk.is_empty() {
+            let take = chunk.len().min(self.current.capacity() - self.current.len());
+            self.current.extend_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
+            if self.current.len() == self.current.capacity() {
+                let left = self.expected - self.received + chunk.len() as u64;
+                let next = BytesMut::with_capacity(self.piece.min(left) as usize);
+                self.done.push(std::mem::replace(&mut self.current, next).freeze());
+            }
+        }
+        true
     }
 }
 
@@ -334,15 +367,20 @@ impl ObjectStore for S3Store {
     }
 
     fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {
+        Box::pin(async move { Ok(self.get_pieces(object, range, u64::MAX).await?.pop().unwrap_or_default()) })
+    }
+
+    fn get_pieces<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>, piece: u64) -> StoreFuture<'a, Vec<Bytes>> {
         Box::pin(async move {
             if range.is_empty() {
-                return Ok(Bytes::new());
+                return Ok(Vec::new());
             }
             let what = format!("get s3://{}/{} bytes {}-{}", self.bucket, object.key, range.start, range.end - 1);
             tracing::trace!(%what, "sending");
             // Allow for the transfer itself at a pessimistic 1 MiB/s on top of the attempt timeout.
             let transfer = Duration::from_secs((range.end - range.start) >> 20);
-            self.with_retries(&what, self.retry.attempt_timeout + transfer, || self.get_once(object, &range)).await
+            self.with_retries(&what, self.retry.attempt_timeout + transfer, || self.get_once(object, &range, piece))
+                .await
         })
     }
 }
@@ -478,6 +516,25 @@ fn jittered_backoff(policy: &RetryPolicy, n: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// However the body arrives, it is cut into whole pieces of their own, in order.
+        #[test]
+        fn a_body_is_cut_into_pieces(len in 1usize..5000, piece in 1u64..1500, cuts in proptest::collection::vec(0usize..5000, 0..12)) {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % len).chain([0, len]).collect();
+            cuts.sort_unstable();
+            let mut pieces = Pieces::new(len as u64, piece);
+            for pair in cuts.windows(2) {
+                proptest::prop_assert!(pieces.push(&body[pair[0]..pair[1]]));
+            }
+            proptest::prop_assert!(!pieces.push(b"x"), "one byte too many");
+            proptest::prop_assert_eq!(pieces.received, len as u64);
+            proptest::prop_assert_eq!(pieces.done.len(), len.div_ceil(piece as usize));
+            proptest::prop_assert!(pieces.done.iter().rev().skip(1).all(|p| p.len() == piece as usize));
+            proptest::prop_assert_eq!(pieces.done.concat(), body);
+        }
+    }
 
     #[test]
     fn content_range_must_match_exactly() {

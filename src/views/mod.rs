@@ -38,6 +38,10 @@ use zarr::{ArrayLayout, Codec, PyramidLevel};
 /// readers of a view read each chunk front to back).
 const CHUNK_READ_AHEAD: u64 = 32 << 20;
 
+/// The largest read-ahead window of a view's reader: a view block is computed from up to bin^3
+/// times its size of chunk data, so views read ahead less than files.
+const VIEW_READ_AHEAD: u64 = 64 << 20;
+
 /// Listings, as the namespace caches them (the catalog lists through it, not around it).
 pub trait Lister: Send + Sync {
     /// The immediate children of `prefix`.
@@ -275,7 +279,11 @@ impl Catalog {
 
     /// Starts reading `view`.
     pub fn open(&self, view: Arc<MrcView>) -> OpenView {
-        OpenView { view, pattern: std::sync::Mutex::new(self.data.prefetcher()), requested: AtomicU64::new(0) }
+        OpenView {
+            view,
+            pattern: std::sync::Mutex::new(self.data.prefetcher(VIEW_READ_AHEAD)),
+            requested: AtomicU64::new(0),
+        }
     }
 
     /// Bytes of `view` the block cache holds (0 before it was first read).
