@@ -68,7 +68,7 @@ pub struct MountConfig {
 
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
 pub fn serve_foreground(config: &MountConfig) -> Result<()> {
-    tune_allocator();
+    tune_allocator(config.max_memory);
     check_fuse_available()?;
     let mountpoint = check_mount_point(&config.mountpoint)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -173,12 +173,14 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
     let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
     let cached = (config.max_memory / 8 * 3).max(BLOCK_SIZE);
     let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
-    // A lone stream may have all fetch slots in flight: at WAN latency and per-connection
-    // bandwidth, line rate takes tens of part-sized GETs at once.
+    // A lone stream may have most fetch slots in flight (at WAN latency and per-connection
+    // bandwidth, line rate takes tens of part-sized GETs at once), but what all streams read
+    // ahead stays within half the memory tier: blocks read ahead wait there longer than the
+    // blocks just read, and the memory tier drops the least recently used first.
     let tuning = DataConfig {
         small_object: 1 << 20,
         initial_window: 2 * BLOCK_SIZE,
-        read_ahead_budget: fetch_slots as u64 * BLOCK_SIZE,
+        read_ahead_budget: (fetch_slots as u64 * BLOCK_SIZE).min(cached / 2),
         kernel_read_ahead: config.kernel_read_ahead,
     };
     Ok(DataPath::new(store, cache, tuning))
@@ -205,24 +207,37 @@ async fn serve_metrics(listener: tokio::net::TcpListener, stats: Arc<Stats>, dat
 /// Block buffers (512 KiB) and read replies (up to 1 MiB) are short-lived and come and go by
 /// the thousand per second: they come from the allocator's heaps, where a freed buffer is
 /// reused at once (a buffer mapped on its own costs a page fault per 4 KiB each time: that
-/// doubled the CPU per GB of a cold read), in at most two heaps, and a background thread hands
-/// the heaps' free memory back to the OS every second, so the process's memory follows the
-/// budget instead of keeping its high-water mark.
-fn tune_allocator() {
-    // SAFETY: mallopt and malloc_trim only change and apply allocator parameters; any value is
-    // safe, and glibc's allocator is thread-safe.
+/// doubled the CPU per GB of a cold read), in at most two heaps. A background thread hands the
+/// heaps' free memory back to the OS whenever the process holds more than 3/4 of
+/// `max_memory`, so its memory follows the budget instead of keeping its high-water mark (and
+/// below that, freed memory is reused without faulting it in again).
+fn tune_allocator(max_memory: u64) {
+    // SAFETY: mallopt only changes allocator parameters; any value is safe.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let trim = std::thread::Builder::new().name("cdpfs-trim".into()).spawn(|| loop {
-        std::thread::sleep(Duration::from_secs(1));
-        // SAFETY: see above.
-        unsafe { libc::malloc_trim(0) };
+    let page = procfs_page_size();
+    let trim = std::thread::Builder::new().name("cdpfs-trim".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let resident = fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok());
+        if resident.is_some_and(|pages| pages * page > max_memory / 4 * 3) {
+            // SAFETY: malloc_trim only returns free heap memory to the OS; glibc's allocator
+            // is thread-safe.
+            unsafe { libc::malloc_trim(0) };
+        }
     });
     if let Err(e) = trim {
         warn!("cannot start the memory trimming thread: {e}");
     }
+}
+
+/// The size of a memory page, as /proc/self/statm counts them.
+fn procfs_page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// Sets the kernel's read-ahead on the mount (root only; best effort: otherwise the kernel

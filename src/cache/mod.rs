@@ -37,9 +37,8 @@ pub const BLOCK_SIZE: u64 = 512 << 10;
 /// cache in front of S3 shares its entries with them.
 pub const PART_SIZE: u64 = 8 << 20;
 
-/// A read-ahead GET of several blocks (each in a buffer of its own), awaited by each of them.
-type PendingRun =
-    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Arc<Vec<Bytes>>, StoreError>>>;
+/// A block a read-ahead GET is fetching, awaited by each of its readers.
+type PendingBlock = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Bytes, StoreError>>>;
 
 /// One block of one object version.
 #[derive(Clone, Debug)]
@@ -116,8 +115,8 @@ pub struct BlockCache {
     memory: moka::future::Cache<BlockKey, Bytes>,
     disk: Option<DiskTier>,
     fetch_slots: Arc<tokio::sync::Semaphore>,
-    /// Blocks a read-ahead GET is fetching: the GET and the first block it fetches.
-    pending: std::sync::Mutex<HashMap<BlockKey, (PendingRun, u64)>>,
+    /// Blocks GETs are fetching (read-ahead runs and blocks readers wait for).
+    pending: std::sync::Mutex<HashMap<BlockKey, PendingBlock>>,
     /// Blocks in one read-ahead part (never more than there are fetch slots).
     part_blocks: u64,
     /// Where block data came from.
@@ -234,15 +233,31 @@ impl BlockCache {
     pub async fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
         let (loader_key, range) = (key.clone(), self.block_range(&key.object, key.index));
         self.load(key, true, async move {
-            // Looked up only on a miss: memory hits take no lock.
-            let pending = self.pending.lock().expect("pending runs poisoned").get(&loader_key).cloned();
-            let block = match pending {
-                Some((run, first)) => run.await?[(loader_key.index - first) as usize].clone(),
-                None => {
-                    let _slot = self.fetch_slots.acquire().await.expect("fetch slots are never closed");
-                    self.store.get_range(&loader_key.object, range).await?
+            // Looked up only on a miss: memory hits take no lock. A block no GET is fetching
+            // yet gets one of its own, registered as pending so that read-ahead leaves it out.
+            let (block, own) = {
+                let mut pending = self.pending.lock().expect("pending blocks poisoned");
+                match pending.get(&loader_key) {
+                    Some(block) => (block.clone(), false),
+                    None => {
+                        let (store, object, slots) =
+                            (self.store.clone(), loader_key.object.clone(), self.fetch_slots.clone());
+                        let fetch: PendingBlock = async move {
+                            let _slot = slots.acquire_owned().await.expect("fetch slots are never closed");
+                            store.get_range(&object, range).await
+                        }
+                        .boxed()
+                        .shared();
+                        pending.insert(loader_key.clone(), fetch.clone());
+                        (fetch, true)
+                    }
                 }
             };
+            let block = block.await;
+            if own {
+                self.pending.lock().expect("pending blocks poisoned").remove(&loader_key);
+            }
+            let block = block?;
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             Ok(block)
         })
@@ -266,7 +281,7 @@ impl BlockCache {
             let part_end = ((next / self.part_blocks + 1) * self.part_blocks).min(blocks.end);
             let key = |index| BlockKey { object: object.clone(), index };
             let missing: Vec<u64> = {
-                let pending = self.pending.lock().expect("pending runs poisoned");
+                let pending = self.pending.lock().expect("pending blocks poisoned");
                 (next..part_end)
                     .filter(|&i| !self.memory.contains_key(&key(i)) && !pending.contains_key(&key(i)))
                     .collect()
@@ -287,9 +302,10 @@ impl BlockCache {
         blocks.end
     }
 
-    /// Starts one GET for the consecutive blocks `run` of `object`: registered as pending at
-    /// once (so a reader of one of them waits for it instead of fetching the block again),
-    /// then loaded into the tiers block by block.
+    /// Starts one GET for the consecutive blocks `run` of `object`: each block is registered
+    /// as pending at once (so a reader of one of them waits for it instead of fetching the
+    /// block again) and can be read as soon as its own bytes have arrived, not the whole run's;
+    /// each is loaded into the tiers as it comes.
     fn start_run(
         self: &Arc<Self>,
         object: &Arc<ObjectMeta>,
@@ -297,28 +313,45 @@ impl BlockCache {
         slots: tokio::sync::OwnedSemaphorePermit,
     ) {
         let bytes = self.block_range(object, run.start).start..self.block_range(object, run.end - 1).end;
-        let (first, block_size) = (run.start, self.block_size);
-        let get: PendingRun = {
-            let (store, object) = (self.store.clone(), object.clone());
-            async move {
-                let result = store.get_pieces(&object, bytes, block_size).await;
-                drop(slots);
-                Ok(Arc::new(result?))
-            }
-        }
-        .boxed()
-        .shared();
+        let failure: Arc<std::sync::OnceLock<StoreError>> = Arc::default();
+        let (senders, arrivals): (Vec<_>, Vec<_>) = run.clone().map(|_| tokio::sync::oneshot::channel()).unzip();
         let keys: Vec<BlockKey> = run.map(|index| BlockKey { object: object.clone(), index }).collect();
         {
-            let mut pending = self.pending.lock().expect("pending runs poisoned");
-            for key in &keys {
-                pending.insert(key.clone(), (get.clone(), first));
+            let mut pending = self.pending.lock().expect("pending blocks poisoned");
+            for (key, arrival) in keys.iter().zip(arrivals) {
+                let failure = failure.clone();
+                let block: PendingBlock = async move {
+                    arrival.await.map_err(|_| {
+                        failure.get().cloned().unwrap_or_else(|| StoreError::Other("read-ahead GET abandoned".into()))
+                    })
+                }
+                .boxed()
+                .shared();
+                pending.insert(key.clone(), block);
             }
         }
+        let (store, object, block_size) = (self.store.clone(), object.clone(), self.block_size);
+        tokio::spawn(async move {
+            let senders = std::sync::Mutex::new(senders.into_iter().map(Some).collect::<Vec<_>>());
+            let sink = |number: usize, block: Bytes| {
+                let sender = senders.lock().expect("run senders poisoned").get_mut(number).and_then(Option::take);
+                if let Some(sender) = sender {
+                    let _ = sender.send(block);
+                }
+            };
+            let result = store.get_pieces(&object, bytes, block_size, &sink).await;
+            drop(slots);
+            if let Err(e) = result {
+                let _ = failure.set(e);
+            }
+            // Blocks the GET did not deliver fail with its error (set above) when their
+            // senders go.
+            drop(senders);
+        });
         let cache = self.clone();
         tokio::spawn(async move {
             futures_util::future::join_all(keys.iter().map(|key| cache.get(key.clone()))).await;
-            let mut pending = cache.pending.lock().expect("pending runs poisoned");
+            let mut pending = cache.pending.lock().expect("pending blocks poisoned");
             for key in &keys {
                 pending.remove(key);
             }
@@ -404,6 +437,69 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 Ok(range.map(|i| (i % 251) as u8).collect::<Vec<u8>>().into())
             })
+        }
+    }
+
+    /// A store whose GETs hand on their first piece at once and the rest (or an error) a
+    /// second later.
+    struct TrickleStore {
+        fail: bool,
+    }
+
+    impl ObjectStore for TrickleStore {
+        fn list_prefix<'a>(&'a self, _: &'a str) -> StoreFuture<'a, PrefixListing> {
+            Box::pin(async { Ok(PrefixListing::default()) })
+        }
+
+        fn list_all<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Vec<ObjectMeta>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+
+        fn get_range<'a>(&'a self, _: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {
+            Box::pin(async move { Ok(range.map(|i| (i % 251) as u8).collect::<Vec<u8>>().into()) })
+        }
+
+        fn get_pieces<'a>(
+            &'a self,
+            _: &'a ObjectMeta,
+            range: Range<u64>,
+            piece: u64,
+            sink: crate::store::PieceSink<'a>,
+        ) -> StoreFuture<'a, ()> {
+            Box::pin(async move {
+                let starts: Vec<u64> = range.clone().step_by(piece as usize).collect();
+                for (number, &start) in starts.iter().enumerate() {
+                    if number == 1 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if self.fail {
+                            return Err(StoreError::Failed("connection reset".into()));
+                        }
+                    }
+                    let end = (start + piece).min(range.end);
+                    sink(number, (start..end).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into());
+                }
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_ahead_block_is_readable_when_its_own_bytes_arrive_and_fails_with_its_get() {
+        for fail in [false, true] {
+            let cache = Arc::new(BlockCache::new(Arc::new(TrickleStore { fail }), 1000, 1 << 20, 64, None));
+            let object = object();
+            let started = std::time::Instant::now();
+            cache.prefetch(&object, 0..4);
+            let first = cache.get(BlockKey { object: object.clone(), index: 0 }).await.unwrap();
+            assert_eq!(first[..3], [0, 1, 2]);
+            assert!(started.elapsed() < Duration::from_millis(500), "waited for the whole run");
+            let second = cache.get(BlockKey { object: object.clone(), index: 1 }).await;
+            match fail {
+                false => assert_eq!(second.unwrap()[0], (1000 % 251) as u8),
+                true => {
+                    assert!(matches!(second, Err(StoreError::Failed(ref m)) if m == "connection reset"), "{second:?}")
+                }
+            }
         }
     }
 

@@ -116,6 +116,9 @@ pub struct StoreCounters {
     pub failures: AtomicU64,
 }
 
+/// Where [`ObjectStore::get_pieces`] hands each piece (its number and bytes) as it arrives.
+pub type PieceSink<'a> = &'a (dyn Fn(usize, Bytes) + Send + Sync);
+
 /// A boxed future returned by [`ObjectStore`] methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -130,14 +133,25 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Reads `range` of `object`, pinned to its ETag. Returns exactly `range.len()` bytes.
     fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes>;
 
-    /// Reads `range` of `object` with one request, as consecutive pieces of `piece` bytes (the
-    /// last may be shorter). A store that can should give each piece a buffer of its own, so
-    /// that keeping one piece (a cached block) does not keep the others' memory.
-    fn get_pieces<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>, piece: u64) -> StoreFuture<'a, Vec<Bytes>> {
+    /// Reads `range` of `object` with one request, handing it to `sink` as it arrives, as
+    /// consecutive pieces of `piece` bytes (the last may be shorter), with their numbers. After a
+    /// retried attempt a piece may come again (with the same bytes). A store that can should
+    /// give each piece a buffer of its own, so that keeping one piece (a cached block) does not
+    /// keep the others' memory.
+    fn get_pieces<'a>(
+        &'a self,
+        object: &'a ObjectMeta,
+        range: Range<u64>,
+        piece: u64,
+        sink: PieceSink<'a>,
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let bytes = self.get_range(object, range).await?;
             let piece = usize::try_from(piece.max(1)).unwrap_or(usize::MAX);
-            Ok((0..bytes.len()).step_by(piece).map(|at| bytes.slice(at..(at + piece).min(bytes.len()))).collect())
+            for (number, at) in (0..bytes.len()).step_by(piece).enumerate() {
+                sink(number, bytes.slice(at..(at + piece).min(bytes.len())));
+            }
+            Ok(())
         })
     }
 }

@@ -19,7 +19,7 @@ use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
 
-use super::{ObjectMeta, ObjectStore, PrefixListing, StoreCounters, StoreError, StoreFuture};
+use super::{ObjectMeta, ObjectStore, PieceSink, PrefixListing, StoreCounters, StoreError, StoreFuture};
 
 /// Where the bucket is and how to talk to it.
 #[derive(Clone, Debug)]
@@ -236,7 +236,13 @@ impl S3Store {
         }
     }
 
-    async fn get_once(&self, object: &ObjectMeta, range: &Range<u64>, piece: u64) -> Result<Vec<Bytes>, AttemptError> {
+    async fn get_once(
+        &self,
+        object: &ObjectMeta,
+        range: &Range<u64>,
+        piece: u64,
+        sink: PieceSink<'_>,
+    ) -> Result<(), AttemptError> {
         let mut request = self.client.get_object().bucket(&self.bucket).key(&object.key).range(format!(
             "bytes={}-{}",
             range.start,
@@ -286,7 +292,7 @@ impl S3Store {
         // Read the body chunk by chunk: a connection that goes quiet for the stall timeout is
         // abandoned and the attempt retried, instead of waiting for the whole attempt timeout.
         let mut stream = out.body;
-        let mut body = Pieces::new(expected, piece);
+        let mut body = Pieces::new(expected, piece, sink);
         loop {
             let chunk = match tokio::time::timeout(self.retry.stall_timeout, stream.next()).await {
                 Err(_) => {
@@ -311,24 +317,26 @@ impl S3Store {
         }
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes.fetch_add(expected, Ordering::Relaxed);
-        Ok(body.done)
+        Ok(())
     }
 }
 
-/// A response body being received into pieces of a fixed size, each a buffer of its own.
-struct Pieces {
-    done: Vec<Bytes>,
+/// A response body being received into pieces of a fixed size, each a buffer of its own,
+/// handed on as each one fills.
+struct Pieces<'a> {
+    sink: PieceSink<'a>,
+    done: usize,
     current: BytesMut,
     piece: u64,
     expected: u64,
     received: u64,
 }
 
-impl Pieces {
-    fn new(expected: u64, piece: u64) -> Pieces {
+impl<'a> Pieces<'a> {
+    fn new(expected: u64, piece: u64, sink: PieceSink<'a>) -> Pieces<'a> {
         let piece = piece.max(1);
         let current = BytesMut::with_capacity(piece.min(expected) as usize);
-        Pieces { done: Vec::with_capacity(expected.div_ceil(piece) as usize), current, piece, expected, received: 0 }
+        Pieces { sink, done: 0, current, piece, expected, received: 0 }
     }
 
     /// Appends `chunk`; false when the body would be longer than expected.
@@ -344,7 +352,8 @@ impl Pieces {
             if self.current.len() == self.current.capacity() {
                 let left = self.expected - self.received + chunk.len() as u64;
                 let next = BytesMut::with_capacity(self.piece.min(left) as usize);
-                self.done.push(std::mem::replace(&mut self.current, next).freeze());
+                (self.sink)(self.done, std::mem::replace(&mut self.current, next).freeze());
+                self.done += 1;
             }
         }
         true
@@ -367,20 +376,33 @@ impl ObjectStore for S3Store {
     }
 
     fn get_range<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {
-        Box::pin(async move { Ok(self.get_pieces(object, range, u64::MAX).await?.pop().unwrap_or_default()) })
+        Box::pin(async move {
+            let whole = std::sync::Mutex::new(Bytes::new());
+            let sink = |_, bytes| *whole.lock().expect("body poisoned") = bytes;
+            self.get_pieces(object, range, u64::MAX, &sink).await?;
+            Ok(whole.into_inner().expect("body poisoned"))
+        })
     }
 
-    fn get_pieces<'a>(&'a self, object: &'a ObjectMeta, range: Range<u64>, piece: u64) -> StoreFuture<'a, Vec<Bytes>> {
+    fn get_pieces<'a>(
+        &'a self,
+        object: &'a ObjectMeta,
+        range: Range<u64>,
+        piece: u64,
+        sink: PieceSink<'a>,
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if range.is_empty() {
-                return Ok(Vec::new());
+                return Ok(());
             }
             let what = format!("get s3://{}/{} bytes {}-{}", self.bucket, object.key, range.start, range.end - 1);
             tracing::trace!(%what, "sending");
             // Allow for the transfer itself at a pessimistic 1 MiB/s on top of the attempt timeout.
             let transfer = Duration::from_secs((range.end - range.start) >> 20);
-            self.with_retries(&what, self.retry.attempt_timeout + transfer, || self.get_once(object, &range, piece))
-                .await
+            self.with_retries(&what, self.retry.attempt_timeout + transfer, || {
+                self.get_once(object, &range, piece, sink)
+            })
+            .await
         })
     }
 }
@@ -518,21 +540,25 @@ mod tests {
     use super::*;
 
     proptest::proptest! {
-        /// However the body arrives, it is cut into whole pieces of their own, in order.
+        /// However the body arrives, it is handed on in whole pieces of their own, in order.
         #[test]
         fn a_body_is_cut_into_pieces(len in 1usize..5000, piece in 1u64..1500, cuts in proptest::collection::vec(0usize..5000, 0..12)) {
             let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % len).chain([0, len]).collect();
             cuts.sort_unstable();
-            let mut pieces = Pieces::new(len as u64, piece);
+            let handed = std::sync::Mutex::new(Vec::new());
+            let sink = |number, bytes| handed.lock().unwrap().push((number, bytes));
+            let mut pieces = Pieces::new(len as u64, piece, &sink);
             for pair in cuts.windows(2) {
                 proptest::prop_assert!(pieces.push(&body[pair[0]..pair[1]]));
             }
             proptest::prop_assert!(!pieces.push(b"x"), "one byte too many");
             proptest::prop_assert_eq!(pieces.received, len as u64);
-            proptest::prop_assert_eq!(pieces.done.len(), len.div_ceil(piece as usize));
-            proptest::prop_assert!(pieces.done.iter().rev().skip(1).all(|p| p.len() == piece as usize));
-            proptest::prop_assert_eq!(pieces.done.concat(), body);
+            let handed = handed.into_inner().unwrap();
+            proptest::prop_assert!(handed.iter().enumerate().all(|(i, (number, _))| i == *number));
+            proptest::prop_assert_eq!(handed.len(), len.div_ceil(piece as usize));
+            proptest::prop_assert!(handed.iter().rev().skip(1).all(|(_, p)| p.len() == piece as usize));
+            proptest::prop_assert_eq!(handed.into_iter().flat_map(|(_, p)| p).collect::<Vec<u8>>(), body);
         }
     }
 
