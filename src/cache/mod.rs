@@ -416,10 +416,11 @@ mod tests {
     use crate::store::{PrefixListing, StoreFuture};
     use std::time::{Duration, SystemTime};
 
-    /// A store whose objects are `size` bytes of `offset % 251`, counting GETs.
+    /// A store whose objects are `size` bytes of `offset % 251`, counting GETs and bytes.
     #[derive(Default)]
     struct CountingStore {
         gets: AtomicU64,
+        bytes: AtomicU64,
     }
 
     impl ObjectStore for CountingStore {
@@ -434,6 +435,7 @@ mod tests {
         fn get_range<'a>(&'a self, _: &'a ObjectMeta, range: Range<u64>) -> StoreFuture<'a, Bytes> {
             Box::pin(async move {
                 self.gets.fetch_add(1, Ordering::SeqCst);
+                self.bytes.fetch_add(range.end - range.start, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 Ok(range.map(|i| (i % 251) as u8).collect::<Vec<u8>>().into())
             })
@@ -607,6 +609,25 @@ mod tests {
         }
         assert_eq!(store.gets.load(Ordering::SeqCst), 2, "one GET for block 1, one for the run");
         assert_eq!(cache.fetch_slots.available_permits(), 64, "the runs' fetch slots were returned");
+    }
+
+    #[tokio::test]
+    async fn read_ahead_leaves_out_a_block_a_reader_is_fetching() {
+        let store = Arc::new(CountingStore::default());
+        let cache = Arc::new(BlockCache::new(store.clone(), 1000, 1 << 20, 64, None));
+        let object = Arc::new(ObjectMeta { size: 100_000, ..(*object()).clone() });
+        let reader = {
+            let (cache, object) = (cache.clone(), object.clone());
+            tokio::spawn(async move { cache.get(BlockKey { object, index: 5 }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        cache.prefetch(&object, 5..10);
+        reader.await.unwrap().unwrap();
+        for index in 5..10 {
+            cache.get(BlockKey { object: object.clone(), index }).await.unwrap();
+        }
+        assert_eq!(store.bytes.load(Ordering::SeqCst), 5 * 1000, "block 5 was fetched twice");
+        assert_eq!(store.gets.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
