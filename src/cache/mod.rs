@@ -40,6 +40,18 @@ pub const PART_SIZE: u64 = 8 << 20;
 /// A block a read-ahead GET is fetching, awaited by each of its readers.
 type PendingBlock = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Bytes, StoreError>>>;
 
+/// Removes a block a reader's own GET is fetching from the pending blocks when dropped.
+struct PendingGuard<'a> {
+    pending: &'a std::sync::Mutex<HashMap<BlockKey, PendingBlock>>,
+    key: &'a BlockKey,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().expect("pending blocks poisoned").remove(self.key);
+    }
+}
+
 /// One block of one object version.
 #[derive(Clone, Debug)]
 pub struct BlockKey {
@@ -253,11 +265,9 @@ impl BlockCache {
                     }
                 }
             };
-            let block = block.await;
-            if own {
-                self.pending.lock().expect("pending blocks poisoned").remove(&loader_key);
-            }
-            let block = block?;
+            // Unregistered when done, or when this load is abandoned.
+            let _registered = own.then(|| PendingGuard { pending: &self.pending, key: &loader_key });
+            let block = block.await?;
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             Ok(block)
         })
