@@ -173,14 +173,14 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
     let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
     let cached = (config.max_memory / 8 * 3).max(BLOCK_SIZE);
     let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
-    // A lone stream may have most fetch slots in flight (at WAN latency and per-connection
-    // bandwidth, line rate takes tens of part-sized GETs at once), but what all streams read
-    // ahead stays within half the memory tier: blocks read ahead wait there longer than the
-    // blocks just read, and the memory tier drops the least recently used first.
+    // A lone stream may have all fetch slots in flight (at WAN latency and per-connection
+    // bandwidth, line rate takes tens of part-sized GETs at once); what all streams read ahead
+    // stays within 2/3 of the memory tier, which keeps the rest for sections, views and small
+    // files (streams drop what they have read).
     let tuning = DataConfig {
         small_object: 1 << 20,
         initial_window: 2 * BLOCK_SIZE,
-        read_ahead_budget: (fetch_slots as u64 * BLOCK_SIZE).min(cached / 2),
+        read_ahead_budget: (fetch_slots as u64 * BLOCK_SIZE).min(cached / 3 * 2),
         kernel_read_ahead: config.kernel_read_ahead,
     };
     Ok(DataPath::new(store, cache, tuning))

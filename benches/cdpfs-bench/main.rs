@@ -7,7 +7,8 @@
 //! `--bandwidth-mbps N` (80, MB/s per connection), `--mrc-nz N` (368: the MRC is 1260 x 1260 x N
 //! float32; `--mrc-mib N` picks N for about that many MiB), `--random-reads N` (300), `--runs N`
 //! (3), `--smoke` (tiny sizes, one run: checks the harness, not the speed; CI runs it),
-//! `--only 1,4,...` (case groups below). Medians over the runs; one markdown table on stdout.
+//! `--only 1,4,...` (case groups below), `--mount-args "..."` (options added to every mount, to
+//! measure a setting). Medians over the runs; one markdown table on stdout.
 //!
 //! Case groups (letters as in the table):
 //! - 1: a. cold sequential read of the MRC with 1 MiB `read()`s, disk tier on and with
@@ -66,6 +67,8 @@ pub struct Options {
     runs_dataset: usize,
     random_reads: usize,
     only: Option<Vec<u32>>,
+    /// Options added to every `cdpfs mount` (to measure a setting: `--kernel-read-ahead 1M`).
+    mount_args: Vec<String>,
     /// Set in the origin process: the folder to serve.
     serve_origin: Option<PathBuf>,
 }
@@ -96,6 +99,7 @@ fn options() -> Options {
         runs_dataset: if smoke { 20 } else { 300 },
         random_reads: value("--random-reads", if smoke { 20 } else { 300 }) as usize,
         only: arg("--only").map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect()),
+        mount_args: arg("--mount-args").map(|v| v.split_whitespace().map(String::from).collect()).unwrap_or_default(),
         serve_origin: arg("--serve-origin").map(PathBuf::from),
     }
 }
@@ -114,7 +118,8 @@ impl Bench {
         // earlier case's cache directory.
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
-        Mount::new(&self.origin.endpoint(), cache_dir, extra)
+        let extra: Vec<&str> = extra.iter().copied().chain(self.opts.mount_args.iter().map(String::as_str)).collect();
+        Mount::new(&self.origin.endpoint(), cache_dir, &extra)
     }
 
     /// Measures `work` on `mount`, with the CPU time of its cdpfs process.
@@ -183,7 +188,7 @@ fn main() {
     let raw = Raw::new(&origin.endpoint());
     eprintln!(
         "origin: {} ms first byte, {} MB/s per connection; MRC {} x {} x {} float32 ({} bytes); {} runs each; \
-         load average {} (the CPU may be shared)",
+         load average {} (the CPU may be shared); mount options added: {:?}",
         opts.shaping.latency.as_millis(),
         opts.shaping.bytes_per_sec / 1_000_000,
         opts.mrc.nx,
@@ -191,7 +196,8 @@ fn main() {
         opts.mrc.nz,
         opts.mrc.size(),
         opts.runs,
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("?")
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("?"),
+        opts.mount_args
     );
     let bench = Bench { opts, origin, fixture, raw };
     let groups: [(u32, Group); 9] = [

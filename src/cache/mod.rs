@@ -230,10 +230,22 @@ impl BlockCache {
         Some(block)
     }
 
-    /// The block, if memory or disk has it; never fetches.
+    /// Drops `blocks` of `object` from memory (a stream has read them; the disk tier keeps
+    /// its copies).
+    pub async fn forget(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
+        for index in blocks {
+            self.memory.invalidate(&BlockKey { object: object.clone(), index }).await;
+        }
+    }
+
+    /// The block, if memory or disk has it or a GET is fetching it; never starts a fetch.
     pub async fn cached(&self, key: &BlockKey) -> Option<Bytes> {
         if let Some(block) = self.in_memory(key).await {
             return Some(block);
+        }
+        let pending = self.pending.lock().expect("pending blocks poisoned").get(key).cloned();
+        if let Some(fetch) = pending {
+            return fetch.await.ok();
         }
         let block = self.read_disk(key).await?;
         self.memory.insert(key.clone(), block.clone()).await;

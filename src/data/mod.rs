@@ -74,6 +74,8 @@ struct StreamState {
     past_fence: u32,
     /// Sections the reader went on into, one after the other, since its last seek.
     sections_in_a_row: u32,
+    /// Blocks below this one that the stream has read are no longer kept in memory.
+    released: u64,
 }
 
 /// Reads object bytes through the block cache and the object store.
@@ -116,6 +118,7 @@ impl DataPath {
                 fence: None,
                 past_fence: 0,
                 sections_in_a_row: 0,
+                released: 0,
             }),
         }
     }
@@ -181,12 +184,14 @@ impl DataPath {
                     let mut state = file.state.lock().expect("stream state poisoned");
                     state.next_unrequested = state.next_unrequested.max(requested);
                 }
-                if past_fence {
+                let bytes = if past_fence {
                     // The kernel's read-ahead past a section: its own bytes, nothing around them.
                     self.read_exact(object, blocks, range.clone()).await?
                 } else {
                     self.read_blocks(object, blocks, range.clone()).await?
-                }
+                };
+                self.release_behind(file, object, range.start).await;
+                bytes
             }
             Pattern::Random => self.read_from_here(file, object, blocks, range.clone()).await?,
         };
@@ -214,11 +219,27 @@ impl DataPath {
             state.next_unrequested = section.as_ref().map_or(0, |s| self.section_blocks(object, s, &range).end);
             state.fence = section.as_ref().map(|s| s.end);
             state.past_fence = 0;
+            state.released = blocks.start;
         }
         match section {
             Some(section) => self.read_section(object, section, range).await,
             None => self.read_exact(object, blocks, range).await,
         }
+    }
+
+    /// Drops from memory the blocks a stream has read, up to a little before `offset`: the
+    /// kernel's page cache holds their bytes now (files are opened with `FOPEN_KEEP_CACHE`), and
+    /// in the memory tier they would outlive the blocks read ahead of the stream, which
+    /// arrived earlier and so are the least recently used.
+    async fn release_behind(&self, file: &OpenFile, object: &Arc<ObjectMeta>, offset: u64) {
+        let behind = offset.saturating_sub(prefetch::BACKWARD_TOLERANCE) / self.cache.block_size();
+        let release = {
+            let mut state = file.state.lock().expect("stream state poisoned");
+            let release = state.released..behind;
+            state.released = state.released.max(behind);
+            release
+        };
+        self.cache.forget(object, release).await;
     }
 
     /// `range` from the blocks the cache holds at its start, and the rest by one GET of exactly

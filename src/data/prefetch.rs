@@ -19,8 +19,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// How far behind the end of the previous read a read may start and still count as sequential.
-const BACKWARD_TOLERANCE: u64 = 1 << 20;
+/// How far behind the end of the furthest read so far a read may start and still count as
+/// sequential: the kernel sends the requests of a `read()` (1 MiB for many programs) and its
+/// read-ahead at once, and they arrive in any order.
+pub(crate) const BACKWARD_TOLERANCE: u64 = 4 << 20;
 /// How far beyond it a read may start and still count as sequential: the kernel sends a
 /// stream's requests a request or two out of order, never more.
 const FORWARD_TOLERANCE: u64 = 2 << 20;
