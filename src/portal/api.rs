@@ -1,0 +1,273 @@
+//! The portal's GraphQL API, spoken politely: a few fixed queries (values passed as GraphQL
+//! variables, bodies built with serde_json), lists paged with `limitOffset`, at most
+//! [`MAX_IN_FLIGHT`] requests at a time, transient failures retried with backoff, and every call
+//! bounded by one timeout so a slow or absent API costs a lookup seconds, never a hang.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tracing::debug;
+
+use super::ids::{folder_of, key_of_url, Kind, PortalId};
+
+/// The portal's GraphQL endpoint.
+pub const DEFAULT_URL: &str = "https://graphql.cryoetdataportal.czscience.com/graphql";
+
+/// Requests to the API in flight at once, per mount.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Rows per page of a list query.
+const PAGE: usize = 1000;
+/// Tries per request (the first and the retries).
+const ATTEMPTS: u32 = 4;
+/// Delay before the first retry; doubled for each further one.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Why the API gave no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// No answer (retries included) within the timeout.
+    #[error("the portal API did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed.
+    #[error("the portal API is unreachable: {0}")]
+    Unreachable(String),
+    /// An HTTP error status.
+    #[error("the portal API answered HTTP {0}")]
+    Status(u16),
+    /// A GraphQL error (the query does not fit the schema, or the server failed).
+    #[error("the portal API refused the query: {0}")]
+    Rejected(String),
+    /// Something that is not a GraphQL answer.
+    #[error("the portal API answered something unexpected: {0}")]
+    Garbled(String),
+}
+
+impl ApiError {
+    fn transient(&self) -> bool {
+        match self {
+            ApiError::Unreachable(_) => true,
+            ApiError::Status(status) => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A client of one GraphQL endpoint.
+pub struct PortalApi {
+    url: hyper::Uri,
+    client: HttpsClient,
+    gate: Semaphore,
+    timeout: Duration,
+    requests: AtomicU64,
+}
+
+/// A run that holds an annotation of some object: its id and folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRow {
+    /// The run's id (`RN-`).
+    pub id: i32,
+    /// Its folder's key.
+    pub key: String,
+}
+
+/// A dataset and its organism.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetRow {
+    /// The dataset's id (`DS-`).
+    pub id: i32,
+    /// Its organism's name, if it has one.
+    pub organism: Option<String>,
+    /// Its folder's key.
+    pub key: String,
+}
+
+impl PortalApi {
+    /// A client of the GraphQL endpoint at `url` (http or https) whose calls give up after
+    /// `timeout`, retries included.
+    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<PortalApi> {
+        let uri: hyper::Uri = url.parse().map_err(|e| anyhow::anyhow!("invalid --api-url {url:?}: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            anyhow::bail!("invalid --api-url {url:?}: expected an http:// or https:// URL");
+        }
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| anyhow::anyhow!("loading the system's TLS roots: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        Ok(PortalApi { url: uri, client, gate: Semaphore::new(MAX_IN_FLIGHT), timeout, requests: AtomicU64::new(0) })
+    }
+
+    /// HTTP requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The `data` of one query, retried while the failure is transient, all within the timeout.
+    async fn query(&self, query: &str, variables: Value) -> Result<Value, ApiError> {
+        let body = Bytes::from(serde_json::to_vec(&json!({ "query": query, "variables": variables })).expect("JSON"));
+        let attempts = async {
+            let _permit = self.gate.acquire().await.expect("the gate is never closed");
+            let mut backoff = FIRST_BACKOFF;
+            for attempt in 1.. {
+                match self.post(body.clone()).await {
+                    Err(e) if e.transient() && attempt < ATTEMPTS => {
+                        debug!(attempt, error = %e, "portal API request failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                    result => return result,
+                }
+            }
+            unreachable!("the loop returns")
+        };
+        tokio::time::timeout(self.timeout, attempts).await.map_err(|_| ApiError::Timeout(self.timeout))?
+    }
+
+    async fn post(&self, body: Bytes) -> Result<Value, ApiError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let request = hyper::Request::post(self.url.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::USER_AGENT, concat!("cdpfs/", env!("CARGO_PKG_VERSION")))
+            .body(Full::new(body))
+            .map_err(|e| ApiError::Garbled(e.to_string()))?;
+        let response = self.client.request(request).await.map_err(|e| ApiError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| ApiError::Unreachable(e.to_string()))?;
+        let answer: Value = match serde_json::from_slice(&bytes.to_bytes()) {
+            Ok(answer) => answer,
+            Err(_) if !status.is_success() => return Err(ApiError::Status(status.as_u16())),
+            Err(e) => return Err(ApiError::Garbled(e.to_string())),
+        };
+        if let Some(errors) = answer.get("errors").and_then(Value::as_array).filter(|e| !e.is_empty()) {
+            let messages: Vec<&str> = errors.iter().filter_map(|e| e.get("message")?.as_str()).collect();
+            return Err(ApiError::Rejected(messages.join("; ")));
+        }
+        if !status.is_success() {
+            return Err(ApiError::Status(status.as_u16()));
+        }
+        answer.get("data").filter(|d| d.is_object()).cloned().ok_or_else(|| ApiError::Garbled("no data".into()))
+    }
+
+    /// The rows of root field `field`, page by page (`$limit`/`$offset` of `query`).
+    async fn rows(&self, query: &str, field: &str, mut variables: Value) -> Result<Vec<Value>, ApiError> {
+        let mut all = Vec::new();
+        loop {
+            variables["limit"] = json!(PAGE);
+            variables["offset"] = json!(all.len());
+            let page = self.query(query, variables.clone()).await?;
+            let rows = list(&page, field)?;
+            let done = rows.len() < PAGE;
+            all.extend(rows);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// The key an id of a run, tomogram, tilt series, annotation or alignment stands for (a
+    /// folder's ends in `/`); `None` when the portal does not know it. One request.
+    pub async fn locate(&self, id: PortalId) -> Result<Option<String>, ApiError> {
+        let (query, field, paths): (&str, &str, &[&str]) = match id.kind {
+            Kind::Run => {
+                ("query RunById($id: Int!) { runs(where: {id: {_eq: $id}}) { id s3Prefix } }", "runs", &["s3Prefix"])
+            }
+            Kind::Tomogram => (
+                "query TomogramById($id: Int!) { tomograms(where: {id: {_eq: $id}}) { id s3MrcFile s3OmezarrDir } }",
+                "tomograms",
+                &["s3MrcFile", "s3OmezarrDir"],
+            ),
+            Kind::TiltSeries => (
+                "query TiltSeriesById($id: Int!) { tiltseries(where: {id: {_eq: $id}}) { id s3MrcFile s3OmezarrDir } }",
+                "tiltseries",
+                &["s3MrcFile", "s3OmezarrDir"],
+            ),
+            Kind::Annotation => (
+                "query AnnotationById($id: Int!) { annotations(where: {id: {_eq: $id}}) { id s3MetadataPath } }",
+                "annotations",
+                &["s3MetadataPath"],
+            ),
+            Kind::Alignment => (
+                "query AlignmentById($id: Int!) { alignments(where: {id: {_eq: $id}}) { id s3AlignmentMetadata } }",
+                "alignments",
+                &["s3AlignmentMetadata"],
+            ),
+            Kind::Dataset | Kind::Deposition => return Ok(id.fixed_key()),
+        };
+        let data = self.query(query, json!({ "id": id.number })).await?;
+        let Some(row) = list(&data, field)?.into_iter().next() else { return Ok(None) };
+        let Some(key) = paths.iter().find_map(|p| row.get(*p).and_then(Value::as_str).and_then(key_of_url)) else {
+            return Ok(None);
+        };
+        // Annotations and alignments are named by their metadata file: link to its folder.
+        Ok(match id.kind {
+            Kind::Annotation | Kind::Alignment => folder_of(&key),
+            _ => Some(key),
+        })
+    }
+
+    /// Every dataset with its organism, in one paged list.
+    pub async fn datasets(&self) -> Result<Vec<DatasetRow>, ApiError> {
+        const QUERY: &str = "query Datasets($limit: Int!, $offset: Int!) { datasets(orderBy: [{id: asc}], \
+                             limitOffset: {limit: $limit, offset: $offset}) { id organismName s3Prefix } }";
+        let rows = self.rows(QUERY, "datasets", json!({})).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                Some(DatasetRow {
+                    id: id_of(row)?,
+                    organism: row.get("organismName").and_then(Value::as_str).map(str::to_owned),
+                    key: key_of_url(row.get("s3Prefix")?.as_str()?)?,
+                })
+            })
+            .collect())
+    }
+
+    /// The names of the objects annotated anywhere in the portal (one aggregate query).
+    pub async fn annotated_objects(&self) -> Result<Vec<String>, ApiError> {
+        const QUERY: &str =
+            "query AnnotatedObjects { annotationsAggregate { aggregate { count groupBy { objectName } } } }";
+        let data = self.query(QUERY, json!({})).await?;
+        let groups = data
+            .pointer("/annotationsAggregate/aggregate")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::Garbled("no annotationsAggregate".into()))?;
+        let mut names: Vec<String> = groups
+            .iter()
+            .filter_map(|g| g.pointer("/groupBy/objectName").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// The runs holding an annotation of object `name`, in one paged list.
+    pub async fn runs_with_object(&self, name: &str) -> Result<Vec<RunRow>, ApiError> {
+        const QUERY: &str = "query RunsWithObject($name: String!, $limit: Int!, $offset: Int!) { runs(where: \
+                             {annotations: {objectName: {_eq: $name}}}, orderBy: [{id: asc}], limitOffset: \
+                             {limit: $limit, offset: $offset}) { id s3Prefix } }";
+        let rows = self.rows(QUERY, "runs", json!({ "name": name })).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| Some(RunRow { id: id_of(row)?, key: key_of_url(row.get("s3Prefix")?.as_str()?)? }))
+            .collect())
+    }
+}
+
+fn list(data: &Value, field: &str) -> Result<Vec<Value>, ApiError> {
+    data.get(field).and_then(Value::as_array).cloned().ok_or_else(|| ApiError::Garbled(format!("no list {field}")))
+}
+
+fn id_of(row: &Value) -> Option<i32> {
+    row.get("id")?.as_i64()?.try_into().ok()
+}
