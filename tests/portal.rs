@@ -404,7 +404,7 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
         // No sidecar for these levels: nothing listed.
         ("10000/TS_026/Frames".into(), BTreeMap::new()),
         ("10000/TS_026/Frames/frame_0001.tif".into(), BTreeMap::new()),
-        (format!("{VS}"), BTreeMap::new()),
+        (VS.to_string(), BTreeMap::new()),
     ];
     for (path, want) in &expected {
         assert_eq!(&cryoet_attributes(&mount.join(path)), want, "{path}");
