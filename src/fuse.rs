@@ -240,7 +240,11 @@ impl Filesystem for CdpFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // The kernel may refuse larger values; it then keeps its own, which is fine.
         let _ = config.set_max_background(64);
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Parallel lookups in one folder: each lookup is answered on the runtime anyway, and
+        // portal ids looked up together at the root can then go to the API as one batch.
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         Ok(())
     }
 

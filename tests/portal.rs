@@ -524,3 +524,41 @@ fn info_describes_any_path_of_a_mount() {
         );
     }
 }
+
+#[test]
+fn ids_looked_up_together_go_to_the_api_in_one_batch() {
+    let Some(api) = Api::start() else { return };
+    let mount = mount("batch", &api.url(), &[]);
+    let wanted = [
+        ("RN-241", Some(RUN)),
+        ("RN-243", Some("10000/Ünïcode_run_é")),
+        ("RN-17687", Some(POS)),
+        ("RN-300", Some("10002/TS_1")),
+        ("RN-999999", None),
+        ("AN-1123", Some("10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/100")),
+        ("AN-69545", Some("10001/24apr23a_Position_12/Reconstructions/VoxelSpacing4.990/Annotations/100")),
+    ];
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(wanted.len()));
+    let lookups: Vec<_> = wanted
+        .iter()
+        .map(|(name, _)| {
+            let (link, barrier) = (mount.join(name), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                fs::read_link(link)
+            })
+        })
+        .collect();
+    for ((name, target), lookup) in wanted.iter().zip(lookups) {
+        match (target, lookup.join().unwrap()) {
+            (Some(target), Ok(got)) => assert_eq!(got, PathBuf::from(target), "{name}"),
+            (None, Err(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{name}"),
+            (target, got) => panic!("{name}: wanted {target:?}, got {got:?}"),
+        }
+    }
+    let counts = api.counts();
+    let requests = api.requests();
+    eprintln!("{} ids of two kinds looked up at once: {requests} requests {}", wanted.len(), counts["operations"]);
+    // One `_in` query per kind; a lookup the kernel delivers after the 20 ms window may add one.
+    assert!((2..=4).contains(&requests), "{requests} requests for {} ids: {}", wanted.len(), counts["operations"]);
+}

@@ -3,7 +3,7 @@
 //! [`MAX_IN_FLIGHT`] requests at a time, transient failures retried with backoff, and every call
 //! bounded by one timeout so a slow or absent API costs a lookup seconds, never a hang.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
-use super::ids::{folder_of, key_of_url, Kind, PortalId};
+use super::ids::{folder_of, key_of_url, Kind};
 
 /// The portal's GraphQL endpoint.
 pub const DEFAULT_URL: &str = "https://graphql.cryoetdataportal.czscience.com/graphql";
@@ -66,7 +66,6 @@ pub struct PortalApi {
     client: HttpsClient,
     gate: Semaphore,
     timeout: Duration,
-    requests: AtomicU64,
 }
 
 /// A run that holds an annotation of some object: its id and folder.
@@ -104,12 +103,7 @@ impl PortalApi {
             .enable_http1()
             .build();
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-        Ok(PortalApi { url: uri, client, gate: Semaphore::new(MAX_IN_FLIGHT), timeout, requests: AtomicU64::new(0) })
-    }
-
-    /// HTTP requests sent so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        Ok(PortalApi { url: uri, client, gate: Semaphore::new(MAX_IN_FLIGHT), timeout })
     }
 
     /// The `data` of one query, retried while the failure is transient, all within the timeout.
@@ -134,7 +128,6 @@ impl PortalApi {
     }
 
     async fn post(&self, body: Bytes) -> Result<Value, ApiError> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let request = hyper::Request::post(self.url.clone())
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::ACCEPT, "application/json")
@@ -175,45 +168,53 @@ impl PortalApi {
         }
     }
 
-    /// The key an id of a run, tomogram, tilt series, annotation or alignment stands for (a
-    /// folder's ends in `/`); `None` when the portal does not know it. One request.
-    pub async fn locate(&self, id: PortalId) -> Result<Option<String>, ApiError> {
-        let (query, field, paths): (&str, &str, &[&str]) = match id.kind {
-            Kind::Run => {
-                ("query RunById($id: Int!) { runs(where: {id: {_eq: $id}}) { id s3Prefix } }", "runs", &["s3Prefix"])
-            }
+    /// The keys ids of one kind (run, tomogram, tilt series, annotation, alignment) stand for
+    /// (a folder's ends in `/`), in one request (`_in`); an id the portal does not know is
+    /// missing from the answer.
+    pub async fn locate(&self, kind: Kind, ids: &[i32]) -> Result<HashMap<i32, String>, ApiError> {
+        let (query, field, paths): (&str, &str, &[&str]) = match kind {
+            Kind::Run => (
+                "query RunsById($ids: [Int!]!) { runs(where: {id: {_in: $ids}}) { id s3Prefix } }",
+                "runs",
+                &["s3Prefix"],
+            ),
             Kind::Tomogram => (
-                "query TomogramById($id: Int!) { tomograms(where: {id: {_eq: $id}}) { id s3MrcFile s3OmezarrDir } }",
+                "query TomogramsById($ids: [Int!]!) { tomograms(where: {id: {_in: $ids}}) { id s3MrcFile s3OmezarrDir } }",
                 "tomograms",
                 &["s3MrcFile", "s3OmezarrDir"],
             ),
             Kind::TiltSeries => (
-                "query TiltSeriesById($id: Int!) { tiltseries(where: {id: {_eq: $id}}) { id s3MrcFile s3OmezarrDir } }",
+                "query TiltSeriesById($ids: [Int!]!) { tiltseries(where: {id: {_in: $ids}}) { id s3MrcFile s3OmezarrDir } }",
                 "tiltseries",
                 &["s3MrcFile", "s3OmezarrDir"],
             ),
             Kind::Annotation => (
-                "query AnnotationById($id: Int!) { annotations(where: {id: {_eq: $id}}) { id s3MetadataPath } }",
+                "query AnnotationsById($ids: [Int!]!) { annotations(where: {id: {_in: $ids}}) { id s3MetadataPath } }",
                 "annotations",
                 &["s3MetadataPath"],
             ),
             Kind::Alignment => (
-                "query AlignmentById($id: Int!) { alignments(where: {id: {_eq: $id}}) { id s3AlignmentMetadata } }",
+                "query AlignmentsById($ids: [Int!]!) { alignments(where: {id: {_in: $ids}}) { id s3AlignmentMetadata } }",
                 "alignments",
                 &["s3AlignmentMetadata"],
             ),
-            Kind::Dataset | Kind::Deposition => return Ok(id.fixed_key()),
+            Kind::Dataset | Kind::Deposition => return Ok(HashMap::new()),
         };
-        let data = self.query(query, json!({ "id": id.number })).await?;
-        let Some(row) = list(&data, field)?.into_iter().next() else { return Ok(None) };
-        let Some(key) = paths.iter().find_map(|p| row.get(*p).and_then(Value::as_str).and_then(key_of_url)) else {
-            return Ok(None);
-        };
-        // Annotations and alignments are named by their metadata file: link to its folder.
-        Ok(match id.kind {
-            Kind::Annotation | Kind::Alignment => folder_of(&key),
-            _ => Some(key),
-        })
+        let data = self.query(query, json!({ "ids": ids })).await?;
+        let mut found = HashMap::new();
+        for row in list(&data, field)? {
+            let Some(id) = id_of(&row) else { continue };
+            let Some(key) = paths.iter().find_map(|p| row.get(*p).and_then(Value::as_str).and_then(key_of_url)) else {
+                continue;
+            };
+            // Annotations and alignments are named by their metadata file: link to its folder.
+            let key = match kind {
+                Kind::Annotation | Kind::Alignment => folder_of(&key),
+                _ => Some(key),
+            };
+            found.extend(key.map(|key| (id, key)));
+        }
+        Ok(found)
     }
 
     /// Every dataset with its organism, in one paged list.

@@ -3,13 +3,14 @@
 //! for which keys (`user.cryoet.id`). Answers come from the API through [`Answers`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Value};
 use tracing::warn;
 
 use super::answers::Answers;
 use super::api::{ApiError, PortalApi};
+use super::batch::Batcher;
 use super::ids::{folder_of, Kind, PortalId};
 use crate::namespace::names::MAX_NAME_BYTES;
 
@@ -27,7 +28,8 @@ pub enum FacetEntry {
 
 /// The API's view of the bucket, for one mount.
 pub struct PortalMap {
-    api: PortalApi,
+    api: Arc<PortalApi>,
+    batcher: Batcher,
     answers: Answers,
     /// Portal ids of the keys the answers so far named.
     known: RwLock<HashMap<String, String>>,
@@ -36,19 +38,15 @@ pub struct PortalMap {
 impl PortalMap {
     /// A map asking `api`, keeping its answers in `answers`.
     pub fn new(api: PortalApi, answers: Answers) -> PortalMap {
-        PortalMap { api, answers, known: RwLock::default() }
-    }
-
-    /// HTTP requests this mount sent to the API.
-    pub fn requests(&self) -> u64 {
-        self.api.requests()
+        let api = Arc::new(api);
+        PortalMap { batcher: Batcher::new(api.clone()), api, answers, known: RwLock::default() }
     }
 
     /// The key `id` names, `None` when the portal does not know it.
     pub async fn locate(&self, id: PortalId) -> Result<Option<String>, ApiError> {
         let answer = self
             .answers
-            .get(&format!("id:{id}"), async { Ok(json!({ "key": self.api.locate(id).await? })) })
+            .get(&format!("id:{id}"), async { Ok(json!({ "key": self.batcher.locate(id).await? })) })
             .await
             .inspect_err(|e| warn!(%id, error = %e, "cannot resolve a portal id"))?;
         let key = answer.get("key").and_then(Value::as_str).map(str::to_owned);
