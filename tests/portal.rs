@@ -562,3 +562,23 @@ fn ids_looked_up_together_go_to_the_api_in_one_batch() {
     // One `_in` query per kind; a lookup the kernel delivers after the 20 ms window may add one.
     assert!((2..=4).contains(&requests), "{requests} requests for {} ids: {}", wanted.len(), counts["operations"]);
 }
+
+#[test]
+fn a_bad_api_url_or_timeout_is_a_clear_error_and_nothing_is_mounted() {
+    common::require_fuse();
+    let server = &bucket().1;
+    let path = common::scratch_dir("mnt-bad-api");
+    let endpoint = server.addr_url();
+    for (extra, message) in [
+        (["--api-url", "ftp://example.org/graphql"], "invalid --api-url"),
+        (["--api-url", "not a url"], "invalid --api-url"),
+        (["--api-timeout", "soon"], "--api-timeout"),
+    ] {
+        let mut args = vec!["mount", path.to_str().unwrap(), "--bucket", common::BUCKET, "--endpoint-url", &endpoint];
+        args.extend_from_slice(&extra);
+        let out = common::run_cdpfs(&args, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(message), "{extra:?}: {stderr}");
+        assert!(!common::is_mounted(&path), "{extra:?} mounted");
+    }
+}
