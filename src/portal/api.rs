@@ -1,10 +1,14 @@
 //! The portal's GraphQL API, spoken politely: a few fixed queries (values passed as GraphQL
 //! variables, bodies built with serde_json), lists paged with `limitOffset`, at most
 //! [`MAX_IN_FLIGHT`] requests at a time, transient failures retried with backoff, and every call
-//! bounded by one timeout so a slow or absent API costs a lookup seconds, never a hang.
+//! bounded by one timeout so a slow or absent API costs a lookup seconds, never a hang. After a
+//! call finds the API down (no answer in time, or no connection), calls fail at once for
+//! [`REST`], so a dead API costs one timeout, not one per lookup.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -12,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::ids::{folder_of, key_of_url, Kind};
 
@@ -27,6 +31,8 @@ const PAGE: usize = 1000;
 const ATTEMPTS: u32 = 4;
 /// Delay before the first retry; doubled for each further one.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// How long the API is left alone after it was found down.
+pub const REST: Duration = Duration::from_secs(30);
 
 /// Why the API gave no answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,6 +40,9 @@ pub enum ApiError {
     /// No answer (retries included) within the timeout.
     #[error("the portal API did not answer within {0:?}")]
     Timeout(Duration),
+    /// The API was found down moments ago and is left alone for a while.
+    #[error("the portal API was found down; not asked again for {0:?}")]
+    Resting(Duration),
     /// The connection failed.
     #[error("the portal API is unreachable: {0}")]
     Unreachable(String),
@@ -66,6 +75,8 @@ pub struct PortalApi {
     client: HttpsClient,
     gate: Semaphore,
     timeout: Duration,
+    /// Until when calls fail at once, after the API was found down.
+    resting_until: Mutex<Option<Instant>>,
 }
 
 /// A run that holds an annotation of some object: its id and folder.
@@ -103,11 +114,20 @@ impl PortalApi {
             .enable_http1()
             .build();
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-        Ok(PortalApi { url: uri, client, gate: Semaphore::new(MAX_IN_FLIGHT), timeout })
+        Ok(PortalApi {
+            url: uri,
+            client,
+            gate: Semaphore::new(MAX_IN_FLIGHT),
+            timeout,
+            resting_until: Mutex::default(),
+        })
     }
 
     /// The `data` of one query, retried while the failure is transient, all within the timeout.
     async fn query(&self, query: &str, variables: Value) -> Result<Value, ApiError> {
+        if self.resting_until.lock().expect("rest state poisoned").is_some_and(|until| Instant::now() < until) {
+            return Err(ApiError::Resting(REST));
+        }
         let body = Bytes::from(serde_json::to_vec(&json!({ "query": query, "variables": variables })).expect("JSON"));
         let attempts = async {
             let _permit = self.gate.acquire().await.expect("the gate is never closed");
@@ -124,7 +144,12 @@ impl PortalApi {
             }
             unreachable!("the loop returns")
         };
-        tokio::time::timeout(self.timeout, attempts).await.map_err(|_| ApiError::Timeout(self.timeout))?
+        let result = tokio::time::timeout(self.timeout, attempts).await.unwrap_or(Err(ApiError::Timeout(self.timeout)));
+        if let Err(e @ (ApiError::Timeout(_) | ApiError::Unreachable(_))) = &result {
+            warn!(url = %self.url, error = %e, rest = ?REST, "the portal API is down; id and facet lookups fail at once meanwhile");
+            *self.resting_until.lock().expect("rest state poisoned") = Some(Instant::now() + REST);
+        }
+        result
     }
 
     async fn post(&self, body: Bytes) -> Result<Value, ApiError> {
