@@ -3,6 +3,8 @@
 //! It stays thin and never blocks a FUSE session thread: every request that may touch the
 //! network is handed to the tokio runtime and replied to from there, so slow reads of one file
 //! don't hold up others. The filesystem is read-only: every write-like operation is `EROFS`.
+//! Besides folders and files it serves the portal map's symlinks (`readlink`) and the
+//! `user.cryoet.*` attributes ([`crate::portal::metadata`]), asked off the session threads.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

@@ -419,6 +419,14 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
     assert!(!cryoet_attributes(&mount.join(RUN)).contains_key("id"));
     fs::read_link(mount.join("RN-241")).unwrap();
     assert_eq!(cryoet_attributes(&mount.join("RN-241"))["id"], "RN-241");
+    for (id, path) in [
+        ("TM-621", TOMO_DIR.to_string()),
+        ("TM-621", format!("{TOMO_DIR}/TS_026.mrc")),
+        ("AN-1129", format!("{VS}/Annotations/101")),
+    ] {
+        fs::read_link(mount.join(id)).unwrap();
+        assert_eq!(cryoet_attributes(&mount.join(&path))["id"], id, "{path}");
+    }
     // Files keep their own attributes; an absent name is ENODATA.
     let file = mount.join(&format!("{TOMO_DIR}/TS_026.mrc"));
     assert_eq!(cdpfs::stage::xattr(&file, "user.cdpfs.key").unwrap(), format!("{TOMO_DIR}/TS_026.mrc"));
@@ -519,6 +527,11 @@ fn info_describes_any_path_of_a_mount() {
     assert_eq!(report["metadata"]["organism"], "Schizosaccharomyces pombe");
     let runs: Vec<&str> = report["contents"].as_array().unwrap().iter().map(|c| c["path"].as_str().unwrap()).collect();
     assert_eq!(runs, ["TS with space", "TS_026", "Ünïcode_run_é"]);
+    let out = common::run_cdpfs(&["info", "--json", mount.join("TM-621").to_str().unwrap()], Duration::from_secs(30));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["key"], format!("{TOMO_DIR}/TS_026.mrc"));
+    assert_eq!((&report["metadata"]["kind"], &report["metadata"]["id"]), (&json!("tomogram"), &json!("TM-621")));
+    assert_eq!(report["contents"], json!([]));
     // Bad input: a clear error and a non-zero exit.
     for (path, message) in [("/nonexistent/x", "cannot open"), ("/tmp", "is not under a cdpfs mount")] {
         let out = common::run_cdpfs(&["info", path], Duration::from_secs(10));

@@ -1,5 +1,5 @@
-//! Id lookups batched: lookups of one kind that arrive within [`WINDOW`] of each other go to the
-//! API as one `_in` query (up to [`MAX_BATCH`] ids), so a script resolving many ids at once
+//! Id lookups batched: lookups of one kind that arrive within `WINDOW` (20 ms) of each other go to the
+//! API as one `_in` query (up to `MAX_BATCH` ids), so a script resolving many ids at once
 //! costs a few requests, not one each.
 
 use std::collections::HashMap;

@@ -52,6 +52,10 @@ impl PortalMap {
         let key = answer.get("key").and_then(Value::as_str).map(str::to_owned);
         if let Some(key) = &key {
             self.learn(key, &id.to_string());
+            // A tomogram's or tilt series' folder (and so its files) is that object too.
+            if matches!(id.kind, Kind::Tomogram | Kind::TiltSeries) {
+                self.learn(&folder_of(key).unwrap_or_default(), &id.to_string());
+            }
         }
         Ok(key)
     }
