@@ -179,9 +179,9 @@ fn portal_map(config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<Opt
     let Some(url) = &config.portal_api else { return Ok(None) };
     let api = PortalApi::new(url, config.api_timeout)?;
     let dir = config.disk_cache.as_ref().map(|(dir, _)| (dir.clone(), cache_dir_io));
-    let answers = Answers::new(url, config.api_ttl, dir).context("opening the cache directory for API answers")?;
+    let answers = Answers::new(url, dir).context("opening the cache directory for API answers")?;
     info!("portal ids and facet folders from {url}");
-    Ok(Some(Arc::new(PortalMap::new(api, answers))))
+    Ok(Some(Arc::new(PortalMap::new(api, answers, config.api_ttl))))
 }
 
 /// The block cache and read path sized from the configuration: of the memory budget, 3/8 for

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tracing::warn;
@@ -13,6 +14,9 @@ use super::api::{ApiError, PortalApi};
 use super::batch::Batcher;
 use super::ids::{folder_of, Kind, PortalId};
 use crate::namespace::names::MAX_NAME_BYTES;
+
+/// Longest an answer "the portal knows no such id" is trusted: new ids appear with each ingest.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(600);
 
 /// The facet folders at the mount's root.
 pub const FACETS: [&str; 2] = ["by-organism", "by-object"];
@@ -29,6 +33,8 @@ pub enum FacetEntry {
 /// The API's view of the bucket, for one mount.
 pub struct PortalMap {
     api: Arc<PortalApi>,
+    /// How long answers are trusted ("no such id" answers: at most [`NOT_FOUND_TTL`]).
+    ttl: Duration,
     batcher: Batcher,
     answers: Answers,
     /// Portal ids of the keys the answers so far named.
@@ -37,16 +43,23 @@ pub struct PortalMap {
 
 impl PortalMap {
     /// A map asking `api`, keeping its answers in `answers`.
-    pub fn new(api: PortalApi, answers: Answers) -> PortalMap {
+    pub fn new(api: PortalApi, answers: Answers, ttl: Duration) -> PortalMap {
         let api = Arc::new(api);
-        PortalMap { batcher: Batcher::new(api.clone()), api, answers, known: RwLock::default() }
+        PortalMap { batcher: Batcher::new(api.clone()), api, ttl, answers, known: RwLock::default() }
     }
 
     /// The key `id` names, `None` when the portal does not know it.
     pub async fn locate(&self, id: PortalId) -> Result<Option<String>, ApiError> {
         let answer = self
             .answers
-            .get(&format!("id:{id}"), async { Ok(json!({ "key": self.batcher.locate(id).await? })) })
+            .get(
+                &format!("id:{id}"),
+                |answer| match answer["key"] {
+                    Value::Null => self.ttl.min(NOT_FOUND_TTL),
+                    _ => self.ttl,
+                },
+                async { Ok(json!({ "key": self.batcher.locate(id).await? })) },
+            )
             .await
             .inspect_err(|e| warn!(%id, error = %e, "cannot resolve a portal id"))?;
         let key = answer.get("key").and_then(Value::as_str).map(str::to_owned);
@@ -92,7 +105,7 @@ impl PortalMap {
     async fn organisms(&self) -> Result<BTreeMap<String, Vec<(i32, String)>>, ApiError> {
         let answer = self
             .answers
-            .get("datasets", async {
+            .get("datasets", |_| self.ttl, async {
                 let rows = self.api.datasets().await?;
                 Ok(Value::Array(rows.into_iter().map(|d| json!([d.id, d.organism, d.key])).collect()))
             })
@@ -109,7 +122,8 @@ impl PortalMap {
     }
 
     async fn objects(&self) -> Result<Vec<String>, ApiError> {
-        let answer = self.answers.get("objects", async { Ok(json!(self.api.annotated_objects().await?)) }).await?;
+        let answer =
+            self.answers.get("objects", |_| self.ttl, async { Ok(json!(self.api.annotated_objects().await?)) }).await?;
         Ok(answer.as_array().into_iter().flatten().filter_map(|n| n.as_str().map(str::to_owned)).collect())
     }
 
@@ -117,7 +131,7 @@ impl PortalMap {
     async fn object_entries(&self, object: &str) -> Result<Vec<FacetEntry>, ApiError> {
         let answer = self
             .answers
-            .get(&format!("object:{object}"), async {
+            .get(&format!("object:{object}"), |_| self.ttl, async {
                 let runs = self.api.runs_with_object(object).await?;
                 Ok(Value::Array(runs.into_iter().map(|r| json!([r.id, r.key])).collect()))
             })
