@@ -31,18 +31,18 @@ fn bucket() -> &'static (common::Fixture, Server) {
         let root = common::scratch_dir("portal-fixture");
         let mut fixture = common::build_fixture(&root);
         let sidecar = |value: Value| serde_json::to_vec_pretty(&value).unwrap();
-        let dataset = |id: u32, title: &str, organism: &str, taxid: u32| {
+        let dataset = |id: u32, title: &str, organism: &str, taxid: u32, sample_type: &str| {
             sidecar(json!({
                 "dataset_identifier": id, "dataset_title": title,
-                "organism": {"name": organism, "taxonomy_id": taxid}, "sample_type": "organism",
+                "organism": {"name": organism, "taxonomy_id": taxid}, "sample_type": sample_type,
                 "cell_type": {"id": "CL:0000334", "name": "vegetative cell"}, "tissue": null,
                 "deposition_id": 10310, "last_updated_at": 1716000000
             }))
         };
         let objects: Vec<(String, Vec<u8>)> = vec![
-            ("10000/dataset_metadata.json".into(), dataset(10000, "Whole-cell tomograms", "Schizosaccharomyces pombe", 4896)),
-            ("10001/dataset_metadata.json".into(), dataset(10001, "Ribosomes in situ", "Saccharomyces cerevisiae", 4932)),
-            ("10002/dataset_metadata.json".into(), dataset(10002, "More fission yeast", "Schizosaccharomyces pombe", 4896)),
+            ("10000/dataset_metadata.json".into(), dataset(10000, "Whole-cell tomograms", "Schizosaccharomyces pombe", 4896, "organism")),
+            ("10001/dataset_metadata.json".into(), dataset(10001, "Ribosomes in situ", "Saccharomyces cerevisiae", 4932, "cell")),
+            ("10002/dataset_metadata.json".into(), dataset(10002, "More fission yeast", "Schizosaccharomyces pombe", 4896, "organism")),
             ("10002/TS_1/run_metadata.json".into(), sidecar(json!({"run_name": "TS_1", "deposition_id": 10310}))),
             (format!("{POS}/run_metadata.json"), sidecar(json!({"run_name": "24apr23a_Position_12"}))),
             (
@@ -103,9 +103,9 @@ fn rows() -> Value {
     let url = |key: &str| format!("{S3}{key}");
     json!({
         "datasets": [
-            {"id": 10000, "organismName": "Schizosaccharomyces pombe", "s3Prefix": url("10000/")},
-            {"id": 10001, "organismName": "Saccharomyces cerevisiae", "s3Prefix": url("10001/")},
-            {"id": 10002, "organismName": "Schizosaccharomyces pombe", "s3Prefix": url("10002/")},
+            {"id": 10000, "organismName": "Schizosaccharomyces pombe", "sampleType": "organism", "s3Prefix": url("10000/")},
+            {"id": 10001, "organismName": "Saccharomyces cerevisiae", "sampleType": "cell", "s3Prefix": url("10001/")},
+            {"id": 10002, "organismName": "Schizosaccharomyces pombe", "sampleType": "organism", "s3Prefix": url("10002/")},
         ],
         "runs": [
             {"id": 241, "datasetId": 10000, "name": "TS_026", "s3Prefix": url("10000/TS_026/")},
@@ -268,7 +268,9 @@ fn ids_resolve_to_their_places_once_per_id_and_are_shared_through_the_cache_dir(
     // Ids are not listed; the facet folders are.
     let root: BTreeSet<String> =
         fs::read_dir(&mount.path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert!(root.contains("by-organism") && root.contains("by-object") && root.contains("10000"), "{root:?}");
+    for name in ["by-organism", "by-sample-type", "by-object", "10000"] {
+        assert!(root.contains(name), "{name} not in {root:?}");
+    }
     assert!(!root.iter().any(|n| n.starts_with("TM-") || n.starts_with("DS-")), "{root:?}");
 
     // A real key of the same name wins, without asking the API.
@@ -456,7 +458,10 @@ fn facet_folders_list_the_fixtures_datasets_and_runs() {
     let pombe = listing("by-organism/Schizosaccharomyces pombe");
     assert_eq!(pombe, attrs(&[("DS-10000", "../../10000"), ("DS-10002", "../../10002")]));
     assert_eq!(listing("by-organism/Saccharomyces cerevisiae"), attrs(&[("DS-10001", "../../10001")]));
-    assert_eq!(api.requests(), 1, "the whole by-organism tree from one paged list");
+    assert_eq!(listing("by-sample-type/organism"), pombe);
+    assert_eq!(listing("by-sample-type/cell"), attrs(&[("DS-10001", "../../10001")]));
+    assert_eq!(listing("by-sample-type").keys().collect::<Vec<_>>(), ["cell", "organism"]);
+    assert_eq!(api.requests(), 1, "the whole by-organism and by-sample-type trees from one paged list");
 
     let objects = listing("by-object");
     assert_eq!(objects.keys().collect::<Vec<_>>(), ["cytosolic ribosome", "membrane"]);

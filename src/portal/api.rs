@@ -88,13 +88,15 @@ pub struct RunRow {
     pub key: String,
 }
 
-/// A dataset and its organism.
+/// A dataset, its organism and sample type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatasetRow {
     /// The dataset's id (`DS-`).
     pub id: i32,
     /// Its organism's name, if it has one.
     pub organism: Option<String>,
+    /// Its sample type (`organism`, `cell`, `tissue`, `in_vitro`, ...), if it has one.
+    pub sample_type: Option<String>,
     /// Its folder's key.
     pub key: String,
 }
@@ -242,10 +244,10 @@ impl PortalApi {
         Ok(found)
     }
 
-    /// Every dataset with its organism, in one paged list.
+    /// Every dataset with its organism and sample type, in one paged list.
     pub async fn datasets(&self) -> Result<Vec<DatasetRow>, ApiError> {
         const QUERY: &str = "query Datasets($limit: Int!, $offset: Int!) { datasets(orderBy: [{id: asc}], \
-                             limitOffset: {limit: $limit, offset: $offset}) { id organismName s3Prefix } }";
+                             limitOffset: {limit: $limit, offset: $offset}) { id organismName sampleType s3Prefix } }";
         let rows = self.rows(QUERY, "datasets", json!({})).await?;
         Ok(rows
             .iter()
@@ -253,6 +255,7 @@ impl PortalApi {
                 Some(DatasetRow {
                     id: id_of(row)?,
                     organism: row.get("organismName").and_then(Value::as_str).map(str::to_owned),
+                    sample_type: row.get("sampleType").and_then(Value::as_str).map(str::to_owned),
                     key: key_of_url(row.get("s3Prefix")?.as_str()?)?,
                 })
             })

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::namespace::names::child_name;
+
 /// The kinds of object the portal names by id, with the prefix its web pages show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -84,9 +86,13 @@ pub fn folder_of(key: &str) -> Option<String> {
 }
 
 /// The relative symlink target, from a link `depth` folders below the mount's root (which shows
-/// `root_prefix`), to `key`; `None` when `key` lies outside the mount.
+/// `root_prefix`), to `key`; `None` when `key` lies outside the mount or is not a path the tree
+/// shows (empty, `.` or `..` segments: an answer never leads out of the mount).
 pub fn link_target(root_prefix: &str, depth: usize, key: &str) -> Option<String> {
     let inside = key.strip_prefix(root_prefix)?.trim_end_matches('/');
+    if !inside.is_empty() && inside.split('/').any(|part| child_name("", part).is_none()) {
+        return None;
+    }
     let path = if inside.is_empty() { "." } else { inside };
     Some(format!("{}{path}", "../".repeat(depth)))
 }
@@ -121,5 +127,8 @@ mod tests {
         assert_eq!(link_target("10000/", 0, "10000/TS_026/").unwrap(), "TS_026");
         assert_eq!(link_target("10000/", 0, "10000/").unwrap(), ".");
         assert_eq!(link_target("10001/", 0, "10000/TS_026/"), None);
+        for bad in ["10000/../../etc/", "10000//TS_026/", "./10000/", "10000/.."] {
+            assert_eq!(link_target("", 0, bad), None, "{bad}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The portal's map of the bucket, as the mount shows it: which key a portal id names, which
-//! folders make up the facet folders (`by-organism/`, `by-object/`), and which ids are known
+//! folders make up the facet folders (`by-organism/`, `by-sample-type/`, `by-object/`), and
+//! which ids are known
 //! for which keys (`user.cryoet.id`). Answers come from the API through [`Answers`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -19,7 +20,10 @@ use crate::namespace::names::MAX_NAME_BYTES;
 pub const NOT_FOUND_TTL: Duration = Duration::from_secs(600);
 
 /// The facet folders at the mount's root.
-pub const FACETS: [&str; 2] = ["by-organism", "by-object"];
+pub const FACETS: [&str; 3] = ["by-organism", "by-sample-type", "by-object"];
+
+/// The facets of datasets, with their column in the `datasets` answer.
+const DATASET_FACETS: [(&str, usize); 2] = [("by-organism", 2), ("by-sample-type", 3)];
 
 /// One entry of a facet folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,13 +89,21 @@ impl PortalMap {
     /// The entries of facet folder `path` (`by-organism`, `by-object/membrane`, ...); `None`
     /// when there is no such folder.
     pub async fn facet(&self, path: &str) -> Result<Option<Vec<FacetEntry>>, ApiError> {
+        let (facet, value) = path.split_once('/').map_or((path, None), |(f, v)| (f, Some(v)));
+        if let Some(&(_, column)) = DATASET_FACETS.iter().find(|(name, _)| *name == facet) {
+            let groups = self.dataset_groups(column).await;
+            return groups
+                .map(|groups| match value {
+                    None => Some(folders(groups.keys())),
+                    Some(shown) => {
+                        let datasets = groups.into_iter().find(|(name, _)| shown_name(name) == shown)?.1;
+                        Some(datasets.into_iter().map(|(id, key)| self.dataset_link(id, key)).collect())
+                    }
+                })
+                .inspect_err(|e| warn!(path, error = %e, "cannot list a facet folder"));
+        }
         let result = match path.split_once('/') {
-            None if path == "by-organism" => self.organisms().await.map(|o| Some(folders(o.keys()))),
             None if path == "by-object" => self.objects().await.map(|o| Some(folders(o.iter()))),
-            Some(("by-organism", shown)) => self.organisms().await.map(|organisms| {
-                let datasets = organisms.into_iter().find(|(name, _)| shown_name(name) == shown)?.1;
-                Some(datasets.into_iter().map(|(id, key)| self.dataset_link(id, key)).collect())
-            }),
             Some(("by-object", shown)) => match self.objects().await?.into_iter().find(|o| shown_name(o) == shown) {
                 Some(object) => self.object_entries(&object).await.map(Some),
                 None => Ok(None),
@@ -101,24 +113,26 @@ impl PortalMap {
         result.inspect_err(|e| warn!(path, error = %e, "cannot list a facet folder"))
     }
 
-    /// Organism name -> its datasets (id, key), from one paged list of all datasets.
-    async fn organisms(&self) -> Result<BTreeMap<String, Vec<(i32, String)>>, ApiError> {
+    /// Value of `column` (organism, sample type) -> its datasets (id, key), from one paged list
+    /// of all datasets (so every dataset facet costs one request together).
+    async fn dataset_groups(&self, column: usize) -> Result<BTreeMap<String, Vec<(i32, String)>>, ApiError> {
         let answer = self
             .answers
             .get("datasets", |_| self.ttl, async {
                 let rows = self.api.datasets().await?;
-                Ok(Value::Array(rows.into_iter().map(|d| json!([d.id, d.organism, d.key])).collect()))
+                let rows = rows.into_iter().map(|d| json!([d.id, d.key, d.organism, d.sample_type]));
+                Ok(Value::Array(rows.collect()))
             })
             .await?;
-        let mut organisms: BTreeMap<String, Vec<(i32, String)>> = BTreeMap::new();
+        let mut groups: BTreeMap<String, Vec<(i32, String)>> = BTreeMap::new();
         for row in answer.as_array().into_iter().flatten() {
-            let (Some(id), Some(organism), Some(key)) = (row[0].as_i64(), row[1].as_str(), row[2].as_str()) else {
+            let (Some(id), Some(key), Some(value)) = (row[0].as_i64(), row[1].as_str(), row[column].as_str()) else {
                 continue;
             };
             let Ok(id) = i32::try_from(id) else { continue };
-            organisms.entry(organism.to_owned()).or_default().push((id, key.to_owned()));
+            groups.entry(value.to_owned()).or_default().push((id, key.to_owned()));
         }
-        Ok(organisms)
+        Ok(groups)
     }
 
     async fn objects(&self) -> Result<Vec<String>, ApiError> {
