@@ -606,3 +606,26 @@ fn a_bad_api_url_or_timeout_is_a_clear_error_and_nothing_is_mounted() {
         assert!(!common::is_mounted(&path), "{extra:?} mounted");
     }
 }
+
+#[test]
+fn mounts_sharing_a_cache_dir_that_look_up_an_id_at_once_send_one_query() {
+    let Some(api) = Api::start() else { return };
+    let cache = common::scratch_dir("portal-cache-herd");
+    let cache_arg = ["--cache-dir", cache.to_str().unwrap()];
+    let mounts: Vec<Mounted> = (0..3).map(|i| mount(&format!("herd-{i}"), &api.url(), &cache_arg)).collect();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(mounts.len()));
+    let lookups: Vec<_> = mounts
+        .iter()
+        .map(|mount| {
+            let (link, barrier) = (mount.join("TM-621"), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                fs::read_link(link)
+            })
+        })
+        .collect();
+    for lookup in lookups {
+        assert_eq!(lookup.join().unwrap().unwrap(), PathBuf::from(IDS[2].1));
+    }
+    assert_eq!(api.requests(), 1, "three mounts on one cache dir asked for one id at once");
+}

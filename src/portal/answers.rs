@@ -5,13 +5,17 @@
 //! less time than a key: new ids appear with every ingest). An answer past its TTL is asked
 //! again; when the API then fails, the old answer keeps serving (ids are never reused, so it is
 //! at worst out of date).
+//!
+//! Mounts sharing the directory also share the asking: the first to miss an answer claims it
+//! (a `.claim` file created exclusively) and the others wait for its answer file instead of
+//! asking too, so a job array of 500 nodes resolving one id at the same second sends one query.
 
 use std::fs;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -34,6 +38,29 @@ struct Saved {
     fetched_at: u64,
     ttl_secs: u64,
     value: Value,
+}
+
+/// How long a mount waits for the answer another mount claimed (longer than a call's timeout).
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
+/// How often a waiting mount looks for that answer.
+const CLAIM_POLL: Duration = Duration::from_millis(50);
+
+/// Who asks the API for an answer another mount may be asking for too.
+enum Claim {
+    /// This mount: the claim file to remove afterwards (none when there is no cache dir).
+    Ours(Option<PathBuf>),
+    /// Another mount did, and here is its answer.
+    Answered(Kept),
+    /// Another mount did and got no answer (the API is down for all of them).
+    FailedElsewhere,
+}
+
+/// What trying to create a claim file found.
+enum Taken {
+    Ours,
+    Theirs,
+    Abandoned,
+    Unclaimable,
 }
 
 /// An answer in memory, with how long it is trusted.
@@ -77,7 +104,8 @@ impl Answers {
 
     /// The answer called `name`: from memory, else from the cache directory while fresh, else
     /// from `fetch` (then kept for the TTL `ttl_of` gives it), else a saved answer past its TTL.
-    /// Concurrent callers of one name share one fetch.
+    /// Concurrent callers of one name share one fetch, in this mount and across the mounts
+    /// sharing the cache directory.
     pub async fn get<F>(
         &self,
         name: &str,
@@ -94,12 +122,20 @@ impl Answers {
                 if let Some((value, Some(ttl))) = saved {
                     return Ok(Kept { value: Arc::new(value), ttl });
                 }
-                match fetch.await {
-                    Ok(value) => {
-                        let ttl = ttl_of(&value);
-                        self.save(name, &value, ttl).await;
-                        Ok(Kept { value: Arc::new(value), ttl })
+                let fetched = match self.claim(name).await {
+                    Claim::Answered(kept) => return Ok(kept),
+                    Claim::FailedElsewhere => Err(ApiError::FailedElsewhere),
+                    Claim::Ours(claim) => {
+                        let fetched = fetch.await;
+                        if let Ok(value) = &fetched {
+                            self.save(name, value, ttl_of(value)).await;
+                        }
+                        self.release(claim).await;
+                        fetched
                     }
+                };
+                match fetched {
+                    Ok(value) => Ok(Kept { ttl: ttl_of(&value), value: Arc::new(value) }),
                     Err(e) => match saved {
                         Some((value, _)) => {
                             warn!(name, error = %e, "the portal API failed; serving its last answer");
@@ -112,6 +148,66 @@ impl Answers {
             .await
             .map_err(|e: Arc<ApiError>| (*e).clone())?;
         Ok(kept.value)
+    }
+
+    /// Waits while another mount sharing the cache directory asks for `name` (it holds the
+    /// claim) and returns its answer; or claims the asking for this mount. A claim older than
+    /// [`CLAIM_WAIT`] was abandoned (its mount died) and is taken over.
+    async fn claim(&self, name: &str) -> Claim {
+        let Some((dir, io)) = &self.dir else { return Claim::Ours(None) };
+        let path = self.path(dir, name).with_extension("claim");
+        let deadline = Instant::now() + CLAIM_WAIT;
+        let mut waited = false;
+        loop {
+            let claim = path.clone();
+            let taken = io
+                .run(move || match fs::OpenOptions::new().write(true).create_new(true).open(&claim) {
+                    Ok(_) => Taken::Ours,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let age = fs::metadata(&claim).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                        if age.is_some_and(|age| age > CLAIM_WAIT) {
+                            let _ = fs::remove_file(&claim);
+                            return Taken::Abandoned;
+                        }
+                        Taken::Theirs
+                    }
+                    Err(_) => Taken::Unclaimable,
+                })
+                .await;
+            match taken {
+                // Claimed after waiting for another mount: it released its claim with no
+                // answer, so the API failed it; don't ask again right behind it.
+                Some(Taken::Ours) if waited => {
+                    self.release(Some(path)).await;
+                    return match self.load(name).await {
+                        Some((value, Some(ttl))) => Claim::Answered(Kept { value: Arc::new(value), ttl }),
+                        _ => Claim::FailedElsewhere,
+                    };
+                }
+                Some(Taken::Ours) => return Claim::Ours(Some(path)),
+                // Its mount died: removed, claim it again.
+                Some(Taken::Abandoned) => continue,
+                // The directory takes no claims, or is too slow: ask without one.
+                Some(Taken::Unclaimable) | None => return Claim::Ours(None),
+                // Another mount is asking: wait for its answer.
+                Some(Taken::Theirs) => {
+                    waited = true;
+                    tokio::time::sleep(CLAIM_POLL).await;
+                    if let Some((value, Some(ttl))) = self.load(name).await {
+                        return Claim::Answered(Kept { value: Arc::new(value), ttl });
+                    }
+                    if Instant::now() > deadline {
+                        return Claim::Ours(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up a claim (the answer, if any, is saved by now).
+    async fn release(&self, claim: Option<PathBuf>) {
+        let (Some(path), Some((_, io))) = (claim, &self.dir) else { return };
+        io.run(move || fs::remove_file(path)).await;
     }
 
     fn path(&self, dir: &std::path::Path, name: &str) -> PathBuf {
@@ -195,6 +291,32 @@ mod tests {
         assert_eq!(*got, json!({"key": "4/d/"}));
         let missing = answers(dir.path()).get("id:RN-2", |_| HOUR, async { Err(ApiError::Status(503)) }).await;
         assert!(matches!(missing, Err(ApiError::Status(503))));
-        assert_eq!(fs::read_dir(dir.path().join("portal")).unwrap().count(), 3, "no temp files left");
+        assert_eq!(fs::read_dir(dir.path().join("portal")).unwrap().count(), 3, "no temp or claim files left");
+    }
+
+    #[tokio::test]
+    async fn mounts_sharing_the_cache_dir_ask_once_for_an_answer_wanted_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (answers(dir.path()), answers(dir.path()));
+        let slow = |answer: Result<Value, ApiError>| async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            answer
+        };
+        let (a, b) = tokio::join!(first.get("id:RN-5", |_| HOUR, slow(Ok(json!({"key": "5/e/"})))), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            second.get("id:RN-5", |_| HOUR, async { panic!("asked while another mount was asking") }).await
+        });
+        assert_eq!((a.unwrap().as_ref(), b.unwrap().as_ref()), (&json!({"key": "5/e/"}), &json!({"key": "5/e/"})));
+        // The asking mount got no answer: the waiting one does not ask right behind it.
+        let (third, fourth) = (answers(dir.path()), answers(dir.path()));
+        let (a, b) = tokio::join!(third.get("id:RN-6", |_| HOUR, slow(Err(ApiError::Status(503)))), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            fourth.get("id:RN-6", |_| HOUR, async { panic!("asked right behind a failure") }).await
+        });
+        assert!(matches!((a, b), (Err(ApiError::Status(503)), Err(ApiError::FailedElsewhere))));
+        // Once that is over, the next lookup asks again.
+        let got = fourth.get("id:RN-6", |_| HOUR, async { Ok(json!({"key": "6/f/"})) }).await.unwrap();
+        assert_eq!(*got, json!({"key": "6/f/"}));
+        assert_eq!(fs::read_dir(dir.path().join("portal")).unwrap().count(), 2, "no claim files left");
     }
 }

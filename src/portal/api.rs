@@ -40,6 +40,10 @@ pub enum ApiError {
     /// No answer (retries included) within the timeout.
     #[error("the portal API did not answer within {0:?}")]
     Timeout(Duration),
+    /// Another mount sharing the cache directory asked for the same answer moments ago and got
+    /// none.
+    #[error("the portal API gave no answer to another mount sharing the cache directory")]
+    FailedElsewhere,
     /// The API was found down moments ago and is left alone for a while.
     #[error("the portal API was found down; not asked again for {0:?}")]
     Resting(Duration),
