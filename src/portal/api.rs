@@ -150,9 +150,11 @@ impl PortalApi {
             }
             unreachable!("the loop returns")
         };
-        let result = tokio::time::timeout(self.timeout, attempts).await.unwrap_or(Err(ApiError::Timeout(self.timeout)));
+        let timed_out = Err(ApiError::Timeout(self.timeout));
+        let result = tokio::time::timeout(self.timeout, attempts).await.unwrap_or(timed_out);
         if let Err(e @ (ApiError::Timeout(_) | ApiError::Unreachable(_))) = &result {
-            warn!(url = %self.url, error = %e, rest = ?REST, "the portal API is down; id and facet lookups fail at once meanwhile");
+            let url = &self.url;
+            warn!(%url, error = %e, rest = ?REST, "the portal API is down; id and facet lookups fail at once");
             *self.resting_until.lock().expect("rest state poisoned") = Some(Instant::now() + REST);
         }
         result
@@ -203,39 +205,24 @@ impl PortalApi {
     /// (a folder's ends in `/`), in one request (`_in`); an id the portal does not know is
     /// missing from the answer.
     pub async fn locate(&self, kind: Kind, ids: &[i32]) -> Result<HashMap<i32, String>, ApiError> {
-        let (query, field, paths): (&str, &str, &[&str]) = match kind {
-            Kind::Run => (
-                "query RunsById($ids: [Int!]!) { runs(where: {id: {_in: $ids}}) { id s3Prefix } }",
-                "runs",
-                &["s3Prefix"],
-            ),
-            Kind::Tomogram => (
-                "query TomogramsById($ids: [Int!]!) { tomograms(where: {id: {_in: $ids}}) { id s3MrcFile s3OmezarrDir } }",
-                "tomograms",
-                &["s3MrcFile", "s3OmezarrDir"],
-            ),
-            Kind::TiltSeries => (
-                "query TiltSeriesById($ids: [Int!]!) { tiltseries(where: {id: {_in: $ids}}) { id s3MrcFile s3OmezarrDir } }",
-                "tiltseries",
-                &["s3MrcFile", "s3OmezarrDir"],
-            ),
-            Kind::Annotation => (
-                "query AnnotationsById($ids: [Int!]!) { annotations(where: {id: {_in: $ids}}) { id s3MetadataPath } }",
-                "annotations",
-                &["s3MetadataPath"],
-            ),
-            Kind::Alignment => (
-                "query AlignmentsById($ids: [Int!]!) { alignments(where: {id: {_in: $ids}}) { id s3AlignmentMetadata } }",
-                "alignments",
-                &["s3AlignmentMetadata"],
-            ),
+        // The root field, and the fields holding the object's key in the order they are tried.
+        let (field, paths) = match kind {
+            Kind::Run => ("runs", "s3Prefix"),
+            Kind::Tomogram => ("tomograms", "s3MrcFile s3OmezarrDir"),
+            Kind::TiltSeries => ("tiltseries", "s3MrcFile s3OmezarrDir"),
+            Kind::Annotation => ("annotations", "s3MetadataPath"),
+            Kind::Alignment => ("alignments", "s3AlignmentMetadata"),
             Kind::Dataset | Kind::Deposition => return Ok(HashMap::new()),
         };
-        let data = self.query(query, json!({ "ids": ids })).await?;
+        // Fixed names only: the ids go as a variable.
+        let query =
+            format!("query {field}ById($ids: [Int!]!) {{ {field}(where: {{id: {{_in: $ids}}}}) {{ id {paths} }} }}");
+        let data = self.query(&query, json!({ "ids": ids })).await?;
         let mut found = HashMap::new();
         for row in list(&data, field)? {
             let Some(id) = id_of(&row) else { continue };
-            let Some(key) = paths.iter().find_map(|p| row.get(*p).and_then(Value::as_str).and_then(key_of_url)) else {
+            let Some(key) = paths.split(' ').find_map(|p| row.get(p).and_then(Value::as_str).and_then(key_of_url))
+            else {
                 continue;
             };
             // Annotations and alignments are named by their metadata file: link to its folder.
