@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -355,7 +356,8 @@ fn the_api_down_or_hanging_leaves_the_tree_alone_and_cached_ids_keep_serving() {
 #[test]
 fn metadata_attributes_equal_the_bucket_json_on_every_level() {
     let Some(api) = Api::start() else { return };
-    let mount = mount("xattrs", &api.url(), &[]);
+    // No listing ahead: the probes below count S3 requests.
+    let mount = mount("xattrs", &api.url(), &["--list-ahead", "0"]);
     let dataset = attrs(&[
         ("kind", "dataset"),
         ("id", "DS-10000"),
@@ -437,6 +439,17 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
         errno_of(cdpfs::stage::xattr(&mount.join("10000/TS_026/Frames"), "user.cryoet.kind")),
         Some(libc::ENODATA)
     );
+    // Probes where the key layout has no metadata cost nothing: no GET, no listing.
+    let server = &bucket().1;
+    let frames = mount.join("10000/TS_026/Frames");
+    let names: Vec<PathBuf> = fs::read_dir(&frames).unwrap().take(200).map(|e| e.unwrap().path()).collect();
+    let (gets, lists) = (server.gets.load(Ordering::SeqCst), server.lists.load(Ordering::SeqCst));
+    for path in &names {
+        assert_eq!(errno_of(cdpfs::stage::xattr(path, "user.cryoet.kind")), Some(libc::ENODATA));
+        assert!(cryoet_attributes(path).is_empty());
+    }
+    let after = (server.gets.load(Ordering::SeqCst), server.lists.load(Ordering::SeqCst));
+    assert_eq!(after, (gets, lists), "{} probes of files without metadata asked S3", names.len() * 2);
 }
 
 #[test]
