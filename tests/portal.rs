@@ -340,7 +340,7 @@ fn the_api_down_or_hanging_leaves_the_tree_alone_and_cached_ids_keep_serving() {
         assert_eq!(errno_of(fs::read_dir(mount.join("by-object"))), Some(libc::EIO), "{name}");
         assert_eq!(errno_of(fs::symlink_metadata(mount.join("AN-1129"))), Some(libc::EIO), "{name}");
         let then = started.elapsed();
-        assert!(then < Duration::from_millis(500), "{name}: lookups after the API was found down took {then:?}");
+        assert!(then < Duration::from_secs(1), "{name}: lookups after the API was found down took {then:?}");
         let took = first + then;
         // DS- and CZCDP- need no API.
         assert_eq!(fs::read_link(mount.join("DS-10001")).unwrap(), PathBuf::from("10001"));
@@ -356,8 +356,9 @@ fn the_api_down_or_hanging_leaves_the_tree_alone_and_cached_ids_keep_serving() {
 #[test]
 fn metadata_attributes_equal_the_bucket_json_on_every_level() {
     let Some(api) = Api::start() else { return };
-    // No listing ahead: the probes below count S3 requests.
-    let mount = mount("xattrs", &api.url(), &["--list-ahead", "0"]);
+    // A server of its own and no listing ahead: the probes below count S3 requests.
+    let server = common::start_server(&bucket().0.root, common::Faults::default());
+    let mount = Mounted::on(&server, "xattrs", &["--api-url", &api.url(), "--list-ahead", "0"]);
     let dataset = attrs(&[
         ("kind", "dataset"),
         ("id", "DS-10000"),
@@ -440,7 +441,6 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
         Some(libc::ENODATA)
     );
     // Probes where the key layout has no metadata cost nothing: no GET, no listing.
-    let server = &bucket().1;
     let frames = mount.join("10000/TS_026/Frames");
     let names: Vec<PathBuf> = fs::read_dir(&frames).unwrap().take(200).map(|e| e.unwrap().path()).collect();
     let (gets, lists) = (server.gets.load(Ordering::SeqCst), server.lists.load(Ordering::SeqCst));

@@ -1,7 +1,7 @@
 //! The portal's map of the bucket, as the mount shows it: which key a portal id names, which
 //! folders make up the facet folders (`by-organism/`, `by-sample-type/`, `by-object/`), and
-//! which ids are known
-//! for which keys (`user.cryoet.id`). Answers come from the API through [`Answers`].
+//! which ids are known for which keys (`user.cryoet.id`). Answers come from the API through
+//! [`Answers`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -154,7 +154,8 @@ impl PortalMap {
         let mut entries = Vec::new();
         for row in answer.as_array().into_iter().flatten() {
             let (Some(id), Some(key)) = (row[0].as_i64(), row[1].as_str()) else { continue };
-            let name = format!("{}", PortalId { kind: Kind::Run, number: i32::try_from(id).unwrap_or(0) });
+            let Ok(number) = i32::try_from(id) else { continue };
+            let name = PortalId { kind: Kind::Run, number }.to_string();
             self.learn(key, &name);
             if let Some(dataset) = folder_of(key) {
                 datasets.insert(dataset);
