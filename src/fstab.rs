@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 /// `-o name=value` options and the `cdpfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 14] = [
+const VALUE_OPTIONS: [(&str, &str); 17] = [
     ("bucket", "--bucket"),
     ("region", "--region"),
     ("endpoint_url", "--endpoint-url"),
@@ -22,16 +22,20 @@ const VALUE_OPTIONS: [(&str, &str); 14] = [
     ("request_timeout", "--request-timeout"),
     ("stall_timeout", "--stall-timeout"),
     ("list_ahead", "--list-ahead"),
+    ("api_url", "--api-url"),
+    ("api_timeout", "--api-timeout"),
+    ("api_ttl", "--api-ttl"),
     ("log_level", "--log-level"),
     ("log_file", "--log-file"),
 ];
 
 /// `-o name` options and the `cdpfs mount` flag each becomes.
-const FLAG_OPTIONS: [(&str, &str); 5] = [
+const FLAG_OPTIONS: [(&str, &str); 6] = [
     ("allow_other", "--allow-other"),
     ("sign_requests", "--sign-requests"),
     ("no_disk_cache", "--no-disk-cache"),
     ("no_mrc_views", "--no-mrc-views"),
+    ("no_portal_api", "--no-portal-api"),
     ("foreground", "--foreground"),
 ];
 

@@ -3,6 +3,8 @@
 //! It stays thin and never blocks a FUSE session thread: every request that may touch the
 //! network is handed to the tokio runtime and replied to from there, so slow reads of one file
 //! don't hold up others. The filesystem is read-only: every write-like operation is `EROFS`.
+//! Besides folders and files it serves the portal map's symlinks (`readlink`) and the
+//! `user.cryoet.*` attributes ([`crate::portal::metadata`]), asked off the session threads.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -20,6 +22,7 @@ use tracing::{debug, warn};
 
 use crate::data::{DataPath, OpenFile};
 use crate::namespace::{Directory, Namespace, NamespaceError, Node, ROOT_INO};
+use crate::portal::metadata::{self, MetadataReader};
 use crate::stats::Stats;
 use crate::store::StoreError;
 use crate::views::{Catalog, OpenView};
@@ -66,6 +69,7 @@ pub struct CdpFs {
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     next_handle: AtomicU64,
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    metadata: Option<Arc<MetadataReader>>,
 }
 
 impl CdpFs {
@@ -92,7 +96,14 @@ impl CdpFs {
             handles: Arc::default(),
             next_handle: AtomicU64::new(1),
             notifier: Arc::default(),
+            metadata: None,
         }
+    }
+
+    /// Shows the portal's metadata sidecars as `user.cryoet.*` attributes, read by `reader`.
+    pub fn with_metadata(mut self, reader: Arc<MetadataReader>) -> CdpFs {
+        self.metadata = Some(reader);
+        self
     }
 
     /// Where the session's notifier goes once the mount is live (the kernel's entries are
@@ -146,9 +157,10 @@ impl CdpFs {
 
 /// The attributes of `node`: read-only, owned by the mounting user, sized from the listing.
 fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) -> FileAttr {
-    let (kind, perm, size, mtime, nlink) = match node.file() {
-        None => (FileType::Directory, 0o555, 0, mounted_at, 2),
-        Some(object) => (FileType::RegularFile, 0o444, object.size, object.mtime, 1),
+    let (kind, perm, size, mtime, nlink) = match (node, node.file()) {
+        (Node::Link { target, .. }, _) => (FileType::Symlink, 0o777, target.len() as u64, mounted_at, 1),
+        (_, None) => (FileType::Directory, 0o555, 0, mounted_at, 2),
+        (_, Some(object)) => (FileType::RegularFile, 0o444, object.size, object.mtime, 1),
     };
     FileAttr {
         ino: INodeNo(ino),
@@ -173,7 +185,7 @@ fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) 
 /// URL are those of the Zarr level it shows. Only `user.cdpfs.cached` asks the block cache.
 fn xattr_value(name: &str, node: &Node, bucket: &str, data: &DataPath, views: &Catalog) -> Option<Vec<u8>> {
     let (key, version) = match node {
-        Node::Dir { .. } => return None,
+        Node::Dir { .. } | Node::Link { .. } | Node::Facet { .. } => return None,
         Node::File(object) => (&object.key, &object.etag),
         Node::View(view) => (&view.level_prefix, &view.file.etag),
     };
@@ -215,16 +227,26 @@ fn errno(e: &NamespaceError) -> Errno {
 
 fn file_type(node: &Node) -> FileType {
     match node {
-        Node::Dir { .. } => FileType::Directory,
+        Node::Dir { .. } | Node::Facet { .. } => FileType::Directory,
         Node::File(_) | Node::View(_) => FileType::RegularFile,
+        Node::Link { .. } => FileType::Symlink,
     }
+}
+
+/// The `user.cryoet.*` attribute names of `attributes`, each followed by NUL.
+fn names_of(attributes: &[(String, String)]) -> Vec<u8> {
+    attributes.iter().flat_map(|(name, _)| name.bytes().chain([0])).collect()
 }
 
 impl Filesystem for CdpFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // The kernel may refuse larger values; it then keeps its own, which is fine.
         let _ = config.set_max_background(64);
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Parallel lookups in one folder: each lookup is answered on the runtime anyway, and
+        // portal ids looked up together at the root can then go to the API as one batch.
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         Ok(())
     }
 
@@ -245,6 +267,14 @@ impl Filesystem for CdpFs {
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.namespace.node(ino.0) {
+            Ok(Node::Link { target, .. }) => reply.data(target.as_bytes()),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -278,7 +308,8 @@ impl Filesystem for CdpFs {
                 let fh = self.add_handle(Handle::View(Arc::new(self.views.open(view))));
                 reply.opened(fh, FopenFlags::empty());
             }
-            Ok(Node::Dir { .. }) => reply.error(Errno::EISDIR),
+            Ok(Node::Dir { .. } | Node::Facet { .. }) => reply.error(Errno::EISDIR),
+            Ok(Node::Link { .. }) => reply.error(Errno::ELOOP),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -453,6 +484,23 @@ impl Filesystem for CdpFs {
             Ok(node) => node,
             Err(e) => return reply.error(errno(&e)),
         };
+        // The portal's metadata: only for folders (and their files) the key layout gives a sidecar.
+        let portal_folder = name.to_str().filter(|n| n.starts_with(metadata::PREFIX)).and_then(|name| {
+            let folder = metadata::folder_of_node(&node)?;
+            Some((self.metadata.clone()?, folder, name.to_owned()))
+        });
+        if let Some((reader, folder, name)) = portal_folder {
+            self.spawn(async move {
+                match reader.attributes(&folder).await {
+                    Ok(attributes) => match attributes.iter().find(|(n, _)| *n == name) {
+                        Some((_, value)) => reply_xattr(reply, size, value.as_bytes()),
+                        None => reply.error(Errno::from_i32(libc::ENODATA)),
+                    },
+                    Err(e) => reply.error(errno(&e)),
+                }
+            });
+            return;
+        }
         // Unknown names (SELinux and ACL probes of `ls -l`, `cp -a`, `rsync -X`) are answered
         // at once, without touching the cache.
         let Some(name) = name.to_str().filter(|n| XATTR_NAMES.contains(n)).map(str::to_owned) else {
@@ -473,13 +521,24 @@ impl Filesystem for CdpFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names: Vec<u8> = match self.namespace.node(ino.0) {
-            Ok(Node::File(_) | Node::View(_)) => XATTR_NAMES.iter().flat_map(|n| n.bytes().chain([0])).collect(),
-            Ok(Node::Dir { .. }) if ino.0 == ROOT_INO => format!("{STATS_XATTR}\0").into_bytes(),
-            Ok(Node::Dir { .. }) => Vec::new(),
+        let node = match self.namespace.node(ino.0) {
+            Ok(node) => node,
             Err(e) => return reply.error(errno(&e)),
         };
-        reply_xattr(reply, size, &names);
+        let names: Vec<u8> = match &node {
+            Node::File(_) | Node::View(_) => XATTR_NAMES.iter().flat_map(|n| n.bytes().chain([0])).collect(),
+            Node::Dir { .. } if ino.0 == ROOT_INO => format!("{STATS_XATTR}\0").into_bytes(),
+            Node::Dir { .. } | Node::Link { .. } | Node::Facet { .. } => Vec::new(),
+        };
+        let Some((reader, folder)) = self.metadata.clone().zip(metadata::folder_of_node(&node)) else {
+            return reply_xattr(reply, size, &names);
+        };
+        self.spawn(async move {
+            match reader.attributes(&folder).await {
+                Ok(attributes) => reply_xattr(reply, size, &[names, names_of(&attributes)].concat()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     // Everything below would modify the tree: the mount is read-only.

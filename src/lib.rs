@@ -12,7 +12,8 @@
 //! - [`fstab`]: the `mount.cdpfs` helper for `mount(8)` and fstab;
 //! - [`stats`]: counters of a running mount (`cdpfs stats`, Prometheus);
 //! - [`stage`]: `cdpfs prefetch`, staging files into a mount's cache;
-//! - [`portal`]: what is specific to the CryoET Data Portal.
+//! - [`portal`]: what is specific to the CryoET Data Portal (MRC sections, and its map of the
+//!   bucket: ids as paths, metadata attributes, facet folders, `cdpfs info`).
 //!
 //! The `cdpfs` binary (`main.rs`) is only the command line on top.
 

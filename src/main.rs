@@ -46,6 +46,15 @@ enum Command {
         #[command(subcommand)]
         action: CacheCommand,
     },
+    /// Describe a file or folder of a mount the way the portal does: what it is, its ids and
+    /// metadata, and the tomograms, tilt series and annotations below it.
+    Info {
+        /// A file or folder under a cdpfs mount point (portal id symlinks are followed).
+        path: PathBuf,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Unmount a cdpfs mount.
     Unmount {
         /// The mounted directory.
@@ -214,6 +223,27 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_NO_MRC_VIEWS")]
     no_mrc_views: bool,
 
+    /// The portal's GraphQL API, which maps portal ids (`RN-241`, `TM-621`) to paths and lists
+    /// the `by-organism/` and `by-object/` folders. Asked by default only when mounting the
+    /// portal's own bucket.
+    #[arg(long, env = "CDPFS_API_URL", value_name = "URL")]
+    api_url: Option<String>,
+
+    /// Never ask the portal's API: no run, tomogram, tilt-series, alignment or annotation ids as
+    /// paths, no facet folders (`DS-` and `CZCDP-` ids and the metadata attributes still work).
+    #[arg(long, env = "CDPFS_NO_PORTAL_API")]
+    no_portal_api: bool,
+
+    /// Give up on one API call (retries included) after this long: the id or facet lookup
+    /// fails with EIO (answers already cached keep serving).
+    #[arg(long, env = "CDPFS_API_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    api_timeout: Duration,
+
+    /// How long the API's answers are trusted (in memory and in the cache directory, shared by
+    /// the mounts using it) before it is asked again. Ids change only on re-ingest.
+    #[arg(long, env = "CDPFS_API_TTL", default_value = "1day", value_parser = humantime::parse_duration)]
+    api_ttl: Duration,
+
     /// Serve one generated file, `synthetic.bin`, of this size instead of the bucket: measures
     /// the FUSE and cache layers alone, without a network (for benchmarks).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -242,6 +272,9 @@ impl MountArgs {
             list_ahead: self.list_ahead,
             metrics_addr: self.metrics_addr.clone(),
             mrc_views: !self.no_mrc_views,
+            portal_api: self.portal_api(),
+            api_timeout: self.api_timeout,
+            api_ttl: self.api_ttl,
             synthetic_size: self.synthetic_size,
             disk_cache: if self.no_disk_cache {
                 None
@@ -249,6 +282,20 @@ impl MountArgs {
                 Some((self.cache.location.dir(), self.cache.cache_size))
             },
         })
+    }
+}
+
+impl MountArgs {
+    /// The API to ask: `--api-url`, else the portal's own for the portal's bucket; none with
+    /// `--no-portal-api`.
+    fn portal_api(&self) -> Option<String> {
+        if self.no_portal_api {
+            return None;
+        }
+        match &self.api_url {
+            Some(url) => Some(url.clone()),
+            None => (self.bucket.bucket == portal::DEFAULT_BUCKET).then(|| portal::api::DEFAULT_URL.to_owned()),
+        }
     }
 }
 
@@ -355,6 +402,7 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             );
             Ok(())
         }
+        Command::Info { path, json } => portal::info::show(&path, json),
         Command::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy),
     }
 }

@@ -25,6 +25,10 @@ use crate::fuse::{CdpFs, FsOptions};
 use crate::mount_table;
 use crate::namespace::persist::ListingStore;
 use crate::namespace::Namespace;
+use crate::portal::answers::Answers;
+use crate::portal::api::PortalApi;
+use crate::portal::map::PortalMap;
+use crate::portal::metadata::MetadataReader;
 use crate::stats::Stats;
 use crate::store::s3::{S3Config, S3Store};
 use crate::store::synthetic::SyntheticStore;
@@ -62,6 +66,12 @@ pub struct MountConfig {
     pub metrics_addr: Option<String>,
     /// Show `X.bin<N>.mrc` views beside every OME-Zarr `X.zarr`.
     pub mrc_views: bool,
+    /// The portal's GraphQL API to ask for ids and facets, if any.
+    pub portal_api: Option<String>,
+    /// How long one API call may take, retries included.
+    pub api_timeout: Duration,
+    /// How long the API's answers are trusted.
+    pub api_ttl: Duration,
     /// Serve one generated file of this size instead of the bucket (measures cdpfs alone).
     pub synthetic_size: Option<u64>,
 }
@@ -101,7 +111,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     };
     let saved_listings = match &config.disk_cache {
         Some((dir, _)) => Some(Arc::new(
-            ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io)
+            ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io.clone())
                 .with_context(|| format!("opening the cache directory {}", dir.display()))?,
         )),
         None => None,
@@ -113,7 +123,12 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     if config.mrc_views {
         namespace = namespace.with_views(views.clone());
     }
+    let portal = portal_map(config, cache_dir_io)?;
+    if let Some(portal) = &portal {
+        namespace = namespace.with_portal(portal.clone());
+    }
     let namespace = Arc::new(namespace);
+    let metadata = Arc::new(MetadataReader::new(namespace.clone(), data.clone(), portal));
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let options = FsOptions { uid, gid, ttl: config.metadata_ttl };
@@ -123,7 +138,8 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
             .with_context(|| format!("listening for metrics on {addr}"))?;
         runtime.spawn(serve_metrics(listener, stats.clone(), data.clone()));
     }
-    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats);
+    let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats)
+        .with_metadata(metadata);
     let notifier = fs.notifier_slot();
     let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
@@ -155,6 +171,17 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The portal's map, when the mount asks an API: its answers are kept in the cache directory
+/// (when there is one) for every mount using it.
+fn portal_map(config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<Option<Arc<PortalMap>>> {
+    let Some(url) = &config.portal_api else { return Ok(None) };
+    let api = PortalApi::new(url, config.api_timeout)?;
+    let dir = config.disk_cache.as_ref().map(|(dir, _)| (dir.clone(), cache_dir_io));
+    let answers = Answers::new(url, dir).context("opening the cache directory for API answers")?;
+    info!("portal ids and facet folders from {url}");
+    Ok(Some(Arc::new(PortalMap::new(api, answers, config.api_ttl))))
 }
 
 /// The block cache and read path sized from the configuration: of the memory budget, 3/8 for

@@ -95,7 +95,8 @@ pub fn clear(dir: &Path) -> Result<Usage> {
         bail!("{} is in use by the mount(s) {}; unmount first", dir.display(), users.join(", "));
     }
     let before = usage(dir);
-    for sub in ["blocks", "listings", "tmp"] {
+    // `portal`: the portal API's answers (ids, facet folders).
+    for sub in ["blocks", "listings", "tmp", "portal"] {
         let path = dir.join(sub);
         if path.exists() {
             fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;

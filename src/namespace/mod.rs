@@ -13,7 +13,9 @@
 //! breadth first, many at a time, up to a budget of listings per opened directory.
 //!
 //! A directory listing also gets the MRC views of the OME-Zarrs in it ([`crate::views`]),
-//! when the mount shows them.
+//! when the mount shows them. With the portal's map ([`crate::portal::map`]), the root also
+//! resolves portal ids (`RN-241`) to symlinks on lookup, and shows the facet folders, whose
+//! entries are symlinks into the tree. A real key of the same name always wins.
 
 pub mod names;
 pub mod persist;
@@ -24,6 +26,9 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::portal::api::ApiError;
+use crate::portal::ids::{link_target, PortalId};
+use crate::portal::map::{FacetEntry, PortalMap, FACETS};
 use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
 use crate::views::{Catalog, Lister, MrcView};
 use names::Child;
@@ -49,13 +54,17 @@ pub enum Node {
     File(Arc<ObjectMeta>),
     /// A virtual MRC file computed from one level of an OME-Zarr.
     View(Arc<MrcView>),
+    /// A symlink of the portal's map at `path` (from the root), to `target` (relative to it).
+    Link { path: String, target: String },
+    /// A facet folder of the portal's map (`by-organism`, `by-object/membrane`), not in the bucket.
+    Facet { path: String },
 }
 
 impl Node {
     /// The object a file or view shows as (key, size, version, mtime); `None` for directories.
     pub fn file(&self) -> Option<&Arc<ObjectMeta>> {
         match self {
-            Node::Dir { .. } => None,
+            Node::Dir { .. } | Node::Link { .. } | Node::Facet { .. } => None,
             Node::File(object) => Some(object),
             Node::View(view) => Some(&view.file),
         }
@@ -102,6 +111,9 @@ pub enum NamespaceError {
     /// Listing failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The portal's API gave no answer.
+    #[error(transparent)]
+    Portal(#[from] ApiError),
 }
 
 impl NamespaceError {
@@ -112,6 +124,7 @@ impl NamespaceError {
             NamespaceError::NotDir => libc::ENOTDIR,
             NamespaceError::Stale => libc::ESTALE,
             NamespaceError::Store(e) => e.errno(),
+            NamespaceError::Portal(_) => libc::EIO,
         }
     }
 }
@@ -156,6 +169,8 @@ impl InodeTable {
             Node::File(object) => format!("{}\0{}", object.key, object.etag),
             // View keys are not bucket keys, and view tags are not S3 ETags.
             Node::View(view) => format!("{}\0{}", view.file.key, view.file.etag),
+            // \u{1} starts no key shown in the tree.
+            Node::Link { path, .. } | Node::Facet { path } => format!("\u{1}{path}"),
         }
     }
 
@@ -215,6 +230,8 @@ pub struct Namespace {
     warm_gate: Arc<Semaphore>,
     warm_budget: usize,
     views: Option<Arc<Catalog>>,
+    portal: Option<Arc<PortalMap>>,
+    root_prefix: String,
 }
 
 impl Lister for Namespace {
@@ -251,12 +268,20 @@ impl Namespace {
             warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
             warm_budget,
             views: None,
+            portal: None,
+            root_prefix: root_prefix.to_owned(),
         }
     }
 
     /// Shows the MRC views `catalog` finds beside every OME-Zarr.
     pub fn with_views(mut self, catalog: Arc<Catalog>) -> Namespace {
         self.views = Some(catalog);
+        self
+    }
+
+    /// Resolves portal ids at the root and shows the facet folders of `portal`.
+    pub fn with_portal(mut self, portal: Arc<PortalMap>) -> Namespace {
+        self.portal = Some(portal);
         self
     }
 
@@ -295,15 +320,18 @@ impl Namespace {
     /// The parent directory of directory `ino` (the root is its own parent).
     pub fn parent(&self, ino: u64) -> Option<u64> {
         let table = self.inodes.read().expect("inode table lock poisoned");
-        let Some(Slot { node: Node::Dir { prefix }, .. }) = table.nodes.get(&ino) else {
-            return None;
-        };
         if ino == ROOT_INO {
             return Some(ROOT_INO);
         }
-        let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
-        let parent_prefix = trimmed.rfind('/').map_or("", |i| &prefix[..=i]);
-        Some(table.by_identity.get(parent_prefix).copied().unwrap_or(ROOT_INO))
+        let parent_identity = match &table.nodes.get(&ino)?.node {
+            Node::Dir { prefix } => {
+                let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+                trimmed.rfind('/').map_or("", |i| &prefix[..=i]).to_owned()
+            }
+            Node::Facet { path } => path.rsplit_once('/').map_or(String::new(), |(up, _)| format!("\u{1}{up}")),
+            _ => return None,
+        };
+        Some(table.by_identity.get(&parent_identity).copied().unwrap_or(ROOT_INO))
     }
 
     /// Number of inodes the kernel holds.
@@ -313,10 +341,42 @@ impl Namespace {
 
     /// The entries of directory `ino`, from the cache or from one listing.
     pub async fn directory(&self, ino: u64) -> Result<Arc<Directory>, NamespaceError> {
-        let Node::Dir { prefix } = self.node(ino)? else {
-            return Err(NamespaceError::NotDir);
-        };
-        self.directory_at(ino, &prefix).await.map_err(NamespaceError::Store)
+        match self.node(ino)? {
+            Node::Dir { prefix } => self.directory_at(ino, &prefix).await.map_err(NamespaceError::Store),
+            Node::Facet { path } => self.facet_directory(ino, &path).await,
+            _ => Err(NamespaceError::NotDir),
+        }
+    }
+
+    /// The entries of folder `prefix` of the bucket, whether or not the kernel holds it.
+    pub async fn listing(&self, prefix: &str) -> Result<Arc<Directory>, NamespaceError> {
+        let ino = self.inodes.write().expect("inode table lock poisoned").ino_for(&Node::Dir { prefix: prefix.into() });
+        self.directory_at(ino, prefix).await.map_err(NamespaceError::Store)
+    }
+
+    /// The entries of facet folder `path`, from the portal's map.
+    async fn facet_directory(&self, ino: u64, path: &str) -> Result<Arc<Directory>, NamespaceError> {
+        let portal = self.portal.as_ref().ok_or(NamespaceError::NotFound)?;
+        self.directories
+            .try_get_with(ino, async {
+                let entries = portal.facet(path).await?.ok_or(NamespaceError::NotFound)?;
+                let depth = path.split('/').count();
+                let named = entries
+                    .into_iter()
+                    .filter_map(|entry| match entry {
+                        FacetEntry::Folder(name) => {
+                            Some((name.clone(), Node::Facet { path: format!("{path}/{name}") }))
+                        }
+                        FacetEntry::Link { name, key } => {
+                            let target = link_target(&self.root_prefix, depth, &key)?;
+                            Some((name.clone(), Node::Link { path: format!("{path}/{name}"), target }))
+                        }
+                    })
+                    .collect();
+                Ok(Arc::new(self.numbered(named)))
+            })
+            .await
+            .map_err(|e: Arc<NamespaceError>| (*e).clone())
     }
 
     /// The entries of directory `ino` (backed by `prefix`), whether or not the kernel holds it.
@@ -324,11 +384,19 @@ impl Namespace {
         self.directories
             .try_get_with(ino, async {
                 let listing = self.list(prefix).await?;
-                let views = match &self.views {
-                    Some(catalog) => catalog.views_in(self, prefix, &listing).await,
+                let mut extra: Vec<(String, Node)> = match &self.views {
+                    Some(catalog) => catalog
+                        .views_in(self, prefix, &listing)
+                        .await
+                        .into_iter()
+                        .map(|(name, view)| (name, Node::View(Arc::new(view))))
+                        .collect(),
                     None => Vec::new(),
                 };
-                Ok::<_, StoreError>(Arc::new(self.build_directory(prefix, listing, views)))
+                if ino == ROOT_INO && self.portal.is_some() {
+                    extra.extend(FACETS.iter().map(|f| (f.to_string(), Node::Facet { path: f.to_string() })));
+                }
+                Ok::<_, StoreError>(Arc::new(self.build_directory(prefix, listing, extra)))
             })
             .await
             .map_err(|e: Arc<StoreError>| (*e).clone())
@@ -395,9 +463,45 @@ impl Namespace {
     /// The entry `name` inside directory `parent`, which the kernel now holds a lookup of.
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<Entry, NamespaceError> {
         let dir = self.directory(parent).await?;
-        let entry = dir.find(name).cloned().ok_or(NamespaceError::NotFound)?;
+        let entry = match dir.find(name) {
+            Some(entry) => entry.clone(),
+            None if parent == ROOT_INO => self.portal_id(name).await?.ok_or(NamespaceError::NotFound)?,
+            None => return Err(NamespaceError::NotFound),
+        };
         self.remember(&entry);
         Ok(entry)
+    }
+
+    /// The symlink a portal id at the root stands for: `None` when `name` is no id, the id is
+    /// unknown, or it names something outside the mount (or, for a dataset or deposition, which
+    /// need no API, something not in the bucket).
+    async fn portal_id(&self, name: &str) -> Result<Option<Entry>, NamespaceError> {
+        let Some(id) = PortalId::parse(name) else { return Ok(None) };
+        let key = match id.fixed_key() {
+            Some(key) => self.exists(&key).await?.then_some(key),
+            None => match &self.portal {
+                Some(portal) => portal.locate(id).await?,
+                None => None,
+            },
+        };
+        let Some(target) = key.and_then(|key| link_target(&self.root_prefix, 0, &key)) else { return Ok(None) };
+        let node = Node::Link { path: name.to_owned(), target };
+        let ino = self.inodes.write().expect("inode table lock poisoned").ino_for(&node);
+        Ok(Some(Entry { name: name.to_owned(), ino, node }))
+    }
+
+    /// Whether folder `key` (ending in `/`) is in the tree, by listing its ancestors.
+    async fn exists(&self, key: &str) -> Result<bool, NamespaceError> {
+        let Some(inside) = key.strip_prefix(self.root_prefix.as_str()) else { return Ok(false) };
+        let mut prefix = self.root_prefix.clone();
+        for part in inside.trim_end_matches('/').split('/') {
+            let listing = self.listing(&prefix).await?;
+            match listing.find(part).map(|e| &e.node) {
+                Some(Node::Dir { prefix: next }) => prefix = next.clone(),
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     /// The kernel was handed `entry` (by `lookup` or `readdirplus`): it holds one more lookup.
@@ -410,17 +514,23 @@ impl Namespace {
         self.inodes.write().expect("inode table lock poisoned").forget(ino, count);
     }
 
-    fn build_directory(&self, prefix: &str, listing: PrefixListing, views: Vec<(String, MrcView)>) -> Directory {
-        let mut named: Vec<(String, Node)> = names::children(prefix, listing)
+    /// The directory of a listing of `prefix` plus `extra` entries (views, facet folders).
+    fn build_directory(&self, prefix: &str, listing: PrefixListing, extra: Vec<(String, Node)>) -> Directory {
+        let named: Vec<(String, Node)> = names::children(prefix, listing)
             .into_iter()
             .map(|child| match child {
                 Child::Dir { name, prefix } => (name, Node::Dir { prefix }),
                 Child::File { name, object } => (name, Node::File(Arc::new(object))),
             })
-            .chain(views.into_iter().map(|(name, view)| (name, Node::View(Arc::new(view)))))
+            .chain(extra)
             .collect();
-        // The sort is stable and the listing's entries come first, so a view never shadows a
-        // real file or folder of the same name (nor a later level of the same binning).
+        self.numbered(named)
+    }
+
+    /// A directory of `named` entries, numbered. The sort is stable and the first of equal names
+    /// stays, so an entry put first (a listing's) is never shadowed by a later one (a view, a
+    /// facet folder, a later level of the same binning).
+    fn numbered(&self, mut named: Vec<(String, Node)>) -> Directory {
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named.dedup_by(|later, earlier| later.0 == earlier.0);
         let mut table = self.inodes.write().expect("inode table lock poisoned");

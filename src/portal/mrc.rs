@@ -1,14 +1,5 @@
-//! What cdpfs knows about the CryoET Data Portal itself: where the public bucket lives, and
-//! where the sections of its MRC files lie.
-//!
-//! Everything portal-specific is kept here so the rest of the code stays a generic, read-only
-//! S3 filesystem that also serves site mirrors and private copies.
-
-/// The portal's public bucket.
-pub const DEFAULT_BUCKET: &str = "cryoet-data-portal-public";
-
-/// The region the public bucket lives in.
-pub const DEFAULT_REGION: &str = "us-west-2";
+//! Where the XY sections of the portal's MRC files lie (what a viewer reads at a time), for the
+//! read path's section reads.
 
 /// File names the MRC format goes by (`.mrc` on the portal; IMOD's stacks, aligned stacks and
 /// reconstructions; RELION's particle stacks; maps).

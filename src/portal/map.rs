@@ -1,0 +1,191 @@
+//! The portal's map of the bucket, as the mount shows it: which key a portal id names, which
+//! folders make up the facet folders (`by-organism/`, `by-sample-type/`, `by-object/`), and
+//! which ids are known for which keys (`user.cryoet.id`). Answers come from the API through
+//! [`Answers`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tracing::warn;
+
+use super::answers::Answers;
+use super::api::{ApiError, PortalApi};
+use super::batch::Batcher;
+use super::ids::{folder_of, Kind, PortalId};
+use crate::namespace::names::MAX_NAME_BYTES;
+
+/// Longest an answer "the portal knows no such id" is trusted: new ids appear with each ingest.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(600);
+
+/// The facet folders at the mount's root.
+pub const FACETS: [&str; 3] = ["by-organism", "by-sample-type", "by-object"];
+
+/// The facets of datasets, with their column in the `datasets` answer.
+const DATASET_FACETS: [(&str, usize); 2] = [("by-organism", 2), ("by-sample-type", 3)];
+
+/// One entry of a facet folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FacetEntry {
+    /// A folder (an organism, an object).
+    Folder(String),
+    /// A symlink named `name` to the bucket key `key`.
+    Link { name: String, key: String },
+}
+
+/// The API's view of the bucket, for one mount.
+pub struct PortalMap {
+    api: Arc<PortalApi>,
+    /// How long answers are trusted ("no such id" answers: at most [`NOT_FOUND_TTL`]).
+    ttl: Duration,
+    batcher: Batcher,
+    answers: Answers,
+    /// Portal ids of the keys the answers so far named.
+    known: RwLock<HashMap<String, String>>,
+}
+
+impl PortalMap {
+    /// A map asking `api`, keeping its answers in `answers`.
+    pub fn new(api: PortalApi, answers: Answers, ttl: Duration) -> PortalMap {
+        let api = Arc::new(api);
+        PortalMap { batcher: Batcher::new(api.clone()), api, ttl, answers, known: RwLock::default() }
+    }
+
+    /// The key `id` names, `None` when the portal does not know it.
+    pub async fn locate(&self, id: PortalId) -> Result<Option<String>, ApiError> {
+        let answer = self
+            .answers
+            .get(
+                &format!("id:{id}"),
+                |answer| match answer["key"] {
+                    Value::Null => self.ttl.min(NOT_FOUND_TTL),
+                    _ => self.ttl,
+                },
+                async { Ok(json!({ "key": self.batcher.locate(id).await? })) },
+            )
+            .await
+            .inspect_err(|e| warn!(%id, error = %e, "cannot resolve a portal id"))?;
+        let key = answer.get("key").and_then(Value::as_str).map(str::to_owned);
+        if let Some(key) = &key {
+            self.learn(key, &id.to_string());
+            // A tomogram's or tilt series' folder (and so its files) is that object too.
+            if matches!(id.kind, Kind::Tomogram | Kind::TiltSeries) {
+                self.learn(&folder_of(key).unwrap_or_default(), &id.to_string());
+            }
+        }
+        Ok(key)
+    }
+
+    /// The portal id of the object at `key` (a folder's key ends in `/`), if an answer named it.
+    pub fn id_of(&self, key: &str) -> Option<String> {
+        self.known.read().expect("id index poisoned").get(key).cloned()
+    }
+
+    fn learn(&self, key: &str, id: &str) {
+        self.known.write().expect("id index poisoned").insert(key.to_owned(), id.to_owned());
+    }
+
+    /// The entries of facet folder `path` (`by-organism`, `by-object/membrane`, ...); `None`
+    /// when there is no such folder.
+    pub async fn facet(&self, path: &str) -> Result<Option<Vec<FacetEntry>>, ApiError> {
+        let (facet, value) = path.split_once('/').map_or((path, None), |(f, v)| (f, Some(v)));
+        if let Some(&(_, column)) = DATASET_FACETS.iter().find(|(name, _)| *name == facet) {
+            let groups = self.dataset_groups(column).await;
+            return groups
+                .map(|groups| match value {
+                    None => Some(folders(groups.keys())),
+                    Some(shown) => {
+                        let datasets = groups.into_iter().find(|(name, _)| shown_name(name) == shown)?.1;
+                        Some(datasets.into_iter().map(|(id, key)| self.dataset_link(id, key)).collect())
+                    }
+                })
+                .inspect_err(|e| warn!(path, error = %e, "cannot list a facet folder"));
+        }
+        let result = match path.split_once('/') {
+            None if path == "by-object" => self.objects().await.map(|o| Some(folders(o.iter()))),
+            Some(("by-object", shown)) => match self.objects().await?.into_iter().find(|o| shown_name(o) == shown) {
+                Some(object) => self.object_entries(&object).await.map(Some),
+                None => Ok(None),
+            },
+            _ => Ok(None),
+        };
+        result.inspect_err(|e| warn!(path, error = %e, "cannot list a facet folder"))
+    }
+
+    /// Value of `column` (organism, sample type) -> its datasets (id, key), from one paged list
+    /// of all datasets (so every dataset facet costs one request together).
+    async fn dataset_groups(&self, column: usize) -> Result<BTreeMap<String, Vec<(i32, String)>>, ApiError> {
+        let answer = self
+            .answers
+            .get("datasets", |_| self.ttl, async {
+                let rows = self.api.datasets().await?;
+                let rows = rows.into_iter().map(|d| json!([d.id, d.key, d.organism, d.sample_type]));
+                Ok(Value::Array(rows.collect()))
+            })
+            .await?;
+        let mut groups: BTreeMap<String, Vec<(i32, String)>> = BTreeMap::new();
+        for row in answer.as_array().into_iter().flatten() {
+            let (Some(id), Some(key), Some(value)) = (row[0].as_i64(), row[1].as_str(), row[column].as_str()) else {
+                continue;
+            };
+            let Ok(id) = i32::try_from(id) else { continue };
+            groups.entry(value.to_owned()).or_default().push((id, key.to_owned()));
+        }
+        Ok(groups)
+    }
+
+    async fn objects(&self) -> Result<Vec<String>, ApiError> {
+        let answer =
+            self.answers.get("objects", |_| self.ttl, async { Ok(json!(self.api.annotated_objects().await?)) }).await?;
+        Ok(answer.as_array().into_iter().flatten().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+    }
+
+    /// The datasets and runs holding annotations of `object`.
+    async fn object_entries(&self, object: &str) -> Result<Vec<FacetEntry>, ApiError> {
+        let answer = self
+            .answers
+            .get(&format!("object:{object}"), |_| self.ttl, async {
+                let runs = self.api.runs_with_object(object).await?;
+                Ok(Value::Array(runs.into_iter().map(|r| json!([r.id, r.key])).collect()))
+            })
+            .await?;
+        let mut datasets = BTreeSet::new();
+        let mut entries = Vec::new();
+        for row in answer.as_array().into_iter().flatten() {
+            let (Some(id), Some(key)) = (row[0].as_i64(), row[1].as_str()) else { continue };
+            let Ok(number) = i32::try_from(id) else { continue };
+            let name = PortalId { kind: Kind::Run, number }.to_string();
+            self.learn(key, &name);
+            if let Some(dataset) = folder_of(key) {
+                datasets.insert(dataset);
+            }
+            entries.push(FacetEntry::Link { name, key: key.to_owned() });
+        }
+        for key in datasets {
+            let Some(id) = key.trim_end_matches('/').parse().ok() else { continue };
+            entries.push(self.dataset_link(id, key));
+        }
+        Ok(entries)
+    }
+
+    fn dataset_link(&self, id: i32, key: String) -> FacetEntry {
+        FacetEntry::Link { name: PortalId { kind: Kind::Dataset, number: id }.to_string(), key }
+    }
+}
+
+/// The name a facet value (an organism, an object) takes as a folder: `/` and NUL cannot be in
+/// a name, and a name has at most [`MAX_NAME_BYTES`].
+pub fn shown_name(value: &str) -> String {
+    let mut name: String = value.chars().map(|c| if c == '/' || c == '\0' { '_' } else { c }).collect();
+    while name.len() > MAX_NAME_BYTES {
+        name.pop();
+    }
+    name
+}
+
+fn folders<'a>(values: impl Iterator<Item = &'a String>) -> Vec<FacetEntry> {
+    let names: BTreeSet<String> =
+        values.map(|v| shown_name(v)).filter(|n| !n.is_empty() && n != "." && n != "..").collect();
+    names.into_iter().map(FacetEntry::Folder).collect()
+}
