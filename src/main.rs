@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use cdpfs::cache::admin;
+use cdpfs::cache::{admin, bound};
 use cdpfs::fstab;
 use cdpfs::mount::{self, MountConfig};
 use cdpfs::portal;
@@ -58,8 +58,21 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CacheCommand {
-    /// Blocks, bytes, objects and listings in the cache, and the mounts using it.
+    /// Blocks, bytes, objects and listings in the cache, its bound, and the mounts using it.
     Info(CacheDirArg),
+    /// Create a cache directory (or change its bound): every process using it, on every node,
+    /// keeps it within SIZE, whatever its own --cache-size.
+    Init {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Its size bound (e.g. `500G`).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// One eviction pass now (for a cron job or systemd timer): evict the least recently used
+    /// blocks if the cache is near its bound, remove leftovers of writers that died, refresh
+    /// the usage summary.
+    Trim(CacheDirArg),
     /// Delete every cached block and listing (refused while a mount uses the cache).
     Clear(CacheDirArg),
 }
@@ -67,7 +80,8 @@ enum CacheCommand {
 #[derive(Args, Debug)]
 struct CacheDirArg {
     /// Directory of the persistent block cache (kept across mounts; may be shared by several
-    /// mounts and nodes). Default: /var/cache/cdpfs for root, else $XDG_CACHE_HOME/cdpfs.
+    /// mounts and nodes). Default: /var/cache/cdpfs for root, else $XDG_CACHE_HOME/cdpfs when
+    /// set, else /var/tmp/cdpfs-$UID (node-local: not the home directory, often NFS).
     #[arg(long, env = "CDPFS_CACHE_DIR", value_name = "DIR")]
     cache_dir: Option<PathBuf>,
 }
@@ -134,9 +148,11 @@ struct CacheArgs {
     #[command(flatten)]
     location: CacheDirArg,
 
-    /// Upper bound on the disk cache (e.g. `50G`); least recently used blocks are evicted.
-    #[arg(long, env = "CDPFS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
-    cache_size: u64,
+    /// Upper bound on the disk cache (e.g. `50G`) when the cache directory has none yet
+    /// (default 20G); a directory keeps the bound it was given first (or by `cdpfs cache init`),
+    /// and a differing --cache-size only warns. Least recently used blocks are evicted.
+    #[arg(long, env = "CDPFS_CACHE_SIZE", value_parser = parse_size)]
+    cache_size: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -264,17 +280,19 @@ fn normalize_prefix(raw: &str) -> Result<String> {
     Ok(format!("{trimmed}/"))
 }
 
-/// `/var/cache/cdpfs` for root, else `$XDG_CACHE_HOME/cdpfs` (or `~/.cache/cdpfs`).
+/// `/var/cache/cdpfs` for root, else `$XDG_CACHE_HOME/cdpfs` when set, else
+/// `/var/tmp/cdpfs-$UID`: on node-local storage, not in a home directory that is often NFS with
+/// a small quota and shared by all of a user's nodes.
 fn default_cache_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
         return PathBuf::from("/var/cache/cdpfs");
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("cdpfs")
+    match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(base) => PathBuf::from(base).join("cdpfs"),
+        None => PathBuf::from(format!("/var/tmp/cdpfs-{uid}")),
+    }
 }
 
 /// A byte count with an optional binary suffix: `4096`, `512K`, `64M`, `1G`, `2T` (`MiB`, `GB`
@@ -311,6 +329,15 @@ fn init_logging(args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// Warnings of commands other than `mount` (a cache directory's bound, an NFS cache) go to stderr.
+fn init_command_logging() {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Carries out `cli`; `command_line` (without the program name) is what a background mount
 /// re-runs in its child.
 fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
@@ -325,6 +352,7 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             }
         }
         Command::Prefetch(args) => {
+            init_command_logging();
             let staging = BucketStaging {
                 s3: args.bucket.s3_config()?,
                 cache_dir: args.cache.location.dir(),
@@ -339,8 +367,30 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             println!("cache directory: {}", dir.display());
             println!("blocks:    {} ({}) of {} objects", usage.blocks, human_bytes(usage.bytes), usage.objects);
             println!("listings:  {}", usage.listings);
+            match bound::stored_size(&dir) {
+                Some(size) => println!("bound:     {}", human_bytes(size)),
+                None => println!("bound:     not set (the first mount sets it)"),
+            }
             let users = admin::live_mounts(&dir);
             println!("in use by: {}", if users.is_empty() { "no mount".to_owned() } else { users.join(", ") });
+            Ok(())
+        }
+        Command::Cache { action: CacheCommand::Init { dir, size } } => {
+            bound::init(&dir, size).with_context(|| format!("creating the cache directory {}", dir.display()))?;
+            println!("{} holds at most {} of cached blocks", dir.display(), human_bytes(size));
+            Ok(())
+        }
+        Command::Cache { action: CacheCommand::Trim(arg) } => {
+            let dir = arg.dir();
+            let pass = admin::trim(&dir)?;
+            println!(
+                "{}: {} blocks ({}) kept, {} blocks ({}) evicted",
+                dir.display(),
+                pass.blocks,
+                human_bytes(pass.bytes),
+                pass.evicted_blocks,
+                human_bytes(pass.evicted_bytes)
+            );
             Ok(())
         }
         Command::Cache { action: CacheCommand::Clear(arg) } => {

@@ -37,6 +37,10 @@ pub const DAEMON_ENV: &str = "CDPFS_INTERNAL_DAEMON";
 /// How long `cdpfs mount` waits for the background child to report.
 const STARTUP_LIMIT: Duration = Duration::from_secs(120);
 
+/// How often a mount refreshes its disk index and (if no other process does) the cache
+/// directory's usage summary and eviction.
+const UPKEEP_EVERY: Duration = Duration::from_secs(300);
+
 /// Everything a mount needs.
 #[derive(Clone, Debug)]
 pub struct MountConfig {
@@ -54,8 +58,9 @@ pub struct MountConfig {
     pub max_memory: u64,
     /// The kernel's read-ahead on the mount (and so its largest read request).
     pub kernel_read_ahead: u64,
-    /// The persistent block cache, if enabled: directory and size bound.
-    pub disk_cache: Option<(PathBuf, u64)>,
+    /// The persistent block cache, if enabled: directory and the size bound to give it if it
+    /// has none.
+    pub disk_cache: Option<(PathBuf, Option<u64>)>,
     /// Directories listed in the background ahead of a walker, per opened directory.
     pub list_ahead: usize,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -95,17 +100,18 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     // The block cache first: it creates the cache directory with its 0700 mode.
     let data = Arc::new(data_path(store.clone(), config, cache_dir_io.clone())?);
     // Registered for as long as this function serves the mount, so `cdpfs cache clear` can tell.
-    let _registration = match &config.disk_cache {
-        Some((dir, _)) => Some(Registration::new(dir, &mountpoint).context("registering in the cache directory")?),
-        None => None,
-    };
-    let saved_listings = match &config.disk_cache {
-        Some((dir, _)) => Some(Arc::new(
-            ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io)
-                .with_context(|| format!("opening the cache directory {}", dir.display()))?,
-        )),
-        None => None,
-    };
+    // A full or read-only cache directory still mounts: without registration or saved listings.
+    let _registration = config.disk_cache.as_ref().and_then(|(dir, _)| {
+        Registration::new(dir, &mountpoint)
+            .inspect_err(|e| warn!(dir = %dir.display(), error = %e, "cannot register in the cache directory"))
+            .ok()
+    });
+    let saved_listings = config.disk_cache.as_ref().and_then(|(dir, _)| {
+        ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io)
+            .inspect_err(|e| warn!(dir = %dir.display(), error = %e, "cannot save listings in the cache directory"))
+            .ok()
+            .map(Arc::new)
+    });
     // Decoded Blosc blocks come out of the memory budget's headroom.
     let views = Arc::new(Catalog::new(data.clone(), store.clone(), config.max_memory / 16));
     let mut namespace =
@@ -164,9 +170,12 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
 fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<DataPath> {
     let disk = match &config.disk_cache {
         Some((dir, size)) => {
-            let files = DiskCache::open(dir, *size, BLOCK_SIZE)
-                .with_context(|| format!("opening the cache directory {}", dir.display()))?;
-            Some(DiskTier::new(Arc::new(files), (config.max_memory / 8).max(BLOCK_SIZE), cache_dir_io))
+            let files = Arc::new(
+                DiskCache::open(dir, *size, BLOCK_SIZE)
+                    .with_context(|| format!("opening the cache directory {}", dir.display()))?,
+            );
+            files.start_upkeep(UPKEEP_EVERY);
+            Some(DiskTier::new(files, (config.max_memory / 8).max(BLOCK_SIZE), cache_dir_io))
         }
         None => None,
     };

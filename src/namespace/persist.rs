@@ -2,13 +2,12 @@
 //! mount sharing the directory) walks a known tree without asking S3 again while the metadata TTL
 //! has not run out.
 //!
-//! One JSON file per listed prefix, written atomically (temp file + rename). A file that cannot be
+//! One JSON file per listed prefix, written atomically ([`crate::cache::bound::replace_file`]). A file that cannot be
 //! parsed, belongs to another bucket or prefix, or is older than the TTL is ignored. The mount
 //! reads and writes them through [`CacheDirIo`], off the async workers and under its timeout.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +38,6 @@ pub struct ListingStore {
     dir: PathBuf,
     bucket: String,
     ttl: Duration,
-    temp_counter: AtomicU64,
     io: Arc<CacheDirIo>,
 }
 
@@ -49,7 +47,7 @@ impl ListingStore {
     pub fn open(cache_dir: &Path, bucket: &str, ttl: Duration, io: Arc<CacheDirIo>) -> std::io::Result<ListingStore> {
         let dir = cache_dir.join("listings");
         fs::create_dir_all(&dir)?;
-        Ok(ListingStore { dir, bucket: bucket.to_owned(), ttl, temp_counter: AtomicU64::new(0), io })
+        Ok(ListingStore { dir, bucket: bucket.to_owned(), ttl, io })
     }
 
     /// [`ListingStore::load`], off the async workers; `None` also when the directory is slow.
@@ -123,14 +121,7 @@ impl ListingStore {
         };
         let Ok(json) = serde_json::to_vec(&saved) else { return };
         let target = self.path(prefix);
-        let temp = target.with_extension(format!(
-            "tmp.{}.{}",
-            std::process::id(),
-            self.temp_counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        if fs::write(&temp, json).and_then(|()| fs::rename(&temp, &target)).is_err() {
-            let _ = fs::remove_file(&temp);
-        }
+        let _ = crate::cache::bound::replace_file(&target, &[&json]);
     }
 }
 
