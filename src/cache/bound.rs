@@ -64,14 +64,16 @@ pub struct Summary {
 }
 
 /// The outcome of asking the ledger for room.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Reservation {
     /// The bytes are reserved: write the block.
     Granted,
     /// The bound would be passed: evict first.
     Full,
-    /// The ledger lock could not be had in time (or the directory failed).
+    /// The ledger lock could not be had in time.
     Busy,
+    /// The directory failed (full, read-only, gone).
+    Failed(std::io::Error),
 }
 
 /// What one eviction pass found and did.
@@ -150,15 +152,16 @@ impl Space {
             }
             fits
         }) {
-            Some(true) => Reservation::Granted,
-            Some(false) => Reservation::Full,
-            None => Reservation::Busy,
+            Ok(Some(true)) => Reservation::Granted,
+            Ok(Some(false)) => Reservation::Full,
+            Ok(None) => Reservation::Busy,
+            Err(e) => Reservation::Failed(e),
         }
     }
 
     /// Gives back a reservation whose block was not written.
     pub fn release(&self, bytes: u64) {
-        self.update(|usage| {
+        let _ = self.update(|usage| {
             usage.bytes = usage.bytes.saturating_sub(bytes);
             usage.blocks = usage.blocks.saturating_sub(1);
             true
@@ -166,16 +169,17 @@ impl Space {
     }
 
     /// Applies `change` to the ledger under its lock and stores the result when `change` says
-    /// so; `None` when the lock could not be had in time.
-    fn update(&self, change: impl FnOnce(&mut Summary) -> bool) -> Option<bool> {
-        let _lock = LockFile::take_waiting(&self.dir.join(USAGE_LOCK), LOCK_EXPIRY, LOCK_WAIT)?;
+    /// so; `Ok(None)` when the lock could not be had in time.
+    fn update(&self, change: impl FnOnce(&mut Summary) -> bool) -> std::io::Result<Option<bool>> {
+        let Some(_lock) = LockFile::take_waiting(&self.dir.join(USAGE_LOCK), LOCK_EXPIRY, LOCK_WAIT)? else {
+            return Ok(None);
+        };
         let mut usage = summary(&self.dir).unwrap_or_default();
         let changed = change(&mut usage);
         if changed {
-            let json = serde_json::to_vec(&usage).expect("summary serializes");
-            fs::write(self.dir.join(USAGE), json).ok()?;
+            fs::write(self.dir.join(USAGE), serde_json::to_vec(&usage).expect("summary serializes"))?;
         }
-        Some(changed)
+        Ok(Some(changed))
     }
 
     /// One eviction pass if no other process is running one (`None` then): counts the blocks,
@@ -240,7 +244,7 @@ impl Space {
             usage.blocks = usage.blocks.saturating_sub(reserved_before.blocks) + pass.blocks;
             usage.scanned_at = scanned_at;
             true
-        });
+        })?;
         if pass.evicted_blocks > 0 {
             debug!(blocks = pass.evicted_blocks, bytes = pass.evicted_bytes, "evicted least recently used blocks");
         }
@@ -296,18 +300,52 @@ fn read_config(path: &Path) -> Option<u64> {
 struct LockFile {
     path: PathBuf,
     token: String,
+    _boost: PriorityBoost,
+}
+
+/// While alive, the calling thread runs at normal CPU priority if it ran at idle priority (the
+/// disk writers do): a holder of a lock other processes wait for must not wait for idle CPU.
+/// Restored when dropped. Best effort: without the right to change it, nothing changes.
+struct PriorityBoost {
+    was_idle: bool,
+}
+
+impl PriorityBoost {
+    fn new() -> PriorityBoost {
+        let normal = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `normal` is a valid sched_param.
+        let was_idle = unsafe {
+            libc::sched_getscheduler(0) == libc::SCHED_IDLE
+                && libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) == 0
+        };
+        PriorityBoost { was_idle }
+    }
+}
+
+impl Drop for PriorityBoost {
+    fn drop(&mut self) {
+        if self.was_idle {
+            let idle = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as in `new`.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+        }
+    }
 }
 
 impl LockFile {
     /// Takes the lock at `path` unless a holder has it, taking over one older than `expiry`.
     fn try_take(path: &Path, expiry: Duration) -> std::io::Result<Option<LockFile>> {
         let token = unique_suffix();
+        let boost = PriorityBoost::new();
         for _ in 0..2 {
             match fs::OpenOptions::new().write(true).create_new(true).open(path) {
                 Ok(mut file) => {
-                    let lock = LockFile { path: path.to_path_buf(), token };
-                    file.write_all(lock.token.as_bytes())?;
-                    return Ok(Some(lock));
+                    if let Err(e) = file.write_all(token.as_bytes()) {
+                        // A full directory: no lock left behind.
+                        let _ = fs::remove_file(path);
+                        return Err(e);
+                    }
+                    return Ok(Some(LockFile { path: path.to_path_buf(), token, _boost: boost }));
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     let age = fs::metadata(path).and_then(|m| m.modified()).map(|m| m.elapsed().unwrap_or_default());
@@ -328,17 +366,16 @@ impl LockFile {
     }
 
     /// [`LockFile::try_take`], retrying for up to `wait`.
-    fn take_waiting(path: &Path, expiry: Duration, wait: Duration) -> Option<LockFile> {
+    fn take_waiting(path: &Path, expiry: Duration, wait: Duration) -> std::io::Result<Option<LockFile>> {
         let started = std::time::Instant::now();
         let mut pause = Duration::from_micros(200);
         loop {
-            match LockFile::try_take(path, expiry) {
-                Ok(Some(lock)) => return Some(lock),
-                Ok(None) if started.elapsed() < wait => {
+            match LockFile::try_take(path, expiry)? {
+                None if started.elapsed() < wait => {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(20));
                 }
-                _ => return None,
+                taken => return Ok(taken),
             }
         }
     }
@@ -410,19 +447,19 @@ mod tests {
         let shard = dir.path().join("blocks/00");
         fs::create_dir_all(&shard).unwrap();
         for i in 0..5u64 {
-            assert_eq!(space.reserve(2000), Reservation::Granted);
+            assert!(matches!(space.reserve(2000), Reservation::Granted));
             let file = shard.join(format!("{i:016x}-0"));
             fs::write(&file, vec![0u8; 2000]).unwrap();
             let at = UNIX_EPOCH + Duration::from_secs(1_000_000 + i);
             fs::File::options().write(true).open(&file).unwrap().set_modified(at).unwrap();
         }
-        assert_eq!(space.reserve(1), Reservation::Full);
+        assert!(matches!(space.reserve(1), Reservation::Full));
         let pass = space.pass(false).unwrap().unwrap();
         assert_eq!((pass.evicted_blocks, pass.blocks, pass.bytes), (1, 4, 8000));
         assert!(!shard.join(format!("{:016x}-0", 0)).exists(), "the oldest block goes first");
         assert_eq!(summary(dir.path()).unwrap().bytes, 8000);
-        assert_eq!(space.reserve(2000), Reservation::Granted);
-        assert_eq!(space.reserve(1), Reservation::Full);
+        assert!(matches!(space.reserve(2000), Reservation::Granted));
+        assert!(matches!(space.reserve(1), Reservation::Full));
     }
 
     #[test]

@@ -42,8 +42,9 @@ const TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// Attempts at writing one block when the failure looks transient.
 const WRITE_ATTEMPTS: u32 = 3;
 
-/// How long a writer waits for another process's eviction pass to make room.
-const ROOM_WAIT: Duration = Duration::from_secs(10);
+/// How long a writer waits for room in the ledger (another process's eviction pass, or the
+/// ledger's lock).
+const ROOM_WAIT: Duration = Duration::from_secs(30);
 
 /// The on-disk block store.
 pub struct DiskCache {
@@ -210,7 +211,10 @@ impl DiskCache {
         }
         let header = encode_header(key, data, self.block_size);
         let size = (header.len() + data.len()) as u64;
-        if !self.reserve(size) {
+        if let Err(e) = self.reserve(size) {
+            if let Some(e) = e {
+                self.fail(&e);
+            }
             return false;
         }
         let mut attempt = 0;
@@ -222,14 +226,9 @@ impl DiskCache {
                 }
                 Err(e) => {
                     attempt += 1;
-                    let pausing = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT));
-                    if pausing || attempt >= WRITE_ATTEMPTS {
+                    if pausing(&e) || attempt >= WRITE_ATTEMPTS {
                         self.space.release(size);
-                        if pausing {
-                            self.pause(&e);
-                        } else {
-                            warn!(path = %target.display(), error = %e, "could not write a cached block; continuing");
-                        }
+                        self.fail(&e);
                         return false;
                     }
                     std::thread::sleep(Duration::from_millis(50 << attempt));
@@ -239,18 +238,21 @@ impl DiskCache {
     }
 
     /// Reserves `size` bytes in the directory's ledger, evicting (or waiting for the process
-    /// that evicts) when the bound is reached; false when no room came in time.
-    fn reserve(&self, size: u64) -> bool {
+    /// that evicts) when the bound is reached. Fails when no room came in time (with the
+    /// directory's error, if it failed).
+    fn reserve(&self, size: u64) -> Result<(), Option<std::io::Error>> {
         let started = Instant::now();
         loop {
             match self.space.reserve(size) {
-                Reservation::Granted => return true,
-                Reservation::Busy => return false,
-                Reservation::Full if started.elapsed() > ROOM_WAIT => return false,
+                Reservation::Granted => return Ok(()),
+
+                Reservation::Failed(e) => return Err(Some(e)),
+                Reservation::Busy | Reservation::Full if started.elapsed() > ROOM_WAIT => return Err(None),
+                Reservation::Busy => {}
                 Reservation::Full => match self.space.pass(true) {
                     Ok(Some(_)) => {}
                     Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-                    Err(_) => return false,
+                    Err(e) => return Err(Some(e)),
                 },
             }
         }
@@ -274,13 +276,24 @@ impl DiskCache {
         }
     }
 
-    fn pause(&self, error: &std::io::Error) {
+    /// Handles a failed write: a full, out-of-quota or read-only directory pauses writes, any
+    /// other error only costs the block.
+    fn fail(&self, error: &std::io::Error) {
+        if !pausing(error) {
+            warn!(dir = %self.dir.display(), %error, "could not write a cached block; continuing");
+            return;
+        }
         let mut paused = self.paused_until.lock().expect("pause state poisoned");
         if paused.is_none() {
             warn!(dir = %self.dir.display(), %error, pause = ?PAUSE, "the cache directory refused a write; serving from memory and S3, trying again later");
         }
         *paused = Some(Instant::now() + PAUSE);
     }
+}
+
+/// Whether `error` says the directory takes no more data for now.
+fn pausing(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT))
 }
 
 /// Whether this process may create files in `dir`.
