@@ -230,6 +230,13 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_NO_MRC_VIEWS")]
     no_mrc_views: bool,
 
+    /// Ask S3 nothing: serve the listings saved and the blocks cached in --cache-dir (e.g. staged
+    /// by `cdpfs prefetch`) on a node without network; reads of anything else fail with EIO at
+    /// once. (Without it, a mount that cannot reach S3 at start mounts offline anyway when it
+    /// has something cached, and goes back online as soon as S3 answers.)
+    #[arg(long, env = "CDPFS_OFFLINE")]
+    offline: bool,
+
     /// Serve one generated file, `synthetic.bin`, of this size instead of the bucket: measures
     /// the FUSE and cache layers alone, without a network (for benchmarks).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -259,6 +266,7 @@ impl MountArgs {
             metrics_addr: self.metrics_addr.clone(),
             mrc_views: !self.no_mrc_views,
             synthetic_size: self.synthetic_size,
+            offline: self.offline,
             disk_cache: if self.no_disk_cache {
                 None
             } else {
@@ -434,12 +442,13 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
         let s: cdpfs::stats::Snapshot = serde_json::from_str(&raw)?;
         println!("{}", path.display());
         println!(
-            "  S3:     {} GETs, {} LIST pages, {} downloaded, {} retries, {} failures",
+            "  S3:     {} GETs, {} LIST pages, {} downloaded, {} retries, {} failures{}",
             s.s3_gets,
             s.s3_lists,
             human_bytes(s.s3_bytes),
             s.s3_retries,
-            s.s3_failures
+            s.s3_failures,
+            if s.s3_unreachable { "; OFFLINE: serving cached data only" } else { "" }
         );
         println!(
             "  reads:  {} ({} served, {} errors), latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",

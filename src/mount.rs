@@ -26,6 +26,7 @@ use crate::mount_table;
 use crate::namespace::persist::ListingStore;
 use crate::namespace::Namespace;
 use crate::stats::Stats;
+use crate::store::offline::OfflineStore;
 use crate::store::s3::{S3Config, S3Store};
 use crate::store::synthetic::SyntheticStore;
 use crate::store::{ObjectStore, StoreError};
@@ -69,6 +70,8 @@ pub struct MountConfig {
     pub mrc_views: bool,
     /// Serve one generated file of this size instead of the bucket (measures cdpfs alone).
     pub synthetic_size: Option<u64>,
+    /// Ask S3 nothing: serve saved listings and cached blocks only.
+    pub offline: bool,
 }
 
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
@@ -81,16 +84,22 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         .thread_name("cdpfs-io")
         .build()
         .context("starting the I/O runtime")?;
-    let (store, stats): (Arc<dyn ObjectStore>, _) = match config.synthetic_size {
-        Some(size) => {
+    let mut unreachable = None;
+    let (store, stats): (Arc<dyn ObjectStore>, _) = match (config.synthetic_size, config.offline) {
+        (Some(size), _) => {
             let synthetic = SyntheticStore::new(size);
             let stats = Arc::new(Stats::new(synthetic.counters()));
             (Arc::new(synthetic), stats)
         }
-        None => {
+        (None, true) => {
+            let offline = OfflineStore::default();
+            let stats = Arc::new(Stats::new(offline.counters()));
+            (Arc::new(offline), stats)
+        }
+        (None, false) => {
             let s3 = runtime.block_on(S3Store::new(&config.s3));
             let stats = Arc::new(Stats::new(s3.counters()));
-            probe_bucket(&runtime, &s3, config)?;
+            unreachable = probe_bucket(&runtime, &s3, config)?;
             (Arc::new(s3), stats)
         }
     };
@@ -112,6 +121,16 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
             .ok()
             .map(Arc::new)
     });
+    let saved_root = saved_listings.as_ref().is_some_and(|saved| saved.load_within(&config.prefix, None).is_some());
+    if let Some(error) = unreachable {
+        if !saved_root {
+            bail!("cannot reach {}: {error} (and nothing of it is cached to serve offline)", endpoint(config));
+        }
+        warn!("cannot reach {}: {error}; mounting offline from saved listings and cached blocks (reads of anything else fail with EIO within --request-timeout) until S3 answers", endpoint(config));
+    }
+    if config.offline {
+        info!("offline (--offline): serving saved listings and cached blocks only; S3 is not asked");
+    }
     // Decoded Blosc blocks come out of the memory budget's headroom.
     let views = Arc::new(Catalog::new(data.clone(), store.clone(), config.max_memory / 16));
     let mut namespace =
@@ -332,21 +351,32 @@ pub fn open_log_file(path: &Path) -> Result<fs::File> {
         .with_context(|| format!("opening log file {}", path.display()))
 }
 
-/// One listing of the mount's root: proves the endpoint answers and the bucket exists.
-fn probe_bucket(runtime: &tokio::runtime::Runtime, store: &dyn ObjectStore, config: &MountConfig) -> Result<()> {
+/// The endpoint, as messages name it.
+fn endpoint(config: &MountConfig) -> &str {
+    config.s3.endpoint_url.as_deref().unwrap_or("AWS S3")
+}
+
+/// One listing of the mount's root: proves the endpoint answers and the bucket exists. An
+/// endpoint that cannot be reached is not an error here: its message (the caller decides
+/// whether there is enough cached to mount offline).
+fn probe_bucket(
+    runtime: &tokio::runtime::Runtime,
+    store: &dyn ObjectStore,
+    config: &MountConfig,
+) -> Result<Option<String>> {
     let bucket = &config.s3.bucket;
-    let endpoint = config.s3.endpoint_url.as_deref().unwrap_or("AWS S3");
+    let endpoint = endpoint(config);
     match runtime.block_on(store.list_prefix(&config.prefix)) {
         Ok(listing) if !config.prefix.is_empty() && listing.prefixes.is_empty() && listing.objects.is_empty() => {
             bail!("nothing found under prefix {:?} in bucket {bucket:?}", config.prefix)
         }
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(None),
         Err(StoreError::NoSuchBucket(_)) => bail!("bucket {bucket:?} does not exist at {endpoint}"),
         Err(StoreError::AccessDenied(_)) => bail!(
             "access to bucket {bucket:?} at {endpoint} was denied{}",
             if config.s3.sign_requests { "" } else { " (for a private bucket, add --sign-requests)" }
         ),
-        Err(StoreError::Unreachable(e)) => bail!("cannot reach {endpoint}: {e}"),
+        Err(StoreError::Unreachable(e)) => Ok(Some(e)),
         Err(e) => bail!("listing bucket {bucket:?} at {endpoint} failed: {e}"),
     }
 }

@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub s3_bytes: u64,
     pub s3_retries: u64,
     pub s3_failures: u64,
+    /// S3 could not be reached at the last request (or the mount is `--offline`).
+    pub s3_unreachable: bool,
     pub reads: u64,
     pub bytes_served: u64,
     pub read_errors: u64,
@@ -112,6 +114,7 @@ impl Stats {
             s3_bytes: load(&self.store.bytes),
             s3_retries: load(&self.store.retries),
             s3_failures: load(&self.store.failures),
+            s3_unreachable: self.store.is_unreachable(),
             reads: load(&self.reads.reads),
             bytes_served: load(&self.reads.bytes),
             read_errors: load(&self.reads.errors),
@@ -159,6 +162,11 @@ impl Snapshot {
             ),
         ];
         let gauges = [
+            (
+                "cdpfs_s3_unreachable",
+                "1 while S3 cannot be reached (offline)",
+                f64::from(u8::from(self.s3_unreachable)),
+            ),
             ("cdpfs_read_latency_p50_seconds", "Median read latency", self.read_p50_ms / 1000.0),
             ("cdpfs_read_latency_p90_seconds", "90th percentile read latency", self.read_p90_ms / 1000.0),
             ("cdpfs_read_latency_p99_seconds", "99th percentile read latency", self.read_p99_ms / 1000.0),

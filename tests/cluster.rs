@@ -297,3 +297,148 @@ fn full_and_read_only_cache_dirs_mount_and_serve() {
     drop(mount);
     tier.remount("rw");
 }
+
+/// A TCP forwarder to an S3 server that can be switched off (new connections refused, open ones
+/// cut) and on again, as a node losing and regaining its network. Counts the connections it
+/// accepted.
+struct Switch {
+    port: u16,
+    up: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+}
+
+impl Switch {
+    fn new(backend: std::net::SocketAddr) -> Switch {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        let (up, accepted) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
+        let (on, count) = (up.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            let mut listener = Some(first);
+            let mut open: Vec<TcpStream> = Vec::new();
+            loop {
+                if !on.load(Ordering::SeqCst) {
+                    listener = None;
+                    for stream in open.drain(..) {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                if listener.is_none() {
+                    listener = TcpListener::bind(("127.0.0.1", port)).ok();
+                }
+                let Some(server) = &listener else { continue };
+                server.set_nonblocking(true).unwrap();
+                match server.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let Ok(upstream) = TcpStream::connect(backend) else { continue };
+                        open.extend([client.try_clone().unwrap(), upstream.try_clone().unwrap()]);
+                        for (mut from, mut to) in
+                            [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
+                        {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Switch { port, up, accepted }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn unreachable(mount: &Mounted) -> bool {
+    let out = run_cdpfs(&["stats", mount.path.to_str().unwrap(), "--json"], Duration::from_secs(10));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    stats["s3_unreachable"].as_bool().unwrap()
+}
+
+#[test]
+fn a_node_without_s3_serves_what_is_cached_and_goes_back_online_without_a_remount() {
+    let _serial = serial();
+    let (fixture, server) = shared();
+    let switch = Switch::new(server.addr);
+    let url = switch.url();
+    let cache = common::scratch_dir("offline-cache");
+    let cache_dir = cache.to_str().unwrap();
+    let staged = format!("{TOMO_DIR}/TS_026.mrc");
+    let other = format!("{TOMO_DIR}/tomogram_metadata.json");
+    {
+        let mount = Mounted::on(server, "offline-stage", &["--endpoint-url", &url, "--cache-dir", cache_dir]);
+        assert!(common::read_whole(&mount.join(&staged)) == fixture.objects[&staged]);
+        wait_until_settled(&cache);
+    }
+
+    // S3 goes away; the node mounts anyway (saved listings are past their 1 s TTL by the reads).
+    switch.set(false);
+    let started = Instant::now();
+    let mount = Mounted::on(
+        server,
+        "offline",
+        &["--endpoint-url", &url, "--cache-dir", cache_dir, "--request-timeout", "3s", "--metadata-ttl", "1s"],
+    );
+    eprintln!("mounted with S3 unreachable in {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(common::read_whole(&mount.join(&staged)) == fixture.objects[&staged], "the staged file");
+    let started = Instant::now();
+    let error = fs::read(mount.join(&other)).unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert!(waited < Duration::from_secs(8), "EIO after {waited:?} with --request-timeout 3s");
+    assert!(unreachable(&mount), "cdpfs stats does not say the mount is offline");
+
+    // S3 is back: the same mount reads what was not cached.
+    switch.set(true);
+    assert!(fs::read(mount.join(&other)).unwrap() == fixture.objects[&other]);
+    assert!(!unreachable(&mount));
+    drop(mount);
+
+    // --offline asks S3 nothing at all.
+    let before = switch.accepted.load(Ordering::SeqCst);
+    let mount = Mounted::on(server, "forced-offline", &["--endpoint-url", &url, "--cache-dir", cache_dir, "--offline"]);
+    assert!(common::read_whole(&mount.join(&staged)) == fixture.objects[&staged]);
+    let started = Instant::now();
+    let uncached = format!("{TOMO_DIR}/TS_026.zarr/.zgroup");
+    assert!(fs::read(mount.join(&uncached)).is_err() || !fixture.objects.contains_key(&uncached));
+    assert!(fs::read(mount.join("10001/dataset_metadata.json")).is_err(), "never listed, never cached");
+    assert!(started.elapsed() < Duration::from_secs(1), "offline errors wait for nothing");
+    assert!(unreachable(&mount));
+    drop(mount);
+    assert_eq!(switch.accepted.load(Ordering::SeqCst), before, "an --offline mount connected to S3");
+
+    // With nothing cached, an unreachable endpoint still fails the mount, naming it.
+    switch.set(false);
+    let empty = common::scratch_dir("offline-empty");
+    let mnt = common::scratch_dir("mnt-offline-empty");
+    let out = run_cdpfs(
+        &[
+            "mount",
+            mnt.to_str().unwrap(),
+            "--endpoint-url",
+            &url,
+            "--cache-dir",
+            empty.to_str().unwrap(),
+            "--request-timeout",
+            "2s",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{}", String::from_utf8_lossy(&out.stderr));
+}

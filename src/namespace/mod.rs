@@ -210,6 +210,8 @@ impl InodeTable {
 pub struct Namespace {
     store: Arc<dyn ObjectStore>,
     saved: Option<Arc<ListingStore>>,
+    /// How long listings are trusted.
+    ttl: Duration,
     inodes: RwLock<InodeTable>,
     directories: moka::future::Cache<u64, Arc<Directory>>,
     warm_gate: Arc<Semaphore>,
@@ -246,6 +248,7 @@ impl Namespace {
         Namespace {
             store,
             saved,
+            ttl,
             inodes: RwLock::new(table),
             directories,
             warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
@@ -335,13 +338,25 @@ impl Namespace {
     }
 
     /// A listing of `prefix`: a saved one while it is fresh, else from the store (then saved).
+    /// While S3 is unreachable (or the mount is offline), a saved listing of any age.
     async fn list(&self, prefix: &str) -> Result<PrefixListing, StoreError> {
         if let Some(saved) = &self.saved {
-            if let Some(listing) = saved.load_async(prefix).await {
+            let max_age = self.store.reachable().then_some(self.ttl);
+            if let Some(listing) = saved.load_within_async(prefix, max_age).await {
                 return Ok(listing);
             }
         }
-        let listing = self.store.list_prefix(prefix).await?;
+        let listing = match self.store.list_prefix(prefix).await {
+            Err(StoreError::Unreachable(e)) => {
+                // Not saved again: it is no fresher than it was.
+                let stale = match &self.saved {
+                    Some(saved) => saved.load_within_async(prefix, None).await,
+                    None => None,
+                };
+                return stale.ok_or(StoreError::Unreachable(e));
+            }
+            listed => listed?,
+        };
         if let Some(saved) = &self.saved {
             saved.save_in_background(prefix, &listing);
         }

@@ -52,8 +52,14 @@ impl ListingStore {
 
     /// [`ListingStore::load`], off the async workers; `None` also when the directory is slow.
     pub async fn load_async(self: &Arc<Self>, prefix: &str) -> Option<PrefixListing> {
+        self.load_within_async(prefix, Some(self.ttl)).await
+    }
+
+    /// [`ListingStore::load_within`], off the async workers; `None` also when the directory
+    /// is slow.
+    pub async fn load_within_async(self: &Arc<Self>, prefix: &str, max_age: Option<Duration>) -> Option<PrefixListing> {
         let (store, prefix) = (self.clone(), prefix.to_owned());
-        self.io.run(move || store.load(&prefix)).await.flatten()
+        self.io.run(move || store.load_within(&prefix, max_age)).await.flatten()
     }
 
     /// [`ListingStore::forget`], off the async workers.
@@ -78,9 +84,15 @@ impl ListingStore {
 
     /// The saved listing of `prefix`, if there is a valid one younger than the TTL.
     pub fn load(&self, prefix: &str) -> Option<PrefixListing> {
+        self.load_within(prefix, Some(self.ttl))
+    }
+
+    /// The saved listing of `prefix` if it is younger than `max_age` (any age: `None`, for a
+    /// mount that cannot reach S3).
+    pub fn load_within(&self, prefix: &str, max_age: Option<Duration>) -> Option<PrefixListing> {
         let saved: Saved = serde_json::from_slice(&fs::read(self.path(prefix)).ok()?).ok()?;
         let age = now_secs().saturating_sub(saved.fetched_at);
-        if saved.bucket != self.bucket || saved.prefix != prefix || age >= self.ttl.as_secs() {
+        if saved.bucket != self.bucket || saved.prefix != prefix || max_age.is_some_and(|max| age >= max.as_secs()) {
             return None;
         }
         let objects = saved

@@ -142,8 +142,12 @@ impl S3Store {
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
             let limit = attempt_limit.min(remaining);
             match tokio::time::timeout(limit, attempt()).await {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(value)) => {
+                    self.answered();
+                    return Ok(value);
+                }
                 Ok(Err(AttemptError::Final(e))) => {
+                    self.answered();
                     // A missing bucket is the mount's own error (`cdpfs mount` reports it and
                     // exits), not one request's.
                     if !matches!(e, StoreError::NoSuchBucket(_)) {
@@ -165,8 +169,18 @@ impl S3Store {
         Err(if connected {
             StoreError::Failed(format!("{what}: {last_error}"))
         } else {
+            if !self.counters.unreachable.swap(true, Ordering::Relaxed) {
+                warn!("S3 is unreachable: serving saved listings and cached blocks; reads of anything else fail until it answers again");
+            }
             StoreError::Unreachable(last_error)
         })
+    }
+
+    /// Notes that S3 answered (after being unreachable: says so).
+    fn answered(&self) {
+        if self.counters.unreachable.swap(false, Ordering::Relaxed) {
+            tracing::info!("S3 answers again");
+        }
     }
 
     /// One listing page under `prefix`: its immediate children when `delimited`, else every
@@ -325,6 +339,10 @@ struct ListPage {
 }
 
 impl ObjectStore for S3Store {
+    fn reachable(&self) -> bool {
+        !self.counters.is_unreachable()
+    }
+
     fn list_prefix<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing> {
         Box::pin(self.list_pages(prefix, true))
     }
