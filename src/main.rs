@@ -217,9 +217,10 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_NO_DISK_CACHE")]
     no_disk_cache: bool,
 
-    /// When a folder is opened, list up to this many folders below it in the background, so
-    /// `find`/`du`/`ls -R` don't wait for one request per folder (0 turns this off).
-    #[arg(long, env = "CDPFS_LIST_AHEAD", default_value_t = 4096)]
+    /// When a folder is opened, list up to this many folders below it in the background (once
+    /// per folder per --metadata-ttl, never inside `*.zarr` stores), so `find`/`du`/`ls -R`
+    /// don't wait for one request per folder (0 turns this off).
+    #[arg(long, env = "CDPFS_LIST_AHEAD", default_value_t = 256)]
     list_ahead: usize,
 
     /// Serve the mount's counters as Prometheus metrics on http://HOST:PORT/metrics.

@@ -442,3 +442,61 @@ fn a_node_without_s3_serves_what_is_cached_and_goes_back_online_without_a_remoun
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// LIST pages the server has served, once none has come for 500 ms (the walk-ahead is done).
+fn settled_lists(server: &common::Server) -> u64 {
+    let mut last = server.lists.load(Ordering::SeqCst);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = server.lists.load(Ordering::SeqCst);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn an_ls_of_a_300_run_dataset_lists_politely() {
+    let _serial = serial();
+    // 300 runs, each with a tomogram, its 3-level OME-Zarr (chunk folders z/y/x) and annotations.
+    let root = common::scratch_dir("polite-bucket");
+    let mut objects = BTreeMap::new();
+    for run in 0..300 {
+        let base = format!("20000/run_{run:03}");
+        objects.insert(format!("{base}/run_metadata.json"), b"{}".to_vec());
+        let tomo = format!("{base}/Reconstructions/VoxelSpacing13.480/Tomograms/100");
+        objects.insert(format!("{tomo}/run_{run:03}.mrc"), b"MRC".to_vec());
+        for level in 0..3 {
+            objects.insert(format!("{tomo}/run_{run:03}.zarr/{level}/.zarray"), b"{}".to_vec());
+            for chunk in 0..2 {
+                objects.insert(format!("{tomo}/run_{run:03}.zarr/{level}/{chunk}/0/0"), vec![1u8; 16]);
+            }
+        }
+        let ann = format!("{base}/Reconstructions/VoxelSpacing13.480/Annotations/100");
+        objects.insert(format!("{ann}/ribosome-1.0.json"), b"{}".to_vec());
+    }
+    common::write_bucket(&root, &objects);
+    let server = common::start_server(&root, common::Faults::default());
+    let mount = Mounted::on(&server, "polite", &["--no-mrc-views"]);
+    let before = settled_lists(&server);
+    let started = Instant::now();
+    assert_eq!(fs::read_dir(mount.join("20000")).unwrap().count(), 300);
+    let one_ls = settled_lists(&server) - before;
+    let again = settled_lists(&server);
+    fs::read_dir(mount.join("20000")).unwrap().count();
+    let second_ls = settled_lists(&server) - again;
+    eprintln!(
+        "an ls of a 300-run dataset: {one_ls} LISTs (walk-ahead included, {:?}); the same ls again: {second_ls}",
+        started.elapsed()
+    );
+    // A walk into the runs finds them listed.
+    let run = mount.join("20000/run_042/Reconstructions/VoxelSpacing13.480/Tomograms/100");
+    let walked = settled_lists(&server);
+    assert_eq!(fs::read_dir(&run).unwrap().count(), 2);
+    eprintln!("then an ls of one run's tomogram folder: {} LISTs", settled_lists(&server) - walked);
+    // The root and the dataset, then the default budget of 256 background listings (4,098 with
+    // the former 4096 budget and chunk folders walked, and 1,004 more for the same ls again).
+    assert!(one_ls <= 2 + 256, "{one_ls} LISTs for one ls");
+    assert_eq!(second_ls, 0, "the same folder was walked again within the TTL");
+}

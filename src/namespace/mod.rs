@@ -10,7 +10,10 @@
 //! Two things keep a recursive walk (`find`, `du`, `ls -R`) from paying one serial round trip per
 //! directory: listings are saved in the cache directory ([`persist`]) and reused by later mounts
 //! while the TTL lasts, and opening a directory warms the listings of the directories below it,
-//! breadth first, many at a time, up to a budget of listings per opened directory.
+//! breadth first, many at a time, up to a budget of listings per opened directory. The warming
+//! is polite, as hundreds of nodes may share one bucket: a directory is warmed at most once per
+//! TTL, and never into OME-Zarr stores (`*.zarr/`, thousands of chunk folders Zarr readers do
+//! not list).
 //!
 //! A directory listing also gets the MRC views of the OME-Zarrs in it ([`crate::views`]),
 //! when the mount shows them.
@@ -216,6 +219,8 @@ pub struct Namespace {
     directories: moka::future::Cache<u64, Arc<Directory>>,
     warm_gate: Arc<Semaphore>,
     warm_budget: usize,
+    /// Directories warmed within the TTL.
+    warmed: moka::future::Cache<u64, ()>,
     views: Option<Arc<Catalog>>,
 }
 
@@ -253,6 +258,7 @@ impl Namespace {
             directories,
             warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
             warm_budget,
+            warmed: moka::future::Cache::builder().max_capacity(MAX_CACHED_ENTRIES).time_to_live(ttl).build(),
             views: None,
         }
     }
@@ -364,13 +370,18 @@ impl Namespace {
     }
 
     /// Lists, in the background, the directories up to [`WARM_DEPTH`] levels below `ino`
-    /// (which must be listed already), so that a walk finds them cached.
+    /// (which must be listed already), so that a walk finds them cached: once per TTL, and
+    /// never inside an OME-Zarr.
     pub fn warm_subtree(self: &Arc<Self>, ino: u64) {
-        if self.warm_budget == 0 {
+        if self.warm_budget == 0 || self.node(ino).is_ok_and(|node| in_zarr(&node)) {
             return;
         }
         let namespace = self.clone();
         tokio::spawn(async move {
+            if namespace.warmed.contains_key(&ino) {
+                return;
+            }
+            namespace.warmed.insert(ino, ()).await;
             let mut frontier = vec![ino];
             let mut budget = namespace.warm_budget;
             for _ in 0..WARM_DEPTH {
@@ -381,6 +392,9 @@ impl Namespace {
                     for entry in listing.entries.iter() {
                         // The kernel has not looked these up yet: list them by prefix.
                         let Node::Dir { prefix } = &entry.node else { continue };
+                        if in_zarr(&entry.node) {
+                            continue;
+                        }
                         if namespace.directories.contains_key(&entry.ino) {
                             next.push(entry.ino);
                         } else if budget > 0 {
@@ -442,6 +456,11 @@ impl Namespace {
         let entries = named.into_iter().map(|(name, node)| Entry { name, ino: table.ino_for(&node), node }).collect();
         Directory { entries }
     }
+}
+
+/// Whether `node` is an OME-Zarr store (`*.zarr/`) or a folder inside one.
+fn in_zarr(node: &Node) -> bool {
+    matches!(node, Node::Dir { prefix } if prefix.split('/').any(|segment| segment.ends_with(".zarr")))
 }
 
 #[cfg(test)]
