@@ -213,6 +213,16 @@ struct MountArgs {
     #[command(flatten)]
     cache: CacheArgs,
 
+    /// A cache directory shared by the cluster (e.g. on Lustre, filled by `cdpfs prefetch
+    /// --cache-dir` of it), read after --cache-dir and before S3; blocks found there are copied
+    /// into --cache-dir. Only read, unless --write-shared-cache.
+    #[arg(long, env = "CDPFS_SHARED_CACHE_DIR", value_name = "DIR")]
+    shared_cache_dir: Option<PathBuf>,
+
+    /// Also write the blocks this mount fetches from S3 into --shared-cache-dir.
+    #[arg(long, env = "CDPFS_WRITE_SHARED_CACHE", requires = "shared_cache_dir")]
+    write_shared_cache: bool,
+
     /// Keep no data on disk: cache blocks in memory only (overrides --cache-dir).
     #[arg(long, env = "CDPFS_NO_DISK_CACHE")]
     no_disk_cache: bool,
@@ -268,6 +278,8 @@ impl MountArgs {
             mrc_views: !self.no_mrc_views,
             synthetic_size: self.synthetic_size,
             offline: self.offline,
+            shared_cache: self.shared_cache_dir.clone(),
+            write_shared_cache: self.write_shared_cache,
             disk_cache: if self.no_disk_cache {
                 None
             } else {
@@ -461,8 +473,8 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
             s.read_p99_ms
         );
         println!(
-            "  cache:  {} memory hits, {} disk hits, {} fetched blocks",
-            s.cache_memory_hits, s.cache_disk_hits, s.cache_fetches
+            "  cache:  {} memory hits, {} disk hits, {} shared-cache hits, {} fetched blocks",
+            s.cache_memory_hits, s.cache_disk_hits, s.cache_shared_hits, s.cache_fetches
         );
         println!(
             "  disk:   {} blocks written, {} not written (write queue full), {} queued, {} slow reads skipped",

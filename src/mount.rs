@@ -72,6 +72,10 @@ pub struct MountConfig {
     pub synthetic_size: Option<u64>,
     /// Ask S3 nothing: serve saved listings and cached blocks only.
     pub offline: bool,
+    /// A shared cache directory read after the disk cache and before S3.
+    pub shared_cache: Option<PathBuf>,
+    /// Also write blocks fetched from S3 into the shared cache directory.
+    pub write_shared_cache: bool,
 }
 
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
@@ -200,7 +204,20 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
     };
     let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
     let cached = (config.max_memory / 8 * 3).max(BLOCK_SIZE);
-    let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
+    let mut cache = BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk);
+    if let Some(dir) = &config.shared_cache {
+        let context = || format!("opening the shared cache directory {}", dir.display());
+        let reads = Arc::new(CacheDirIo::new(offload::TIMEOUT));
+        let tier = if config.write_shared_cache {
+            let files = Arc::new(DiskCache::open(dir, None, BLOCK_SIZE).with_context(context)?);
+            files.start_upkeep(UPKEEP_EVERY);
+            DiskTier::new(files, (config.max_memory / 16).max(BLOCK_SIZE), reads)
+        } else {
+            DiskTier::read_only(Arc::new(DiskCache::open_read_only(dir, BLOCK_SIZE).with_context(context)?), reads)
+        };
+        cache = cache.with_shared(tier);
+    }
+    let cache = Arc::new(cache);
     // Up to 8 part-sized GETs in flight per stream, and 4 such streams within the fetch slots.
     let max_window = (8 * PART_SIZE).min(config.max_memory / 16).max(PART_SIZE);
     let tuning = DataConfig {

@@ -90,6 +90,7 @@ pub struct Snapshot {
     pub read_p99_ms: f64,
     pub cache_memory_hits: u64,
     pub cache_disk_hits: u64,
+    pub cache_shared_hits: u64,
     pub cache_fetches: u64,
     pub cache_memory_bytes: u64,
     pub cache_disk_writes: u64,
@@ -123,6 +124,7 @@ impl Stats {
             read_p99_ms: self.reads.percentile_ms(0.99),
             cache_memory_hits: load(&cache.stats.memory_hits),
             cache_disk_hits: load(&cache.stats.disk_hits),
+            cache_shared_hits: load(&cache.stats.shared_hits),
             cache_fetches: load(&cache.stats.fetches),
             cache_memory_bytes: cache.memory_bytes(),
             cache_disk_writes: cache.disk().map_or(0, |d| load(&d.writes().written)),
@@ -148,6 +150,11 @@ impl Snapshot {
             ("cdpfs_read_errors_total", "Reads that returned an error", self.read_errors as f64),
             ("cdpfs_cache_memory_hits_total", "Blocks served from memory", self.cache_memory_hits as f64),
             ("cdpfs_cache_disk_hits_total", "Blocks served from the disk cache", self.cache_disk_hits as f64),
+            (
+                "cdpfs_cache_shared_hits_total",
+                "Blocks served from the shared cache directory",
+                self.cache_shared_hits as f64,
+            ),
             ("cdpfs_cache_fetches_total", "Blocks fetched from S3", self.cache_fetches as f64),
             ("cdpfs_cache_disk_writes_total", "Blocks written to the disk cache", self.cache_disk_writes as f64),
             (

@@ -500,3 +500,79 @@ fn an_ls_of_a_300_run_dataset_lists_politely() {
     assert!(one_ls <= 2 + 256, "{one_ls} LISTs for one ls");
     assert_eq!(second_ls, 0, "the same folder was walked again within the TTL");
 }
+
+#[test]
+fn a_node_reads_local_then_shared_then_s3_and_writes_the_shared_tier_only_when_told() {
+    let _serial = serial();
+    let (fixture, server) = shared();
+    let url = server.addr_url();
+    let tomogram = format!("{TOMO_DIR}/TS_026.mrc");
+    let tilt_series = "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc".to_owned();
+    // The shared tier, staged by a prefetch (as a prolog on any node would).
+    let shared_dir = common::scratch_dir("tier-shared");
+    let shared_arg = shared_dir.to_str().unwrap();
+    assert!(run_cdpfs(&["cache", "init", shared_arg, "--size", "256M"], Duration::from_secs(10)).status.success());
+    let staged = run_cdpfs(
+        &["prefetch", &format!("s3://{BUCKET}/{tomogram}"), "--endpoint-url", &url, "--cache-dir", shared_arg],
+        Duration::from_secs(60),
+    );
+    assert!(staged.status.success(), "{}", String::from_utf8_lossy(&staged.stderr));
+    let shared_files = block_files(&shared_dir);
+
+    let local = common::scratch_dir("tier-local");
+    let local_arg = local.to_str().unwrap();
+    {
+        // (No MRC views: finding them GETs Zarr metadata no tier holds.)
+        let mount =
+            Mounted::new("tiers", &["--cache-dir", local_arg, "--shared-cache-dir", shared_arg, "--no-mrc-views"]);
+        let before = gets();
+        assert!(common::read_whole(&mount.join(&tomogram)) == fixture.objects[&tomogram]);
+        assert_eq!(gets(), before, "blocks in the shared tier were fetched from S3");
+        assert!(common::read_whole(&mount.join(&tilt_series)) == fixture.objects[&tilt_series]);
+        assert!(gets() > before, "the tilt series is in no tier");
+        let out = run_cdpfs(&["stats", mount.path.to_str().unwrap(), "--json"], Duration::from_secs(10));
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(stats["cache_shared_hits"].as_u64().unwrap() > 0, "{stats}");
+        wait_until_settled(&local);
+    }
+    assert_eq!(block_files(&shared_dir), shared_files, "a mount wrote or touched the shared tier without being told");
+    // What came from the shared tier was copied into the local one.
+    {
+        let mount = Mounted::new("tiers-local", &["--cache-dir", local_arg, "--no-mrc-views"]);
+        let before = gets();
+        assert!(common::read_whole(&mount.join(&tomogram)) == fixture.objects[&tomogram]);
+        assert!(common::read_whole(&mount.join(&tilt_series)) == fixture.objects[&tilt_series]);
+        assert_eq!(gets(), before, "the local tier did not keep the blocks");
+    }
+    // Told to, a mount writes what it fetches into the shared tier too.
+    let fresh = common::scratch_dir("tier-local-2");
+    let mount = Mounted::new(
+        "tiers-write",
+        &["--cache-dir", fresh.to_str().unwrap(), "--shared-cache-dir", shared_arg, "--write-shared-cache"],
+    );
+    assert!(common::read_whole(&mount.join(&tilt_series)) == fixture.objects[&tilt_series]);
+    wait_until_settled(&shared_dir);
+    assert!(block_files(&shared_dir).len() > shared_files.len(), "--write-shared-cache wrote nothing");
+    // A shared tier that is not a cache directory is a clear error.
+    let bogus = common::scratch_dir("tier-bogus");
+    let mnt = common::scratch_dir("mnt-tier-bogus");
+    let out = run_cdpfs(
+        &[
+            "mount",
+            mnt.to_str().unwrap(),
+            "--endpoint-url",
+            &url,
+            "--bucket",
+            BUCKET,
+            "--shared-cache-dir",
+            bogus.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a cdpfs cache directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -101,14 +101,16 @@ impl Space {
     /// The bound of `dir`: the one it holds, else `requested` (or [`DEFAULT_SIZE`]), which is
     /// then stored for the processes that come later. A `requested` size that differs from the
     /// stored one is ignored with a warning. The file is read on a helper thread with a time
-    /// limit, so a hung directory does not stall the caller (it then uses `requested`).
-    pub fn open(dir: &Path, requested: Option<u64>) -> Space {
+    /// limit, so a hung directory does not stall the caller (it then uses `requested`). A
+    /// process that only reads the directory (`writes` false) stores nothing.
+    pub fn open(dir: &Path, requested: Option<u64>, writes: bool) -> Space {
         let path = dir.join(CONFIG);
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = path.clone();
         std::thread::spawn(move || tx.send(read_config(&reader)));
         let stored = match rx.recv_timeout(super::offload::TIMEOUT) {
             Ok(Some(size)) => Some(size),
+            Ok(None) if !writes => None,
             Ok(None) => {
                 let size = requested.unwrap_or(DEFAULT_SIZE);
                 // First come: store it, unless another process just did.
@@ -432,18 +434,18 @@ mod tests {
     fn the_first_size_sticks_and_init_replaces_it() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("blocks")).unwrap();
-        assert_eq!(Space::open(dir.path(), Some(1000)).size(), 1000);
-        assert_eq!(Space::open(dir.path(), Some(50)).size(), 1000, "a later --cache-size does not change it");
-        assert_eq!(Space::open(dir.path(), None).size(), 1000);
+        assert_eq!(Space::open(dir.path(), Some(1000), true).size(), 1000);
+        assert_eq!(Space::open(dir.path(), Some(50), true).size(), 1000, "a later --cache-size does not change it");
+        assert_eq!(Space::open(dir.path(), None, true).size(), 1000);
         init(dir.path(), 7000).unwrap();
-        assert_eq!(Space::open(dir.path(), Some(50)).size(), 7000);
+        assert_eq!(Space::open(dir.path(), Some(50), true).size(), 7000);
     }
 
     #[test]
     fn reservations_stop_at_the_bound_and_a_pass_evicts_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 10_000).unwrap();
-        let space = Space::open(dir.path(), None);
+        let space = Space::open(dir.path(), None, true);
         let shard = dir.path().join("blocks/00");
         fs::create_dir_all(&shard).unwrap();
         for i in 0..5u64 {

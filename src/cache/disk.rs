@@ -63,6 +63,22 @@ impl DiskCache {
     /// Opens (creating it `0700` if needed) the cache of `block_size` blocks under `dir`, whose
     /// bound is the one stored in `dir`, else `requested` ([`Space::open`]). Reads no block.
     pub fn open(dir: &Path, requested: Option<u64>, block_size: u64) -> std::io::Result<DiskCache> {
+        Self::open_with(dir, requested, block_size, true)
+    }
+
+    /// Opens the existing cache directory `dir` to read from only (a shared tier this process
+    /// does not write): nothing in it is created, written or touched.
+    pub fn open_read_only(dir: &Path, block_size: u64) -> std::io::Result<DiskCache> {
+        if !dir.join("blocks").is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not a cdpfs cache directory (no blocks/ in it)", dir.display()),
+            ));
+        }
+        Self::open_with(dir, None, block_size, false)
+    }
+
+    fn open_with(dir: &Path, requested: Option<u64>, block_size: u64, writes: bool) -> std::io::Result<DiskCache> {
         use std::os::unix::fs::DirBuilderExt;
         if !dir.is_dir() {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
@@ -70,15 +86,15 @@ impl DiskCache {
         if on_nfs(dir) {
             warn!(dir = %dir.display(), "the cache directory is on NFS: every block read and write crosses the network (and a home directory's quota is small); prefer node-local storage, with a shared directory written only by `cdpfs prefetch`");
         }
-        let read_only = !writable(dir);
+        let read_only = !writes || !writable(dir);
         let mut paused_until = None;
-        if read_only {
+        if read_only && writes {
             info!(dir = %dir.display(), "the cache directory is read-only: using it as a read-only tier");
         } else if let Err(e) = fs::create_dir_all(dir.join("blocks")) {
             warn!(dir = %dir.display(), error = %e, "cannot write to the cache directory; serving from memory meanwhile");
             paused_until = Some(Instant::now() + PAUSE);
         }
-        let space = Space::open(dir, requested);
+        let space = Space::open(dir, requested, !read_only);
         Ok(DiskCache {
             dir: dir.to_path_buf(),
             block_size,

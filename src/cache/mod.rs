@@ -9,6 +9,10 @@
 //! neither a slow nor a hung cache directory slows a read. GETs in flight are capped by a fixed
 //! number of fetch slots (one per block), so the bytes being downloaded stay within the memory
 //! budget however many files are read at once.
+//!
+//! An optional second disk tier, a shared cache directory (on the cluster file system, filled
+//! by `cdpfs prefetch`), is read after the local one and before S3, as CVMFS's tiered cache: a
+//! block found there is copied into the local tier; it is written only when the mount is told to.
 
 pub mod admin;
 pub mod bound;
@@ -80,27 +84,48 @@ pub struct CacheStats {
     pub memory_hits: AtomicU64,
     /// Blocks served from disk.
     pub disk_hits: AtomicU64,
+    /// Blocks served from the shared cache directory.
+    pub shared_hits: AtomicU64,
     /// Blocks fetched from the object store.
     pub fetches: AtomicU64,
 }
 
-/// The disk tier as the block cache uses it: the files, the write-behind stage, the reads.
+/// A disk tier as the block cache uses it: the files, the write-behind stage, the reads.
 pub struct DiskTier {
     files: Arc<DiskCache>,
-    writes: WriteBehind,
+    writes: Option<WriteBehind>,
     reads: Arc<CacheDirIo>,
 }
+
+/// The write counters of a tier that is not written.
+static NO_WRITES: write_behind::WriteCounters = write_behind::WriteCounters {
+    written: AtomicU64::new(0),
+    dropped: AtomicU64::new(0),
+    queued_bytes: AtomicU64::new(0),
+};
 
 impl DiskTier {
     /// `files`, written through a write-behind queue of at most `queue_bytes`, read through
     /// `reads`.
     pub fn new(files: Arc<DiskCache>, queue_bytes: u64, reads: Arc<CacheDirIo>) -> DiskTier {
-        DiskTier { writes: WriteBehind::start(files.clone(), queue_bytes, 2), files, reads }
+        DiskTier { writes: Some(WriteBehind::start(files.clone(), queue_bytes, 2)), files, reads }
+    }
+
+    /// `files`, only read (through `reads`).
+    pub fn read_only(files: Arc<DiskCache>, reads: Arc<CacheDirIo>) -> DiskTier {
+        DiskTier { writes: None, files, reads }
     }
 
     /// Counters of the write-behind stage.
     pub fn writes(&self) -> &write_behind::WriteCounters {
-        self.writes.counters()
+        self.writes.as_ref().map_or(&NO_WRITES, WriteBehind::counters)
+    }
+
+    /// Queues the block to be written, if this tier is written.
+    fn submit(&self, key: BlockKey, block: Bytes) {
+        if let Some(writes) = &self.writes {
+            writes.submit(key, block);
+        }
     }
 
     /// Reads of the cache directory abandoned as too slow.
@@ -115,6 +140,8 @@ pub struct BlockCache {
     block_size: u64,
     memory: moka::future::Cache<BlockKey, Bytes>,
     disk: Option<DiskTier>,
+    /// The shared cache directory, read after `disk`.
+    shared: Option<DiskTier>,
     fetch_slots: Arc<tokio::sync::Semaphore>,
     /// Blocks a read-ahead GET is fetching: the GET and the offset its bytes start at.
     pending: std::sync::Mutex<HashMap<BlockKey, (PendingRun, u64)>>,
@@ -148,11 +175,18 @@ impl BlockCache {
             block_size,
             memory,
             disk,
+            shared: None,
             fetch_slots,
             pending: Default::default(),
             part_blocks,
             stats: CacheStats::default(),
         }
+    }
+
+    /// Reads blocks from `shared` (a shared cache directory) after the disk tier.
+    pub fn with_shared(mut self, shared: DiskTier) -> BlockCache {
+        self.shared = Some(shared);
+        self
     }
 
     /// Bytes of blocks held in memory.
@@ -209,7 +243,7 @@ impl BlockCache {
     }
 
     fn on_disk(&self, key: &BlockKey) -> bool {
-        self.disk.as_ref().is_some_and(|d| d.files.contains(key))
+        [&self.disk, &self.shared].into_iter().flatten().any(|tier| tier.files.contains(key))
     }
 
     /// The block, if memory has it.
@@ -224,7 +258,7 @@ impl BlockCache {
         if let Some(block) = self.in_memory(key).await {
             return Some(block);
         }
-        let block = self.read_disk(key).await?;
+        let block = self.read_tiers(key).await?;
         self.memory.insert(key.clone(), block.clone()).await;
         Some(block)
     }
@@ -350,15 +384,16 @@ impl BlockCache {
         let loader_key = key.clone();
         self.memory
             .try_get_with(key, async move {
-                let disk = self.disk.as_ref().filter(|_| persisted);
-                if disk.is_some() {
-                    if let Some(block) = self.read_disk(&loader_key).await {
+                if persisted {
+                    if let Some(block) = self.read_tiers(&loader_key).await {
                         return Ok(block);
                     }
                 }
                 let block = load.await?;
-                if let Some(disk) = disk {
-                    disk.writes.submit(loader_key, block.clone());
+                if persisted {
+                    for tier in [&self.disk, &self.shared].into_iter().flatten() {
+                        tier.submit(loader_key.clone(), block.clone());
+                    }
                 }
                 Ok(block)
             })
@@ -366,14 +401,28 @@ impl BlockCache {
             .map_err(|e: Arc<StoreError>| (*e).clone())
     }
 
-    /// A verified copy of the block from the disk tier, if the directory has one and answers in
-    /// time. The file itself is looked at (another process may have written it since this one
+    /// A verified copy of the block from the disk tier, else from the shared one (then copied
+    /// into the disk tier).
+    async fn read_tiers(&self, key: &BlockKey) -> Option<Bytes> {
+        if let Some(disk) = &self.disk {
+            if let Some(block) = Self::read_tier(disk, key, &self.stats.disk_hits).await {
+                return Some(block);
+            }
+        }
+        let block = Self::read_tier(self.shared.as_ref()?, key, &self.stats.shared_hits).await?;
+        if let Some(disk) = &self.disk {
+            disk.submit(key.clone(), block.clone());
+        }
+        Some(block)
+    }
+
+    /// A verified copy of the block from `tier`, if its directory has one and answers in time.
+    /// The file itself is looked at (another process may have written it since this one
     /// started): an open that fails costs far less than a GET.
-    async fn read_disk(&self, key: &BlockKey) -> Option<Bytes> {
-        let disk = self.disk.as_ref()?;
-        let (files, key) = (disk.files.clone(), key.clone());
-        let block = disk.reads.run(move || files.read(&key)).await.flatten()?;
-        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+    async fn read_tier(tier: &DiskTier, key: &BlockKey, hits: &AtomicU64) -> Option<Bytes> {
+        let (files, key) = (tier.files.clone(), key.clone());
+        let block = tier.reads.run(move || files.read(&key)).await.flatten()?;
+        hits.fetch_add(1, Ordering::Relaxed);
         Some(block)
     }
 }
