@@ -14,6 +14,7 @@ use cdpfs::mount::{self, MountConfig};
 use cdpfs::portal;
 use cdpfs::stage::BucketStaging;
 use cdpfs::store::s3::{RetryPolicy, S3Config};
+use cdpfs::store::snapshot::Snapshot;
 
 /// Mount the CryoET Data Portal (or any S3 bucket) as a read-only directory tree.
 ///
@@ -46,6 +47,12 @@ enum Command {
         #[command(subcommand)]
         action: CacheCommand,
     },
+    /// Namespace snapshots: a bucket prefix listed once into one file that mounts serve with no
+    /// LIST at all.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCommand,
+    },
     /// Unmount a cdpfs mount.
     Unmount {
         /// The mounted directory.
@@ -75,6 +82,21 @@ enum CacheCommand {
     Trim(CacheDirArg),
     /// Delete every cached block and listing (refused while a mount uses the cache).
     Clear(CacheDirArg),
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// List PREFIX of the bucket (all pages, its sub-prefixes in parallel) into one compact,
+    /// checksummed file of names, sizes, ETags and mtimes, for `cdpfs mount --namespace FILE`.
+    Create {
+        /// Key prefix to list, e.g. `10000/` (empty: the whole bucket).
+        prefix: String,
+        /// The snapshot file to write.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+        #[command(flatten)]
+        bucket: BucketArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -253,6 +275,12 @@ struct MountArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     synthetic_size: Option<u64>,
 
+    /// Serve the tree of this namespace snapshot (`cdpfs snapshot create`) instead of listing
+    /// the bucket: no LIST at all; reads stay pinned to the snapshot's ETags (ESTALE when an
+    /// object changed since).
+    #[arg(long, env = "CDPFS_NAMESPACE", value_name = "FILE")]
+    namespace: Option<PathBuf>,
+
     /// Log verbosity: error, warn, info, debug or trace.
     #[arg(long, env = "CDPFS_LOG_LEVEL", default_value = "info")]
     log_level: tracing::Level,
@@ -280,6 +308,7 @@ impl MountArgs {
             offline: self.offline,
             shared_cache: self.shared_cache_dir.clone(),
             write_shared_cache: self.write_shared_cache,
+            namespace: self.namespace.clone(),
             disk_cache: if self.no_disk_cache {
                 None
             } else {
@@ -423,6 +452,29 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
                 human_bytes(removed.bytes),
                 removed.listings,
                 dir.display()
+            );
+            Ok(())
+        }
+        Command::Snapshot { action: SnapshotCommand::Create { prefix, output, bucket } } => {
+            init_command_logging();
+            let prefix = normalize_prefix(&prefix)?;
+            let s3 = bucket.s3_config()?;
+            let started = std::time::Instant::now();
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let store = runtime.block_on(cdpfs::store::s3::S3Store::new(&s3));
+            let snapshot = runtime.block_on(Snapshot::list(&store, &s3.bucket, &prefix))?;
+            if snapshot.objects.is_empty() {
+                bail!("nothing at s3://{}/{prefix}", s3.bucket);
+            }
+            snapshot.save(&output)?;
+            let size = std::fs::metadata(&output).map_or(0, |m| m.len());
+            println!(
+                "{}: {} objects of s3://{}/{prefix} ({}) in {:.1} s",
+                output.display(),
+                snapshot.objects.len(),
+                s3.bucket,
+                human_bytes(size),
+                started.elapsed().as_secs_f64()
             );
             Ok(())
         }

@@ -28,6 +28,7 @@ use crate::namespace::Namespace;
 use crate::stats::Stats;
 use crate::store::offline::OfflineStore;
 use crate::store::s3::{S3Config, S3Store};
+use crate::store::snapshot::{Snapshot, SnapshotStore};
 use crate::store::synthetic::SyntheticStore;
 use crate::store::{ObjectStore, StoreError};
 use crate::views::Catalog;
@@ -76,6 +77,8 @@ pub struct MountConfig {
     pub shared_cache: Option<PathBuf>,
     /// Also write blocks fetched from S3 into the shared cache directory.
     pub write_shared_cache: bool,
+    /// Serve the tree of this namespace snapshot instead of listing the bucket.
+    pub namespace: Option<PathBuf>,
 }
 
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
@@ -103,10 +106,24 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         (None, false) => {
             let s3 = runtime.block_on(S3Store::new(&config.s3));
             let stats = Arc::new(Stats::new(s3.counters()));
-            unreachable = probe_bucket(&runtime, &s3, config)?;
             (Arc::new(s3), stats)
         }
     };
+    // A snapshot serves every listing: S3 is asked for data only.
+    let store: Arc<dyn ObjectStore> = match &config.namespace {
+        Some(path) => {
+            let snapshot = Snapshot::load(path)?;
+            if snapshot.bucket != config.s3.bucket {
+                bail!("{} is a snapshot of bucket {:?}, not {:?}", path.display(), snapshot.bucket, config.s3.bucket);
+            }
+            info!(objects = snapshot.objects.len(), "serving the namespace snapshot {}", path.display());
+            Arc::new(SnapshotStore::new(snapshot, store))
+        }
+        None => store,
+    };
+    if config.synthetic_size.is_none() && !config.offline {
+        unreachable = probe_bucket(&runtime, store.as_ref(), config)?;
+    }
 
     // Every read of the cache directory goes through one bounded, timed gate.
     let cache_dir_io = Arc::new(CacheDirIo::new(offload::TIMEOUT));
@@ -119,7 +136,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
             .inspect_err(|e| warn!(dir = %dir.display(), error = %e, "cannot register in the cache directory"))
             .ok()
     });
-    let saved_listings = config.disk_cache.as_ref().and_then(|(dir, _)| {
+    let saved_listings = config.disk_cache.as_ref().filter(|_| config.namespace.is_none()).and_then(|(dir, _)| {
         ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io)
             .inspect_err(|e| warn!(dir = %dir.display(), error = %e, "cannot save listings in the cache directory"))
             .ok()

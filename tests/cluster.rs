@@ -576,3 +576,90 @@ fn a_node_reads_local_then_shared_then_s3_and_writes_the_shared_tier_only_when_t
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every file below `dir`, read whole, by path relative to `base`.
+fn read_tree(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+    for entry in fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            read_tree(base, &path, out);
+        } else {
+            out.insert(path.strip_prefix(base).unwrap().to_string_lossy().into_owned(), fs::read(&path).unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_snapshot_mount_lists_nothing_and_a_changed_object_is_estale() {
+    let _serial = serial();
+    let root = common::scratch_dir("snapshot-bucket");
+    let mut objects = BTreeMap::new();
+    for run in ["run_a", "run_b", "run c"] {
+        objects.insert(format!("20000/{run}/Tomograms/100/{run}.mrc"), common::noise(run.len() as u64, 3 << 20));
+        objects.insert(format!("20000/{run}/run_metadata.json"), b"{\"run\": 1}".to_vec());
+    }
+    objects.insert("20000/dataset_metadata.json".into(), b"{}".to_vec());
+    objects.insert("20001/other.json".into(), b"{}".to_vec());
+    common::write_bucket(&root, &objects);
+    let server = common::start_server(&root, common::Faults::default());
+    let url = server.addr_url();
+    let file = common::scratch_dir("snapshot-file").join("20000.cdpfs-snapshot");
+    let created = run_cdpfs(
+        &["snapshot", "create", "20000", "-o", file.to_str().unwrap(), "--endpoint-url", &url, "--bucket", BUCKET],
+        Duration::from_secs(30),
+    );
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(
+        String::from_utf8_lossy(&created.stdout).contains("7 objects"),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+
+    let lists = server.lists.load(Ordering::SeqCst);
+    let started = Instant::now();
+    let mount = Mounted::on(&server, "snapshot", &["--namespace", file.to_str().unwrap(), "--prefix", "20000"]);
+    eprintln!("mounted from a snapshot in {:?}", started.elapsed());
+    let mut read = BTreeMap::new();
+    read_tree(&mount.path, &mount.path, &mut read);
+    let changed = "20000/run c/Tomograms/100/run c.mrc";
+    let expected: BTreeMap<String, Vec<u8>> = objects
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("20000/")?.to_owned(), v.clone())))
+        .filter(|(k, _)| !k.ends_with(".bin2.mrc"))
+        .collect();
+    assert_eq!(read.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    assert!(read == expected, "a file read differently");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(server.lists.load(Ordering::SeqCst), lists, "a snapshot mount sent LISTs");
+
+    // Re-ingested after the snapshot: reads stay pinned to the snapshot's ETag.
+    drop(mount);
+    common::put_object(&root, changed, &common::noise(99, 3 << 20));
+    let mount = Mounted::on(&server, "snapshot-2", &["--namespace", file.to_str().unwrap(), "--no-disk-cache"]);
+    let error = fs::read(mount.join(changed)).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
+    assert_eq!(server.lists.load(Ordering::SeqCst), lists);
+    drop(mount);
+
+    // A damaged snapshot fails the mount with a clear error.
+    let mut raw = fs::read(&file).unwrap();
+    let middle = raw.len() / 2;
+    raw[middle] ^= 0x20;
+    fs::write(&file, raw).unwrap();
+    let mnt = common::scratch_dir("mnt-snapshot-bad");
+    let out = run_cdpfs(
+        &[
+            "mount",
+            mnt.to_str().unwrap(),
+            "--endpoint-url",
+            &url,
+            "--bucket",
+            BUCKET,
+            "--namespace",
+            file.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an intact cdpfs namespace snapshot"));
+}

@@ -7,6 +7,7 @@
 
 pub mod offline;
 pub mod s3;
+pub mod snapshot;
 pub mod synthetic;
 
 use std::future::Future;
