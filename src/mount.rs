@@ -142,8 +142,12 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
             .ok()
             .map(Arc::new)
     });
-    let saved_root = saved_listings.as_ref().is_some_and(|saved| saved.load_within(&config.prefix, None).is_some());
     if let Some(error) = unreachable {
+        // Through the cache directory's time limit: it may hang too.
+        let saved_root = match &saved_listings {
+            Some(saved) => runtime.block_on(saved.load_within_async(&config.prefix, None)).is_some(),
+            None => false,
+        };
         if !saved_root {
             bail!("cannot reach {}: {error} (and nothing of it is cached to serve offline)", endpoint(config));
         }
