@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 /// `-o name=value` options and the `cdpfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 14] = [
+const VALUE_OPTIONS: [(&str, &str); 16] = [
     ("bucket", "--bucket"),
     ("region", "--region"),
     ("endpoint_url", "--endpoint-url"),
@@ -24,15 +24,19 @@ const VALUE_OPTIONS: [(&str, &str); 14] = [
     ("list_ahead", "--list-ahead"),
     ("log_level", "--log-level"),
     ("log_file", "--log-file"),
+    ("shared_cache_dir", "--shared-cache-dir"),
+    ("namespace", "--namespace"),
 ];
 
 /// `-o name` options and the `cdpfs mount` flag each becomes.
-const FLAG_OPTIONS: [(&str, &str); 5] = [
+const FLAG_OPTIONS: [(&str, &str); 7] = [
     ("allow_other", "--allow-other"),
     ("sign_requests", "--sign-requests"),
     ("no_disk_cache", "--no-disk-cache"),
     ("no_mrc_views", "--no-mrc-views"),
     ("foreground", "--foreground"),
+    ("offline", "--offline"),
+    ("write_shared_cache", "--write-shared-cache"),
 ];
 
 /// Generic mount options that cdpfs accepts and has nothing to do for (it is always read-only,
