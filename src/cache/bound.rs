@@ -184,6 +184,11 @@ impl Space {
         Ok(Some(changed))
     }
 
+    /// When a pass last counted the directory (by any process; `None`: never).
+    pub fn last_pass(&self) -> Option<SystemTime> {
+        summary(&self.dir).filter(|s| s.scanned_at > 0).map(|s| UNIX_EPOCH + Duration::from_secs(s.scanned_at))
+    }
+
     /// One eviction pass if no other process is running one (`None` then): counts the blocks,
     /// removes stale temp files and, when the blocks are near the bound (or `force`), the least
     /// recently used blocks down to the low-water mark; then sets the ledger from the count.
@@ -218,25 +223,24 @@ impl Space {
         if force || pass.bytes > size / 100 * HIGH_WATER_PERCENT {
             let low = size / 100 * LOW_WATER_PERCENT;
             found.sort();
-            let mut kept = found.len();
-            for (at, (mtime, name, len)) in found.iter().enumerate() {
+            found.retain(|(mtime, name, len)| {
                 if pass.bytes <= low {
-                    kept = at;
-                    break;
+                    return true;
                 }
                 let path = self.dir.join("blocks").join(name);
                 // Read since it was listed: recently used after all.
                 if fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|now| now > *mtime) {
-                    continue;
+                    return true;
                 }
-                if fs::remove_file(&path).is_ok() {
+                let removed = fs::remove_file(&path).is_ok();
+                if removed {
                     pass.bytes -= len;
                     pass.blocks -= 1;
                     pass.evicted_bytes += len;
                     pass.evicted_blocks += 1;
                 }
-            }
-            found.drain(..kept.min(found.len()));
+                !removed
+            });
         }
         pass.names = found.into_iter().map(|(_, name, _)| name).collect();
         // Writes reserved while the pass ran may be counted twice: the ledger errs on the full side.

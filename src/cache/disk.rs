@@ -115,27 +115,36 @@ impl DiskCache {
         self.read_only
     }
 
-    /// Keeps the index and the directory's usage summary fresh in the background: a pass now
-    /// and every `every` after ([`Space::pass`]; a process that finds another one passing lists
-    /// the block names only). Stops once the cache is dropped.
+    /// Keeps the index and the directory's usage summary fresh in the background: lists the
+    /// blocks into the index now, and runs an eviction pass ([`Space::pass`]) every `every`
+    /// unless another process (on any node sharing the directory) ran one within `every`, so a
+    /// shared directory is counted about once per `every`, not once per node. Stops once the
+    /// cache is dropped.
     pub fn start_upkeep(self: &Arc<Self>, every: Duration) {
         let cache = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("cdpfs-upkeep".into())
-            .spawn(move || loop {
-                let Some(disk) = cache.upgrade() else { return };
-                disk.refresh();
-                drop(disk);
-                std::thread::sleep(every);
+            .spawn(move || {
+                let mut first = true;
+                loop {
+                    let Some(disk) = cache.upgrade() else { return };
+                    disk.refresh(first, every);
+                    drop(disk);
+                    first = false;
+                    std::thread::sleep(every);
+                }
             })
             .expect("starting the cache upkeep thread");
     }
 
-    /// One background round: an eviction pass if this process may run one, else a listing.
-    fn refresh(&self) {
-        let names = match (self.read_only, self.space.pass(false)) {
-            (false, Ok(Some(pass))) => pass.names,
-            _ => list_blocks(&self.dir.join("blocks")),
+    /// One background round: an eviction pass if one is due and this process may run it (its
+    /// count then feeds the index), else, on the `first` round, a listing of the block names.
+    fn refresh(&self, first: bool, every: Duration) {
+        let due = !self.read_only && self.space.last_pass().is_none_or(|at| at.elapsed().is_ok_and(|age| age >= every));
+        let names = match due.then(|| self.space.pass(false)) {
+            Some(Ok(Some(pass))) => pass.names,
+            _ if first => list_blocks(&self.dir.join("blocks")),
+            _ => return,
         };
         let found: HashSet<(u64, u64)> = names.iter().filter_map(|name| parse_name(name)).collect();
         *self.known.lock().expect("disk index poisoned") = found;
@@ -452,7 +461,7 @@ mod tests {
         assert_eq!(reader.read(&a).unwrap(), &b"from the other process"[..]);
         assert!(reader.present(&b));
         let fresh = Arc::new(DiskCache::open(dir.path(), None, 1 << 16).unwrap());
-        fresh.refresh();
+        fresh.refresh(true, Duration::from_secs(300));
         assert!(fresh.contains(&a) && fresh.contains(&b));
     }
 
