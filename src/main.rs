@@ -421,6 +421,14 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
                 Some(size) => println!("bound:     {}", human_bytes(size)),
                 None => println!("bound:     not set (the first mount sets it)"),
             }
+            if let Some(ledger) = bound::summary(&dir) {
+                let age = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |now| now.as_secs().saturating_sub(ledger.scanned_at));
+                let counted =
+                    if ledger.scanned_at == 0 { "never counted".to_owned() } else { format!("counted {age} s ago") };
+                println!("ledger:    {} in {} blocks ({counted})", human_bytes(ledger.bytes), ledger.blocks);
+            }
             let users = admin::live_mounts(&dir);
             println!("in use by: {}", if users.is_empty() { "no mount".to_owned() } else { users.join(", ") });
             Ok(())
