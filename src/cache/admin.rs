@@ -97,7 +97,7 @@ pub fn trim(dir: &Path) -> Result<bound::Pass> {
     if !dir.join("blocks").is_dir() {
         bail!("{} is not a cdpfs cache directory", dir.display());
     }
-    let space = bound::Space::open(dir, None, true);
+    let space = bound::Space::open(dir, None, false);
     match space.pass(false).with_context(|| format!("trimming {}", dir.display()))? {
         Some(pass) => Ok(pass),
         None => bail!("another process is evicting from {} right now; try again later", dir.display()),

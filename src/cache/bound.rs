@@ -101,8 +101,9 @@ impl Space {
     /// The bound of `dir`: the one it holds, else `requested` (or [`DEFAULT_SIZE`]), which is
     /// then stored for the processes that come later. A `requested` size that differs from the
     /// stored one is ignored with a warning. The file is read on a helper thread with a time
-    /// limit, so a hung directory does not stall the caller (it then uses `requested`). A
-    /// process that only reads the directory (`writes` false) stores nothing.
+    /// limit, so a hung directory does not stall the caller (it then uses `requested`). With
+    /// `writes` false (a process that only reads the directory, or `cdpfs cache trim`) no bound
+    /// is stored.
     pub fn open(dir: &Path, requested: Option<u64>, writes: bool) -> Space {
         let path = dir.join(CONFIG);
         let (tx, rx) = std::sync::mpsc::channel();
