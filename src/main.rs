@@ -91,8 +91,9 @@ enum SnapshotCommand {
     Create {
         /// Key prefix to list, e.g. `10000/` (empty: the whole bucket).
         prefix: String,
-        /// The snapshot file to write.
-        #[arg(long, short = 'o', value_name = "FILE")]
+        /// The snapshot file to write (replaced atomically; the file mounts read with
+        /// --namespace, hence the same variable).
+        #[arg(long, short = 'o', env = "CDPFS_NAMESPACE", value_name = "FILE")]
         output: PathBuf,
         #[command(flatten)]
         bucket: BucketArgs,
