@@ -105,7 +105,8 @@ impl Snapshot {
         let prefix = text(reader.bytes().ok_or_else(damaged)?)?;
         let created = reader.varint().ok_or_else(damaged)?;
         let count = reader.varint().ok_or_else(damaged)?;
-        let mut objects = Vec::with_capacity(count.min(1 << 24) as usize);
+        // Each entry takes at least 6 bytes: a count the file cannot hold reserves no memory.
+        let mut objects = Vec::with_capacity(count.min(body.len() as u64 / 6) as usize);
         let mut key: Vec<u8> = Vec::new();
         for _ in 0..count {
             let shared = reader.varint().ok_or_else(damaged)? as usize;
