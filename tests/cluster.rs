@@ -94,9 +94,12 @@ fn nodes_sharing_one_cache_dir_keep_its_one_bound_and_read_every_byte_right() {
         let mnt = work.join(format!("mnt-{node}"));
         fs::create_dir_all(&mnt).unwrap();
         let log = work.join(format!("node-{node}.log"));
+        // In the foreground, so the node waits for it to finish its writes before the namespace
+        // ends (which kills what is left in it).
         let mut script = format!(
             "set -e; hostname node; {cdpfs} mount {mnt} --bucket {BUCKET} --endpoint-url {url} --cache-dir {cache} \
-             --cache-size 16M --max-memory 64M --log-file {log}; ",
+             --cache-size 16M --max-memory 64M --log-file {log} --foreground & \
+             for i in $(seq 600); do mountpoint -q {mnt} && break; sleep 0.05; done; mountpoint -q {mnt}; ",
             mnt = mnt.display(),
             cache = cache.display(),
             log = log.display()
@@ -105,7 +108,7 @@ fn nodes_sharing_one_cache_dir_keep_its_one_bound_and_read_every_byte_right() {
             script += &format!("cmp {}/{key} {}/{key}; ", mnt.display(), bucket_dir.display());
         }
         script += &format!(
-            "{cdpfs} stats {mnt} --json > {stats}; {cdpfs} unmount {mnt}",
+            "{cdpfs} stats {mnt} --json > {stats}; {cdpfs} unmount {mnt}; wait",
             mnt = mnt.display(),
             stats = work.join(format!("stats-{node}.json")).display()
         );

@@ -147,8 +147,9 @@ impl Space {
     /// Reserves `bytes` for one block in the ledger (one more block).
     pub fn reserve(&self, bytes: u64) -> Reservation {
         let size = self.size();
-        match self.update(|usage| {
-            let fits = usage.bytes + bytes <= size;
+        match self.update(|usage, known| {
+            // No ledger (a new directory, or one a crash damaged): a pass counts it first.
+            let fits = known && usage.bytes + bytes <= size;
             if fits {
                 usage.bytes += bytes;
                 usage.blocks += 1;
@@ -164,23 +165,27 @@ impl Space {
 
     /// Gives back a reservation whose block was not written.
     pub fn release(&self, bytes: u64) {
-        let _ = self.update(|usage| {
+        let _ = self.update(|usage, known| {
             usage.bytes = usage.bytes.saturating_sub(bytes);
             usage.blocks = usage.blocks.saturating_sub(1);
-            true
+            known
         });
     }
 
-    /// Applies `change` to the ledger under its lock and stores the result when `change` says
-    /// so; `Ok(None)` when the lock could not be had in time.
-    fn update(&self, change: impl FnOnce(&mut Summary) -> bool) -> std::io::Result<Option<bool>> {
+    /// Applies `change` to the ledger under its lock (with whether there was one: zeros if
+    /// not) and stores the result when `change` says so; `Ok(None)` when the lock could not be
+    /// had in time. The ledger is replaced atomically, so a process killed while updating it
+    /// leaves the old one, never a torn one.
+    fn update(&self, change: impl FnOnce(&mut Summary, bool) -> bool) -> std::io::Result<Option<bool>> {
         let Some(_lock) = LockFile::take_waiting(&self.dir.join(USAGE_LOCK), LOCK_EXPIRY, LOCK_WAIT)? else {
             return Ok(None);
         };
-        let mut usage = summary(&self.dir).unwrap_or_default();
-        let changed = change(&mut usage);
+        let stored = summary(&self.dir);
+        let known = stored.is_some();
+        let mut usage = stored.unwrap_or_default();
+        let changed = change(&mut usage, known);
         if changed {
-            fs::write(self.dir.join(USAGE), serde_json::to_vec(&usage).expect("summary serializes"))?;
+            replace_file(&self.dir.join(USAGE), &[&serde_json::to_vec(&usage).expect("summary serializes")])?;
         }
         Ok(Some(changed))
     }
@@ -199,6 +204,15 @@ impl Space {
             self.size.store(size, Ordering::Relaxed);
         }
         let reserved_before = summary(&self.dir).unwrap_or_default();
+        // Temp files of the ledger and bound a killed process left beside them.
+        for entry in fs::read_dir(&self.dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let old =
+                entry.metadata().and_then(|m| m.modified()).is_ok_and(|m| m.elapsed().is_ok_and(|a| a > TEMP_EXPIRY));
+            if name.starts_with('.') && name.ends_with(".tmp") && old {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         let mut found = Vec::new();
         let mut renewed = std::time::Instant::now();
         for shard in fs::read_dir(self.dir.join("blocks"))?.flatten() {
@@ -246,7 +260,7 @@ impl Space {
         pass.names = found.into_iter().map(|(_, name, _)| name).collect();
         // Writes reserved while the pass ran may be counted twice: the ledger errs on the full side.
         let scanned_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        self.update(|usage| {
+        self.update(|usage, _| {
             usage.bytes = usage.bytes.saturating_sub(reserved_before.bytes) + pass.bytes;
             usage.blocks = usage.blocks.saturating_sub(reserved_before.blocks) + pass.blocks;
             usage.scanned_at = scanned_at;
@@ -451,6 +465,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 10_000).unwrap();
         let space = Space::open(dir.path(), None, true);
+        assert!(matches!(space.reserve(1), Reservation::Full), "no ledger yet: count first");
+        space.pass(false).unwrap().unwrap();
         let shard = dir.path().join("blocks/00");
         fs::create_dir_all(&shard).unwrap();
         for i in 0..5u64 {
@@ -466,6 +482,22 @@ mod tests {
         assert!(!shard.join(format!("{:016x}-0", 0)).exists(), "the oldest block goes first");
         assert_eq!(summary(dir.path()).unwrap().bytes, 8000);
         assert!(matches!(space.reserve(2000), Reservation::Granted));
+        assert!(matches!(space.reserve(1), Reservation::Full));
+    }
+
+    #[test]
+    fn a_damaged_ledger_is_counted_again_before_anything_is_reserved() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 10_000).unwrap();
+        let space = Space::open(dir.path(), None, true);
+        fs::create_dir_all(dir.path().join("blocks/00")).unwrap();
+        fs::write(dir.path().join("blocks/00/0000000000000000-0"), vec![0u8; 9000]).unwrap();
+        // A writer killed in the middle of an update of an older cdpfs: an empty ledger.
+        fs::write(dir.path().join(USAGE), b"").unwrap();
+        assert!(matches!(space.reserve(2000), Reservation::Full), "an unreadable ledger passed for an empty one");
+        space.pass(false).unwrap().unwrap();
+        assert_eq!(summary(dir.path()).unwrap().bytes, 9000);
+        assert!(matches!(space.reserve(1000), Reservation::Granted));
         assert!(matches!(space.reserve(1), Reservation::Full));
     }
 
