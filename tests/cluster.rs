@@ -433,22 +433,19 @@ fn a_node_without_s3_serves_what_is_cached_and_goes_back_online_without_a_remoun
     // With nothing cached, an unreachable endpoint still fails the mount, naming it.
     switch.set(false);
     let empty = common::scratch_dir("offline-empty");
-    let mnt = common::scratch_dir("mnt-offline-empty");
-    let out = run_cdpfs(
-        &[
-            "mount",
-            mnt.to_str().unwrap(),
-            "--endpoint-url",
-            &url,
-            "--cache-dir",
-            empty.to_str().unwrap(),
-            "--request-timeout",
-            "2s",
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{}", String::from_utf8_lossy(&out.stderr));
+    let extra = ["--cache-dir", empty.to_str().unwrap(), "--request-timeout", "2s"];
+    assert_mount_fails("mnt-offline-empty", &url, &extra, "cannot reach");
+}
+
+/// Runs `cdpfs mount` of the bucket at `url` with `extra` options, and asserts that it fails
+/// saying `message`.
+fn assert_mount_fails(name: &str, url: &str, extra: &[&str], message: &str) {
+    let mnt = common::scratch_dir(name);
+    let mut args = vec!["mount", mnt.to_str().unwrap(), "--endpoint-url", url, "--bucket", BUCKET];
+    args.extend_from_slice(extra);
+    let out = run_cdpfs(&args, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(message), "{stderr}");
 }
 
 /// LIST pages the server has served, once none has come for 500 ms (the walk-ahead is done).
@@ -563,25 +560,11 @@ fn a_node_reads_local_then_shared_then_s3_and_writes_the_shared_tier_only_when_t
     assert!(block_files(&shared_dir).len() > shared_files.len(), "--write-shared-cache wrote nothing");
     // A shared tier that is not a cache directory is a clear error.
     let bogus = common::scratch_dir("tier-bogus");
-    let mnt = common::scratch_dir("mnt-tier-bogus");
-    let out = run_cdpfs(
-        &[
-            "mount",
-            mnt.to_str().unwrap(),
-            "--endpoint-url",
-            &url,
-            "--bucket",
-            BUCKET,
-            "--shared-cache-dir",
-            bogus.to_str().unwrap(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a cdpfs cache directory"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_mount_fails(
+        "mnt-tier-bogus",
+        &url,
+        &["--shared-cache-dir", bogus.to_str().unwrap()],
+        "not a cdpfs cache directory",
     );
 }
 
@@ -654,20 +637,6 @@ fn a_snapshot_mount_lists_nothing_and_a_changed_object_is_estale() {
     let middle = raw.len() / 2;
     raw[middle] ^= 0x20;
     fs::write(&file, raw).unwrap();
-    let mnt = common::scratch_dir("mnt-snapshot-bad");
-    let out = run_cdpfs(
-        &[
-            "mount",
-            mnt.to_str().unwrap(),
-            "--endpoint-url",
-            &url,
-            "--bucket",
-            BUCKET,
-            "--namespace",
-            file.to_str().unwrap(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not an intact cdpfs namespace snapshot"));
+    let extra = ["--namespace", file.to_str().unwrap()];
+    assert_mount_fails("mnt-snapshot-bad", &url, &extra, "not an intact cdpfs namespace snapshot");
 }
