@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 /// `-o name=value` options and the `cdpfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 17] = [
+const VALUE_OPTIONS: [(&str, &str); 19] = [
     ("bucket", "--bucket"),
     ("region", "--region"),
     ("endpoint_url", "--endpoint-url"),
@@ -27,16 +27,20 @@ const VALUE_OPTIONS: [(&str, &str); 17] = [
     ("api_ttl", "--api-ttl"),
     ("log_level", "--log-level"),
     ("log_file", "--log-file"),
+    ("shared_cache_dir", "--shared-cache-dir"),
+    ("namespace", "--namespace"),
 ];
 
 /// `-o name` options and the `cdpfs mount` flag each becomes.
-const FLAG_OPTIONS: [(&str, &str); 6] = [
+const FLAG_OPTIONS: [(&str, &str); 8] = [
     ("allow_other", "--allow-other"),
     ("sign_requests", "--sign-requests"),
     ("no_disk_cache", "--no-disk-cache"),
     ("no_mrc_views", "--no-mrc-views"),
     ("no_portal_api", "--no-portal-api"),
     ("foreground", "--foreground"),
+    ("offline", "--offline"),
+    ("write_shared_cache", "--write-shared-cache"),
 ];
 
 /// Generic mount options that cdpfs accepts and has nothing to do for (it is always read-only,

@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use cdpfs::cache::admin;
+use cdpfs::cache::{admin, bound};
 use cdpfs::fstab;
 use cdpfs::mount::{self, MountConfig};
 use cdpfs::portal;
 use cdpfs::stage::BucketStaging;
 use cdpfs::store::s3::{RetryPolicy, S3Config};
+use cdpfs::store::snapshot::Snapshot;
 
 /// Mount the CryoET Data Portal (or any S3 bucket) as a read-only directory tree.
 ///
@@ -55,6 +56,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Namespace snapshots: a bucket prefix listed once into one file that mounts serve with no
+    /// LIST at all.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCommand,
+    },
     /// Unmount a cdpfs mount.
     Unmount {
         /// The mounted directory.
@@ -67,16 +74,46 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CacheCommand {
-    /// Blocks, bytes, objects and listings in the cache, and the mounts using it.
+    /// Blocks, bytes, objects and listings in the cache, its bound, and the mounts using it.
     Info(CacheDirArg),
+    /// Create a cache directory (or change its bound): every process using it, on every node,
+    /// keeps it within SIZE, whatever its own --cache-size.
+    Init {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Its size bound (e.g. `500G`).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// One eviction pass now (for a cron job or systemd timer): evict the least recently used
+    /// blocks if the cache is near its bound, remove leftovers of writers that died, refresh
+    /// the usage summary.
+    Trim(CacheDirArg),
     /// Delete every cached block and listing (refused while a mount uses the cache).
     Clear(CacheDirArg),
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// List PREFIX of the bucket (all pages, its sub-prefixes in parallel) into one compact,
+    /// checksummed file of names, sizes, ETags and mtimes, for `cdpfs mount --namespace FILE`.
+    Create {
+        /// Key prefix to list, e.g. `10000/` (empty: the whole bucket).
+        prefix: String,
+        /// The snapshot file to write (replaced atomically; the file mounts read with
+        /// --namespace, hence the same variable).
+        #[arg(long, short = 'o', env = "CDPFS_NAMESPACE", value_name = "FILE")]
+        output: PathBuf,
+        #[command(flatten)]
+        bucket: BucketArgs,
+    },
 }
 
 #[derive(Args, Debug)]
 struct CacheDirArg {
     /// Directory of the persistent block cache (kept across mounts; may be shared by several
-    /// mounts and nodes). Default: /var/cache/cdpfs for root, else $XDG_CACHE_HOME/cdpfs.
+    /// mounts and nodes). Default: /var/cache/cdpfs for root, else $XDG_CACHE_HOME/cdpfs when
+    /// set, else /var/tmp/cdpfs-$UID (node-local: not the home directory, often NFS).
     #[arg(long, env = "CDPFS_CACHE_DIR", value_name = "DIR")]
     cache_dir: Option<PathBuf>,
 }
@@ -143,9 +180,11 @@ struct CacheArgs {
     #[command(flatten)]
     location: CacheDirArg,
 
-    /// Upper bound on the disk cache (e.g. `50G`); least recently used blocks are evicted.
-    #[arg(long, env = "CDPFS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
-    cache_size: u64,
+    /// Upper bound on the disk cache (e.g. `50G`) when the cache directory has none yet
+    /// (default 20G); a directory keeps the bound it was given first (or by `cdpfs cache init`),
+    /// and a differing --cache-size only warns. Least recently used blocks are evicted.
+    #[arg(long, env = "CDPFS_CACHE_SIZE", value_parser = parse_size)]
+    cache_size: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -206,13 +245,24 @@ struct MountArgs {
     #[command(flatten)]
     cache: CacheArgs,
 
+    /// A cache directory shared by the cluster (e.g. on Lustre, filled by `cdpfs prefetch
+    /// --cache-dir` of it), read after --cache-dir and before S3; blocks found there are copied
+    /// into --cache-dir. Only read, unless --write-shared-cache.
+    #[arg(long, env = "CDPFS_SHARED_CACHE_DIR", value_name = "DIR")]
+    shared_cache_dir: Option<PathBuf>,
+
+    /// Also write the blocks this mount fetches from S3 into --shared-cache-dir.
+    #[arg(long, env = "CDPFS_WRITE_SHARED_CACHE", requires = "shared_cache_dir")]
+    write_shared_cache: bool,
+
     /// Keep no data on disk: cache blocks in memory only (overrides --cache-dir).
     #[arg(long, env = "CDPFS_NO_DISK_CACHE")]
     no_disk_cache: bool,
 
-    /// When a folder is opened, list up to this many folders below it in the background, so
-    /// `find`/`du`/`ls -R` don't wait for one request per folder (0 turns this off).
-    #[arg(long, env = "CDPFS_LIST_AHEAD", default_value_t = 4096)]
+    /// When a folder is opened, list up to this many folders below it in the background (once
+    /// per folder per --metadata-ttl, never inside `*.zarr` stores), so `find`/`du`/`ls -R`
+    /// don't wait for one request per folder (0 turns this off).
+    #[arg(long, env = "CDPFS_LIST_AHEAD", default_value_t = 256)]
     list_ahead: usize,
 
     /// Serve the mount's counters as Prometheus metrics on http://HOST:PORT/metrics.
@@ -244,10 +294,23 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_API_TTL", default_value = "1day", value_parser = humantime::parse_duration)]
     api_ttl: Duration,
 
+    /// Ask S3 nothing: serve the listings saved and the blocks cached in --cache-dir (e.g. staged
+    /// by `cdpfs prefetch`) on a node without network; reads of anything else fail with EIO at
+    /// once. (Without it, a mount that cannot reach S3 at start mounts offline anyway when it
+    /// has something cached, and goes back online as soon as S3 answers.)
+    #[arg(long, env = "CDPFS_OFFLINE")]
+    offline: bool,
+
     /// Serve one generated file, `synthetic.bin`, of this size instead of the bucket: measures
     /// the FUSE and cache layers alone, without a network (for benchmarks).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     synthetic_size: Option<u64>,
+
+    /// Serve the tree of this namespace snapshot (`cdpfs snapshot create`) instead of listing
+    /// the bucket: no LIST at all; reads stay pinned to the snapshot's ETags (ESTALE when an
+    /// object changed since).
+    #[arg(long, env = "CDPFS_NAMESPACE", value_name = "FILE")]
+    namespace: Option<PathBuf>,
 
     /// Log verbosity: error, warn, info, debug or trace.
     #[arg(long, env = "CDPFS_LOG_LEVEL", default_value = "info")]
@@ -276,6 +339,10 @@ impl MountArgs {
             api_timeout: self.api_timeout,
             api_ttl: self.api_ttl,
             synthetic_size: self.synthetic_size,
+            offline: self.offline,
+            shared_cache: self.shared_cache_dir.clone(),
+            write_shared_cache: self.write_shared_cache,
+            namespace: self.namespace.clone(),
             disk_cache: if self.no_disk_cache {
                 None
             } else {
@@ -311,17 +378,19 @@ fn normalize_prefix(raw: &str) -> Result<String> {
     Ok(format!("{trimmed}/"))
 }
 
-/// `/var/cache/cdpfs` for root, else `$XDG_CACHE_HOME/cdpfs` (or `~/.cache/cdpfs`).
+/// `/var/cache/cdpfs` for root, else `$XDG_CACHE_HOME/cdpfs` when set, else
+/// `/var/tmp/cdpfs-$UID`: on node-local storage, not in a home directory that is often NFS with
+/// a small quota and shared by all of a user's nodes.
 fn default_cache_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
         return PathBuf::from("/var/cache/cdpfs");
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("cdpfs")
+    match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(base) => PathBuf::from(base).join("cdpfs"),
+        None => PathBuf::from(format!("/var/tmp/cdpfs-{uid}")),
+    }
 }
 
 /// A byte count with an optional binary suffix: `4096`, `512K`, `64M`, `1G`, `2T` (`MiB`, `GB`
@@ -358,6 +427,15 @@ fn init_logging(args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// Warnings of commands other than `mount` (a cache directory's bound, an NFS cache) go to stderr.
+fn init_command_logging() {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Carries out `cli`; `command_line` (without the program name) is what a background mount
 /// re-runs in its child.
 fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
@@ -372,6 +450,7 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             }
         }
         Command::Prefetch(args) => {
+            init_command_logging();
             let staging = BucketStaging {
                 s3: args.bucket.s3_config()?,
                 cache_dir: args.cache.location.dir(),
@@ -386,8 +465,38 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             println!("cache directory: {}", dir.display());
             println!("blocks:    {} ({}) of {} objects", usage.blocks, human_bytes(usage.bytes), usage.objects);
             println!("listings:  {}", usage.listings);
+            match bound::stored_size(&dir) {
+                Some(size) => println!("bound:     {}", human_bytes(size)),
+                None => println!("bound:     not set (the first mount sets it)"),
+            }
+            if let Some(ledger) = bound::summary(&dir) {
+                let age = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |now| now.as_secs().saturating_sub(ledger.scanned_at));
+                let counted =
+                    if ledger.scanned_at == 0 { "never counted".to_owned() } else { format!("counted {age} s ago") };
+                println!("ledger:    {} in {} blocks ({counted})", human_bytes(ledger.bytes), ledger.blocks);
+            }
             let users = admin::live_mounts(&dir);
             println!("in use by: {}", if users.is_empty() { "no mount".to_owned() } else { users.join(", ") });
+            Ok(())
+        }
+        Command::Cache { action: CacheCommand::Init { dir, size } } => {
+            bound::init(&dir, size).with_context(|| format!("creating the cache directory {}", dir.display()))?;
+            println!("{} holds at most {} of cached blocks", dir.display(), human_bytes(size));
+            Ok(())
+        }
+        Command::Cache { action: CacheCommand::Trim(arg) } => {
+            let dir = arg.dir();
+            let pass = admin::trim(&dir)?;
+            println!(
+                "{}: {} blocks ({}) kept, {} blocks ({}) evicted",
+                dir.display(),
+                pass.blocks,
+                human_bytes(pass.bytes),
+                pass.evicted_blocks,
+                human_bytes(pass.evicted_bytes)
+            );
             Ok(())
         }
         Command::Cache { action: CacheCommand::Clear(arg) } => {
@@ -403,6 +512,29 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             Ok(())
         }
         Command::Info { path, json } => portal::info::show(&path, json),
+        Command::Snapshot { action: SnapshotCommand::Create { prefix, output, bucket } } => {
+            init_command_logging();
+            let prefix = normalize_prefix(&prefix)?;
+            let s3 = bucket.s3_config()?;
+            let started = std::time::Instant::now();
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let store = runtime.block_on(cdpfs::store::s3::S3Store::new(&s3));
+            let snapshot = runtime.block_on(Snapshot::list(&store, &s3.bucket, &prefix))?;
+            if snapshot.objects.is_empty() {
+                bail!("nothing at s3://{}/{prefix}", s3.bucket);
+            }
+            snapshot.save(&output)?;
+            let size = std::fs::metadata(&output).map_or(0, |m| m.len());
+            println!(
+                "{}: {} objects of s3://{}/{prefix} ({}) in {:.1} s",
+                output.display(),
+                snapshot.objects.len(),
+                s3.bucket,
+                human_bytes(size),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Command::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy),
     }
 }
@@ -432,12 +564,13 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
         let s: cdpfs::stats::Snapshot = serde_json::from_str(&raw)?;
         println!("{}", path.display());
         println!(
-            "  S3:     {} GETs, {} LIST pages, {} downloaded, {} retries, {} failures",
+            "  S3:     {} GETs, {} LIST pages, {} downloaded, {} retries, {} failures{}",
             s.s3_gets,
             s.s3_lists,
             human_bytes(s.s3_bytes),
             s.s3_retries,
-            s.s3_failures
+            s.s3_failures,
+            if s.s3_unreachable { "; OFFLINE: serving cached data only" } else { "" }
         );
         println!(
             "  reads:  {} ({} served, {} errors), latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
@@ -449,8 +582,8 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
             s.read_p99_ms
         );
         println!(
-            "  cache:  {} memory hits, {} disk hits, {} fetched blocks",
-            s.cache_memory_hits, s.cache_disk_hits, s.cache_fetches
+            "  cache:  {} memory hits, {} disk hits, {} shared-cache hits, {} fetched blocks",
+            s.cache_memory_hits, s.cache_disk_hits, s.cache_shared_hits, s.cache_fetches
         );
         println!(
             "  disk:   {} blocks written, {} not written (write queue full), {} queued, {} slow reads skipped",

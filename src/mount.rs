@@ -30,7 +30,9 @@ use crate::portal::api::PortalApi;
 use crate::portal::map::PortalMap;
 use crate::portal::metadata::MetadataReader;
 use crate::stats::Stats;
+use crate::store::offline::OfflineStore;
 use crate::store::s3::{S3Config, S3Store};
+use crate::store::snapshot::{Snapshot, SnapshotStore};
 use crate::store::synthetic::SyntheticStore;
 use crate::store::{ObjectStore, StoreError};
 use crate::views::Catalog;
@@ -40,6 +42,10 @@ pub const DAEMON_ENV: &str = "CDPFS_INTERNAL_DAEMON";
 
 /// How long `cdpfs mount` waits for the background child to report.
 const STARTUP_LIMIT: Duration = Duration::from_secs(120);
+
+/// How often a mount refreshes its disk index and (if no other process does) the cache
+/// directory's usage summary and eviction.
+const UPKEEP_EVERY: Duration = Duration::from_secs(300);
 
 /// Everything a mount needs.
 #[derive(Clone, Debug)]
@@ -58,8 +64,9 @@ pub struct MountConfig {
     pub max_memory: u64,
     /// The kernel's read-ahead on the mount (and so its largest read request).
     pub kernel_read_ahead: u64,
-    /// The persistent block cache, if enabled: directory and size bound.
-    pub disk_cache: Option<(PathBuf, u64)>,
+    /// The persistent block cache, if enabled: directory and the size bound to give it if it
+    /// has none.
+    pub disk_cache: Option<(PathBuf, Option<u64>)>,
     /// Directories listed in the background ahead of a walker, per opened directory.
     pub list_ahead: usize,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -74,6 +81,14 @@ pub struct MountConfig {
     pub api_ttl: Duration,
     /// Serve one generated file of this size instead of the bucket (measures cdpfs alone).
     pub synthetic_size: Option<u64>,
+    /// Ask S3 nothing: serve saved listings and cached blocks only.
+    pub offline: bool,
+    /// A shared cache directory read after the disk cache and before S3.
+    pub shared_cache: Option<PathBuf>,
+    /// Also write blocks fetched from S3 into the shared cache directory.
+    pub write_shared_cache: bool,
+    /// Serve the tree of this namespace snapshot instead of listing the bucket.
+    pub namespace: Option<PathBuf>,
 }
 
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
@@ -86,36 +101,71 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         .thread_name("cdpfs-io")
         .build()
         .context("starting the I/O runtime")?;
-    let (store, stats): (Arc<dyn ObjectStore>, _) = match config.synthetic_size {
-        Some(size) => {
+    let mut unreachable = None;
+    let (store, stats): (Arc<dyn ObjectStore>, _) = match (config.synthetic_size, config.offline) {
+        (Some(size), _) => {
             let synthetic = SyntheticStore::new(size);
             let stats = Arc::new(Stats::new(synthetic.counters()));
             (Arc::new(synthetic), stats)
         }
-        None => {
+        (None, true) => {
+            let offline = OfflineStore::default();
+            let stats = Arc::new(Stats::new(offline.counters()));
+            (Arc::new(offline), stats)
+        }
+        (None, false) => {
             let s3 = runtime.block_on(S3Store::new(&config.s3));
             let stats = Arc::new(Stats::new(s3.counters()));
-            probe_bucket(&runtime, &s3, config)?;
             (Arc::new(s3), stats)
         }
     };
+    // A snapshot serves every listing: S3 is asked for data only.
+    let store: Arc<dyn ObjectStore> = match &config.namespace {
+        Some(path) => {
+            let snapshot = Snapshot::load(path)?;
+            if snapshot.bucket != config.s3.bucket {
+                bail!("{} is a snapshot of bucket {:?}, not {:?}", path.display(), snapshot.bucket, config.s3.bucket);
+            }
+            info!(objects = snapshot.objects.len(), "serving the namespace snapshot {}", path.display());
+            Arc::new(SnapshotStore::new(snapshot, store))
+        }
+        None => store,
+    };
+    if config.synthetic_size.is_none() && !config.offline {
+        unreachable = probe_bucket(&runtime, store.as_ref(), config)?;
+    }
 
     // Every read of the cache directory goes through one bounded, timed gate.
     let cache_dir_io = Arc::new(CacheDirIo::new(offload::TIMEOUT));
     // The block cache first: it creates the cache directory with its 0700 mode.
     let data = Arc::new(data_path(store.clone(), config, cache_dir_io.clone())?);
     // Registered for as long as this function serves the mount, so `cdpfs cache clear` can tell.
-    let _registration = match &config.disk_cache {
-        Some((dir, _)) => Some(Registration::new(dir, &mountpoint).context("registering in the cache directory")?),
-        None => None,
-    };
-    let saved_listings = match &config.disk_cache {
-        Some((dir, _)) => Some(Arc::new(
-            ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io.clone())
-                .with_context(|| format!("opening the cache directory {}", dir.display()))?,
-        )),
-        None => None,
-    };
+    // A full or read-only cache directory still mounts: without registration or saved listings.
+    let _registration = config.disk_cache.as_ref().and_then(|(dir, _)| {
+        Registration::new(dir, &mountpoint)
+            .inspect_err(|e| warn!(dir = %dir.display(), error = %e, "cannot register in the cache directory"))
+            .ok()
+    });
+    let saved_listings = config.disk_cache.as_ref().filter(|_| config.namespace.is_none()).and_then(|(dir, _)| {
+        ListingStore::open(dir, &config.s3.bucket, config.metadata_ttl, cache_dir_io.clone())
+            .inspect_err(|e| warn!(dir = %dir.display(), error = %e, "cannot save listings in the cache directory"))
+            .ok()
+            .map(Arc::new)
+    });
+    if let Some(error) = unreachable {
+        // Through the cache directory's time limit: it may hang too.
+        let saved_root = match &saved_listings {
+            Some(saved) => runtime.block_on(saved.load_within_async(&config.prefix, None)).is_some(),
+            None => false,
+        };
+        if !saved_root {
+            bail!("cannot reach {}: {error} (and nothing of it is cached to serve offline)", endpoint(config));
+        }
+        warn!("cannot reach {}: {error}; mounting offline from saved listings and cached blocks (reads of anything else fail with EIO within --request-timeout) until S3 answers", endpoint(config));
+    }
+    if config.offline {
+        info!("offline (--offline): serving saved listings and cached blocks only; S3 is not asked");
+    }
     // Decoded Blosc blocks come out of the memory budget's headroom.
     let views = Arc::new(Catalog::new(data.clone(), store.clone(), config.max_memory / 16));
     let mut namespace =
@@ -191,15 +241,31 @@ fn portal_map(config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<Opt
 fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<DataPath> {
     let disk = match &config.disk_cache {
         Some((dir, size)) => {
-            let files = DiskCache::open(dir, *size, BLOCK_SIZE)
-                .with_context(|| format!("opening the cache directory {}", dir.display()))?;
-            Some(DiskTier::new(Arc::new(files), (config.max_memory / 8).max(BLOCK_SIZE), cache_dir_io))
+            let files = Arc::new(
+                DiskCache::open(dir, *size, BLOCK_SIZE)
+                    .with_context(|| format!("opening the cache directory {}", dir.display()))?,
+            );
+            files.start_upkeep(UPKEEP_EVERY);
+            Some(DiskTier::new(files, (config.max_memory / 8).max(BLOCK_SIZE), cache_dir_io))
         }
         None => None,
     };
     let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
     let cached = (config.max_memory / 8 * 3).max(BLOCK_SIZE);
-    let cache = Arc::new(BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk));
+    let mut cache = BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk);
+    if let Some(dir) = &config.shared_cache {
+        let context = || format!("opening the shared cache directory {}", dir.display());
+        let reads = Arc::new(CacheDirIo::new(offload::TIMEOUT));
+        let tier = if config.write_shared_cache {
+            let files = Arc::new(DiskCache::open(dir, None, BLOCK_SIZE).with_context(context)?);
+            files.start_upkeep(UPKEEP_EVERY);
+            DiskTier::new(files, (config.max_memory / 16).max(BLOCK_SIZE), reads)
+        } else {
+            DiskTier::read_only(Arc::new(DiskCache::open_read_only(dir, BLOCK_SIZE).with_context(context)?), reads)
+        };
+        cache = cache.with_shared(tier);
+    }
+    let cache = Arc::new(cache);
     // A lone stream may have all fetch slots in flight (at WAN latency and per-connection
     // bandwidth, line rate takes tens of part-sized GETs at once); what all streams read ahead
     // stays within 2/3 of the memory tier, which keeps the rest for sections, views and small
@@ -379,21 +445,32 @@ pub fn open_log_file(path: &Path) -> Result<fs::File> {
         .with_context(|| format!("opening log file {}", path.display()))
 }
 
-/// One listing of the mount's root: proves the endpoint answers and the bucket exists.
-fn probe_bucket(runtime: &tokio::runtime::Runtime, store: &dyn ObjectStore, config: &MountConfig) -> Result<()> {
+/// The endpoint, as messages name it.
+fn endpoint(config: &MountConfig) -> &str {
+    config.s3.endpoint_url.as_deref().unwrap_or("AWS S3")
+}
+
+/// One listing of the mount's root: proves the endpoint answers and the bucket exists. An
+/// endpoint that cannot be reached is not an error here: its message (the caller decides
+/// whether there is enough cached to mount offline).
+fn probe_bucket(
+    runtime: &tokio::runtime::Runtime,
+    store: &dyn ObjectStore,
+    config: &MountConfig,
+) -> Result<Option<String>> {
     let bucket = &config.s3.bucket;
-    let endpoint = config.s3.endpoint_url.as_deref().unwrap_or("AWS S3");
+    let endpoint = endpoint(config);
     match runtime.block_on(store.list_prefix(&config.prefix)) {
         Ok(listing) if !config.prefix.is_empty() && listing.prefixes.is_empty() && listing.objects.is_empty() => {
             bail!("nothing found under prefix {:?} in bucket {bucket:?}", config.prefix)
         }
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(None),
         Err(StoreError::NoSuchBucket(_)) => bail!("bucket {bucket:?} does not exist at {endpoint}"),
         Err(StoreError::AccessDenied(_)) => bail!(
             "access to bucket {bucket:?} at {endpoint} was denied{}",
             if config.s3.sign_requests { "" } else { " (for a private bucket, add --sign-requests)" }
         ),
-        Err(StoreError::Unreachable(e)) => bail!("cannot reach {endpoint}: {e}"),
+        Err(StoreError::Unreachable(e)) => Ok(Some(e)),
         Err(e) => bail!("listing bucket {bucket:?} at {endpoint} failed: {e}"),
     }
 }

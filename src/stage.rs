@@ -35,8 +35,9 @@ pub struct BucketStaging {
     pub s3: S3Config,
     /// The cache directory.
     pub cache_dir: PathBuf,
-    /// Its size bound.
-    pub cache_size: u64,
+    /// The size bound to give the directory if it has none yet (the directory's own bound
+    /// wins: staging never evicts below it).
+    pub cache_size: Option<u64>,
 }
 
 /// One file or object to stage.
@@ -97,10 +98,10 @@ pub fn prefetch(targets: &[String], jobs: usize, staging: &BucketStaging) -> Res
         }
     }
     let staged: u64 = pending.iter().filter(|job| matches!(job.source, Source::Object(_))).map(|job| job.size).sum();
-    if staged > staging.cache_size {
+    if let Some(bucket) = bucket.as_ref().filter(|b| staged > b.disk.size()) {
         eprintln!(
             "cdpfs: warning: staging {staged} bytes into a cache bounded to {} bytes: the first files will be evicted",
-            staging.cache_size
+            bucket.disk.size()
         );
     }
     run(pending, skipped, jobs, |job, bar| match &job.source {
@@ -199,7 +200,7 @@ impl Bucket {
     }
 
     fn is_cached(&self, object: &ObjectMeta) -> bool {
-        Self::blocks(&Arc::new(object.clone())).all(|key| self.disk.contains(&key))
+        Self::blocks(&Arc::new(object.clone())).all(|key| self.disk.present(&key))
     }
 
     /// Downloads the blocks of `object` the cache lacks, a few at a time.
@@ -209,7 +210,7 @@ impl Bucket {
             |key| async move {
                 let start = key.index * BLOCK_SIZE;
                 let range = start..(start + BLOCK_SIZE).min(object.size);
-                if !self.disk.contains(&key) {
+                if !self.disk.present(&key) {
                     let data = self.store.get_range(object, range.clone()).await?;
                     if !self.disk.write(&key, &data) {
                         return Err(anyhow!("cannot write to the cache directory"));

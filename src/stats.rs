@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub s3_bytes: u64,
     pub s3_retries: u64,
     pub s3_failures: u64,
+    /// S3 could not be reached at the last request (or the mount is `--offline`).
+    pub s3_unreachable: bool,
     pub reads: u64,
     pub bytes_served: u64,
     pub read_errors: u64,
@@ -88,6 +90,7 @@ pub struct Snapshot {
     pub read_p99_ms: f64,
     pub cache_memory_hits: u64,
     pub cache_disk_hits: u64,
+    pub cache_shared_hits: u64,
     pub cache_fetches: u64,
     pub cache_memory_bytes: u64,
     pub cache_disk_writes: u64,
@@ -112,6 +115,7 @@ impl Stats {
             s3_bytes: load(&self.store.bytes),
             s3_retries: load(&self.store.retries),
             s3_failures: load(&self.store.failures),
+            s3_unreachable: self.store.is_unreachable(),
             reads: load(&self.reads.reads),
             bytes_served: load(&self.reads.bytes),
             read_errors: load(&self.reads.errors),
@@ -120,6 +124,7 @@ impl Stats {
             read_p99_ms: self.reads.percentile_ms(0.99),
             cache_memory_hits: load(&cache.stats.memory_hits),
             cache_disk_hits: load(&cache.stats.disk_hits),
+            cache_shared_hits: load(&cache.stats.shared_hits),
             cache_fetches: load(&cache.stats.fetches),
             cache_memory_bytes: cache.memory_bytes(),
             cache_disk_writes: cache.disk().map_or(0, |d| load(&d.writes().written)),
@@ -145,6 +150,11 @@ impl Snapshot {
             ("cdpfs_read_errors_total", "Reads that returned an error", self.read_errors as f64),
             ("cdpfs_cache_memory_hits_total", "Blocks served from memory", self.cache_memory_hits as f64),
             ("cdpfs_cache_disk_hits_total", "Blocks served from the disk cache", self.cache_disk_hits as f64),
+            (
+                "cdpfs_cache_shared_hits_total",
+                "Blocks served from the shared cache directory",
+                self.cache_shared_hits as f64,
+            ),
             ("cdpfs_cache_fetches_total", "Blocks fetched from S3", self.cache_fetches as f64),
             ("cdpfs_cache_disk_writes_total", "Blocks written to the disk cache", self.cache_disk_writes as f64),
             (
@@ -159,6 +169,11 @@ impl Snapshot {
             ),
         ];
         let gauges = [
+            (
+                "cdpfs_s3_unreachable",
+                "1 while S3 cannot be reached (offline)",
+                f64::from(u8::from(self.s3_unreachable)),
+            ),
             ("cdpfs_read_latency_p50_seconds", "Median read latency", self.read_p50_ms / 1000.0),
             ("cdpfs_read_latency_p90_seconds", "90th percentile read latency", self.read_p90_ms / 1000.0),
             ("cdpfs_read_latency_p99_seconds", "99th percentile read latency", self.read_p99_ms / 1000.0),

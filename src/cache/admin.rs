@@ -1,5 +1,5 @@
-//! Looking after a cache directory from the outside: what it holds, which mounts use it, and
-//! emptying it safely (`cdpfs cache info|clear`).
+//! Looking after a cache directory from the outside: what it holds, which mounts use it,
+//! setting its bound, trimming it and emptying it safely (`cdpfs cache info|init|trim|clear`).
 //!
 //! Every mount that uses a cache directory registers itself in `mounts/<host>-<pid>` (holding its
 //! mount point) for as long as it runs; `clear` refuses while a registered mount is alive.
@@ -8,6 +8,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+
+use super::bound::{self, hostname};
 
 /// What a cache directory holds.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -28,9 +30,12 @@ pub fn usage(dir: &Path) -> Usage {
     let mut objects = std::collections::HashSet::new();
     for shard in fs::read_dir(dir.join("blocks")).into_iter().flatten().flatten() {
         for file in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // a block being written
+            }
             usage.blocks += 1;
             usage.bytes += file.metadata().map_or(0, |m| m.len());
-            let name = file.file_name().to_string_lossy().into_owned();
             objects.insert(name.split('-').next().unwrap_or_default().to_owned());
         }
     }
@@ -85,6 +90,20 @@ pub fn live_mounts(dir: &Path) -> Vec<String> {
     live
 }
 
+/// One eviction pass over `dir` now (`cdpfs cache trim`): evicts the least recently used blocks
+/// when they are near the directory's bound, removes temp files left by writers that died and
+/// refreshes the usage summary. Fails when another process is evicting at the moment.
+pub fn trim(dir: &Path) -> Result<bound::Pass> {
+    if !dir.join("blocks").is_dir() {
+        bail!("{} is not a cdpfs cache directory", dir.display());
+    }
+    let space = bound::Space::open(dir, None, false);
+    match space.pass(false).with_context(|| format!("trimming {}", dir.display()))? {
+        Some(pass) => Ok(pass),
+        None => bail!("another process is evicting from {} right now; try again later", dir.display()),
+    }
+}
+
 /// Empties `dir` unless a live mount uses it; returns what was removed.
 pub fn clear(dir: &Path) -> Result<Usage> {
     if !dir.join("blocks").is_dir() {
@@ -95,6 +114,7 @@ pub fn clear(dir: &Path) -> Result<Usage> {
         bail!("{} is in use by the mount(s) {}; unmount first", dir.display(), users.join(", "));
     }
     let before = usage(dir);
+    let _ = fs::remove_file(dir.join("usage"));
     // `portal`: the portal API's answers (ids, facet folders).
     for sub in ["blocks", "listings", "tmp", "portal"] {
         let path = dir.join(sub);
@@ -104,18 +124,6 @@ pub fn clear(dir: &Path) -> Result<Usage> {
         fs::create_dir_all(&path)?;
     }
     Ok(before)
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or truncates.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    if ok {
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "localhost".into()
-    }
 }
 
 #[cfg(test)]

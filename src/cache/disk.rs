@@ -1,87 +1,159 @@
-//! Disk tier: blocks persisted under a cache directory, bounded in size, checked on every read.
+//! Disk tier: blocks persisted under a cache directory, shared by the processes (and nodes)
+//! that use it, bounded in size, checked on every read.
 //!
 //! Each block is one file `blocks/<xx>/<object-hash>-<index>` holding a header (magic, key,
 //! ETag, index, block size, offset, length, CRC32C over data + key + ETag + index + block size)
-//! and the data, so a block written with another block size never passes for this one. Files are written to
-//! `tmp/` and renamed into place, so a reader (in this process, another process, or another
-//! node sharing the directory) sees a whole block or none; anything that fails the check — a
-//! torn write, a flipped bit, a hash collision — is deleted and treated as a miss. Eviction is
-//! LRU by this process's view of the directory (scanned at start-up), keeping the total under
-//! the configured size. Whether a block is on disk is answered from that in-memory index,
-//! without touching the directory.
+//! and the data, so a block written with another block size never passes for this one. A block
+//! is written to a temp file next to its target, named uniquely across hosts and created
+//! exclusively, then renamed into place, so a reader (in this process, another process, or
+//! another node sharing the directory) sees a whole block or none; anything that fails the
+//! check (a torn write, a flipped bit, a hash collision) is deleted and treated as a miss.
+//!
+//! The directory's one size bound, its ledger and its eviction are in [`super::bound`]. Opening
+//! a directory reads nothing but its bound: the blocks other processes write are found by
+//! looking at their files, and the in-memory index of blocks known to be on disk (which answers
+//! [`DiskCache::contains`] without touching the directory) is fed by this process's reads and
+//! writes and by a background pass ([`DiskCache::start_upkeep`]). A directory this process
+//! cannot write is a read-only tier; a write that fails for lack of space or quota pauses
+//! writes for [`PAUSE`], any other failure is retried and never turns the tier off.
 
+use std::collections::HashSet;
 use std::fs;
-use std::io::Write;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
+use super::bound::{replace_file, Reservation, Space};
 use super::BlockKey;
 
 const MAGIC: &[u8; 8] = b"CDPFSB02";
 
+/// How long writes stop after the directory said it is full, out of quota or read-only.
+pub const PAUSE: Duration = Duration::from_secs(30);
+
+/// A hit touches its block's mtime (the shared recency eviction goes by) when older than this.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// Attempts at writing one block when the failure looks transient.
+const WRITE_ATTEMPTS: u32 = 3;
+
+/// How long a writer waits for room in the ledger (another process's eviction pass, or the
+/// ledger's lock).
+const ROOM_WAIT: Duration = Duration::from_secs(30);
+
 /// The on-disk block store.
 pub struct DiskCache {
     dir: PathBuf,
-    capacity: u64,
     block_size: u64,
-    index: Mutex<DiskIndex>,
-    /// Set after a write failed (full disk, read-only directory): the tier then only reads.
-    writes_failed: AtomicBool,
-    temp_counter: AtomicU64,
-}
-
-struct DiskIndex {
-    files: lru::LruCache<String, u64>,
-    total: u64,
+    space: Space,
+    /// Blocks known to be on disk, by (object hash, index).
+    known: Mutex<HashSet<(u64, u64)>>,
+    /// The directory cannot be written by this process: the tier only reads.
+    read_only: bool,
+    /// Writes are paused until then (the directory was full or read-only).
+    paused_until: Mutex<Option<Instant>>,
 }
 
 impl DiskCache {
-    /// Opens (creating it `0700` if needed) the cache of `block_size` blocks under `dir`,
-    /// bounded to `capacity` bytes.
-    pub fn open(dir: &Path, capacity: u64, block_size: u64) -> std::io::Result<DiskCache> {
+    /// Opens (creating it `0700` if needed) the cache of `block_size` blocks under `dir`, whose
+    /// bound is the one stored in `dir`, else `requested` ([`Space::open`]). Reads no block.
+    pub fn open(dir: &Path, requested: Option<u64>, block_size: u64) -> std::io::Result<DiskCache> {
+        Self::open_with(dir, requested, block_size, true)
+    }
+
+    /// Opens the existing cache directory `dir` to read from only (a shared tier this process
+    /// does not write): nothing in it is created, written or touched.
+    pub fn open_read_only(dir: &Path, block_size: u64) -> std::io::Result<DiskCache> {
+        if !dir.join("blocks").is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not a cdpfs cache directory (no blocks/ in it)", dir.display()),
+            ));
+        }
+        Self::open_with(dir, None, block_size, false)
+    }
+
+    fn open_with(dir: &Path, requested: Option<u64>, block_size: u64, writes: bool) -> std::io::Result<DiskCache> {
         use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-        fs::create_dir_all(dir.join("blocks"))?;
-        fs::create_dir_all(dir.join("tmp"))?;
-        let cache = DiskCache {
+        if !dir.is_dir() {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        if on_nfs(dir) {
+            warn!(dir = %dir.display(), "the cache directory is on NFS: every block read and write crosses the network (and a home directory's quota is small); prefer node-local storage, with a shared directory written only by `cdpfs prefetch`");
+        }
+        let read_only = !writes || !writable(dir);
+        let mut paused_until = None;
+        if read_only && writes {
+            info!(dir = %dir.display(), "the cache directory is read-only: using it as a read-only tier");
+        } else if let Err(e) = fs::create_dir_all(dir.join("blocks")) {
+            warn!(dir = %dir.display(), error = %e, "cannot write to the cache directory; serving from memory meanwhile");
+            paused_until = Some(Instant::now() + PAUSE);
+        }
+        let space = Space::open(dir, requested, !read_only);
+        Ok(DiskCache {
             dir: dir.to_path_buf(),
-            capacity,
             block_size,
-            index: Mutex::new(DiskIndex { files: lru::LruCache::unbounded(), total: 0 }),
-            writes_failed: AtomicBool::new(false),
-            temp_counter: AtomicU64::new(0),
+            space,
+            known: Mutex::new(HashSet::new()),
+            read_only,
+            paused_until: Mutex::new(paused_until),
+        })
+    }
+
+    /// The directory's size bound.
+    pub fn size(&self) -> u64 {
+        self.space.size()
+    }
+
+    /// Whether this process only reads the directory.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Keeps the index and the directory's usage summary fresh in the background: lists the
+    /// blocks into the index now, and runs an eviction pass ([`Space::pass`]) every `every`
+    /// unless another process (on any node sharing the directory) ran one within `every`, so a
+    /// shared directory is counted about once per `every`, not once per node. Stops once the
+    /// cache is dropped.
+    pub fn start_upkeep(self: &Arc<Self>, every: Duration) {
+        let cache = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("cdpfs-upkeep".into())
+            .spawn(move || {
+                let mut first = true;
+                loop {
+                    let Some(disk) = cache.upgrade() else { return };
+                    disk.refresh(first, every);
+                    drop(disk);
+                    first = false;
+                    std::thread::sleep(every);
+                }
+            })
+            .expect("starting the cache upkeep thread");
+    }
+
+    /// One background round: an eviction pass if one is due and this process may run it (its
+    /// count then feeds the index), else, on the `first` round, a listing of the block names.
+    fn refresh(&self, first: bool, every: Duration) {
+        let due = !self.read_only && self.space.last_pass().is_none_or(|at| at.elapsed().is_ok_and(|age| age >= every));
+        let names = match due.then(|| self.space.pass(false)) {
+            Some(Ok(Some(pass))) => pass.names,
+            _ if first => list_blocks(&self.dir.join("blocks")),
+            _ => return,
         };
-        cache.scan();
-        Ok(cache)
+        let found: HashSet<(u64, u64)> = names.iter().filter_map(|name| parse_name(name)).collect();
+        *self.known.lock().expect("disk index poisoned") = found;
     }
 
-    /// Bytes of blocks this process knows to be on disk.
-    pub fn used_bytes(&self) -> u64 {
-        self.index.lock().expect("disk index poisoned").total
-    }
-
-    /// Loads the existing blocks into the LRU, oldest first, and trims to capacity.
-    fn scan(&self) {
-        let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
-        for shard in fs::read_dir(self.dir.join("blocks")).into_iter().flatten().flatten() {
-            for file in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
-                let Ok(meta) = file.metadata() else { continue };
-                let name = format!("{}/{}", shard.file_name().to_string_lossy(), file.file_name().to_string_lossy());
-                found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), name, meta.len()));
-            }
-        }
-        found.sort();
-        let mut index = self.index.lock().expect("disk index poisoned");
-        for (_, name, size) in found {
-            index.total += size;
-            index.files.put(name, size);
-        }
-        self.evict(&mut index);
+    /// One eviction pass now, evicting only if the blocks are near the bound (or `force`);
+    /// `None` when another process is running one ([`Space::pass`]).
+    pub fn pass(&self, force: bool) -> std::io::Result<Option<super::bound::Pass>> {
+        self.space.pass(force)
     }
 
     fn relative_name(key: &BlockKey) -> String {
@@ -89,92 +161,212 @@ impl DiskCache {
         format!("{:02x}/{hash:016x}-{}", hash >> 56, key.index)
     }
 
-    /// Whether this process knows of a copy of the block on disk (from memory; not verified:
-    /// [`DiskCache::read`] checks it).
-    pub fn contains(&self, key: &BlockKey) -> bool {
-        self.index.lock().expect("disk index poisoned").files.contains(&Self::relative_name(key))
+    fn path(&self, key: &BlockKey) -> PathBuf {
+        self.dir.join("blocks").join(Self::relative_name(key))
     }
 
-    /// The block, if a valid copy is on disk.
+    fn remember(&self, key: &BlockKey, present: bool) {
+        let mut known = self.known.lock().expect("disk index poisoned");
+        if present {
+            known.insert((key.object_hash(), key.index));
+        } else {
+            known.remove(&(key.object_hash(), key.index));
+        }
+    }
+
+    /// Whether this process knows of a copy of the block on disk (from memory; not verified:
+    /// [`DiskCache::read`] checks it). Blocks other processes wrote since the last background
+    /// pass are not known until read.
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.known.lock().expect("disk index poisoned").contains(&(key.object_hash(), key.index))
+    }
+
+    /// Whether a copy of the block is on disk: known, or its file is there (not verified).
+    pub fn present(&self, key: &BlockKey) -> bool {
+        let found = self.contains(key) || self.path(key).is_file();
+        if found {
+            self.remember(key, true);
+        }
+        found
+    }
+
+    /// The block, if a valid copy is on disk. A hit marks the block recently used for every
+    /// process sharing the directory.
     pub fn read(&self, key: &BlockKey) -> Option<Bytes> {
-        let name = Self::relative_name(key);
-        let path = self.dir.join("blocks").join(&name);
-        let raw = fs::read(&path).ok()?;
+        let path = self.path(key);
+        let (raw, mtime) = match read_file(&path) {
+            Ok(read) => read,
+            Err(_) => {
+                self.remember(key, false);
+                return None;
+            }
+        };
         match decode(&raw, key, self.block_size) {
             Some(range) => {
-                let mut index = self.index.lock().expect("disk index poisoned");
-                // Back in the index if it had lost the file (the caller checked it was there).
-                if index.files.get(&name).is_none() {
-                    index.files.put(name, raw.len() as u64);
-                    index.total += raw.len() as u64;
+                self.remember(key, true);
+                if !self.read_only && mtime.elapsed().is_ok_and(|age| age > TOUCH_EVERY) {
+                    if let Ok(file) = fs::File::options().write(true).open(&path) {
+                        let _ = file.set_modified(SystemTime::now());
+                    }
                 }
-                drop(index);
                 Some(Bytes::from(raw).slice(range))
             }
             None => {
                 warn!(path = %path.display(), "cached block failed its check; discarding it");
-                let _ = fs::remove_file(&path);
-                let mut index = self.index.lock().expect("disk index poisoned");
-                if let Some(size) = index.files.pop(&name) {
-                    index.total -= size;
+                if !self.read_only {
+                    let _ = fs::remove_file(&path);
                 }
+                self.remember(key, false);
                 None
             }
         }
     }
 
-    /// Stores a block (atomically) and evicts old ones beyond capacity; false when it was not
-    /// written. Failures only log.
+    /// Stores a block (atomically) within the directory's bound, making room when needed;
+    /// false when it was not written. Failures only log.
     pub fn write(&self, key: &BlockKey, data: &[u8]) -> bool {
-        if self.writes_failed.load(Ordering::Relaxed) {
+        if self.read_only || self.paused() {
             return false;
         }
-        let name = Self::relative_name(key);
-        let target = self.dir.join("blocks").join(&name);
-        let temp = self.dir.join("tmp").join(format!(
-            "{}.{}.{}",
-            name.replace('/', "_"),
-            std::process::id(),
-            self.temp_counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| -> std::io::Result<u64> {
-            fs::create_dir_all(target.parent().expect("block path has a parent"))?;
-            let mut file = fs::File::create(&temp)?;
-            let header = encode_header(key, data, self.block_size);
-            file.write_all(&header)?;
-            file.write_all(data)?;
-            drop(file);
-            fs::rename(&temp, &target)?;
-            Ok((header.len() + data.len()) as u64)
-        })();
-        match result {
-            Ok(size) => {
-                let mut index = self.index.lock().expect("disk index poisoned");
-                if let Some(old) = index.files.put(name, size) {
-                    index.total -= old;
-                }
-                index.total += size;
-                self.evict(&mut index);
-                true
+        let target = self.path(key);
+        if target.is_file() {
+            // Written by another process (or another node) meanwhile.
+            self.remember(key, true);
+            return true;
+        }
+        let header = encode_header(key, data, self.block_size);
+        let size = (header.len() + data.len()) as u64;
+        if let Err(e) = self.reserve(size) {
+            if let Some(e) = e {
+                self.fail(&e);
             }
-            Err(e) => {
-                let _ = fs::remove_file(&temp);
-                if !self.writes_failed.swap(true, Ordering::Relaxed) {
-                    warn!(dir = %self.dir.display(), error = %e, "cannot write to the disk cache; continuing with memory only");
+            return false;
+        }
+        let mut attempt = 0;
+        loop {
+            match self.write_file(&target, &header, data) {
+                Ok(()) => {
+                    self.remember(key, true);
+                    return true;
                 }
-                false
+                Err(e) => {
+                    attempt += 1;
+                    if pausing(&e) || attempt >= WRITE_ATTEMPTS {
+                        self.space.release(size);
+                        self.fail(&e);
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(50 << attempt));
+                }
             }
         }
     }
 
-    fn evict(&self, index: &mut DiskIndex) {
-        while index.total > self.capacity {
-            let Some((name, size)) = index.files.pop_lru() else { break };
-            index.total -= size;
-            debug!(%name, "evicting cached block");
-            let _ = fs::remove_file(self.dir.join("blocks").join(&name));
+    /// Reserves `size` bytes in the directory's ledger, evicting (or waiting for the process
+    /// that evicts) when the bound is reached. Fails when no room came in time (with the
+    /// directory's error, if it failed).
+    fn reserve(&self, size: u64) -> Result<(), Option<std::io::Error>> {
+        let started = Instant::now();
+        loop {
+            match self.space.reserve(size) {
+                Reservation::Granted => return Ok(()),
+
+                Reservation::Failed(e) => return Err(Some(e)),
+                Reservation::Busy | Reservation::Full if started.elapsed() > ROOM_WAIT => return Err(None),
+                Reservation::Busy => {}
+                Reservation::Full => match self.space.pass(true) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(e) => return Err(Some(e)),
+                },
+            }
         }
     }
+
+    fn write_file(&self, target: &Path, header: &[u8], data: &[u8]) -> std::io::Result<()> {
+        fs::create_dir_all(target.parent().expect("block path has a parent"))?;
+        replace_file(target, &[header, data])
+    }
+
+    fn paused(&self) -> bool {
+        let mut paused = self.paused_until.lock().expect("pause state poisoned");
+        match *paused {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *paused = None;
+                info!(dir = %self.dir.display(), "writing to the disk cache again");
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Handles a failed write: a full, out-of-quota or read-only directory pauses writes, any
+    /// other error only costs the block.
+    fn fail(&self, error: &std::io::Error) {
+        if !pausing(error) {
+            warn!(dir = %self.dir.display(), %error, "could not write a cached block; continuing");
+            return;
+        }
+        let mut paused = self.paused_until.lock().expect("pause state poisoned");
+        if paused.is_none() {
+            warn!(dir = %self.dir.display(), %error, pause = ?PAUSE, "the cache directory refused a write; serving from memory and S3, trying again later");
+        }
+        *paused = Some(Instant::now() + PAUSE);
+    }
+}
+
+/// Whether `error` says the directory takes no more data for now.
+fn pausing(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT))
+}
+
+/// Whether this process may create files in `dir`.
+fn writable(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: `path` is NUL-terminated.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Whether `dir` is on NFS.
+fn on_nfs(dir: &Path) -> bool {
+    const NFS_SUPER_MAGIC: i64 = 0x6969;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: `path` is NUL-terminated and `stat` is a valid out-parameter.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == NFS_SUPER_MAGIC
+    }
+}
+
+/// A file's bytes and mtime.
+fn read_file(path: &Path) -> std::io::Result<(Vec<u8>, SystemTime)> {
+    let mut file = fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let mut raw = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut raw)?;
+    Ok((raw, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+}
+
+/// Names (`<shard>/<file>`) of the block files under `blocks` (temp files left out).
+fn list_blocks(blocks: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for shard in fs::read_dir(blocks).into_iter().flatten().flatten() {
+        let shard_name = shard.file_name().to_string_lossy().into_owned();
+        for file in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                names.push(format!("{shard_name}/{name}"));
+            }
+        }
+    }
+    names
+}
+
+/// (object hash, index) of a block file name `<xx>/<hash>-<index>`.
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let (hash, index) = name.rsplit('/').next()?.split_once('-')?;
+    Some((u64::from_str_radix(hash, 16).ok()?, index.parse().ok()?))
 }
 
 fn checksum(key: &BlockKey, data: &[u8], block_size: u64) -> u32 {
@@ -231,7 +423,6 @@ fn decode(raw: &[u8], key: &BlockKey, block_size: u64) -> Option<std::ops::Range
 mod tests {
     use super::*;
     use crate::store::ObjectMeta;
-    use std::sync::Arc;
 
     fn key(name: &str, index: u64) -> BlockKey {
         let object =
@@ -246,25 +437,42 @@ mod tests {
     #[test]
     fn round_trip_and_persistence() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 1 << 20, 1 << 16).unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 20), 1 << 16).unwrap();
         let k = key("a/b.mrc", 3);
-        cache.write(&k, b"hello block");
+        assert!(cache.write(&k, b"hello block"));
         assert_eq!(cache.read(&k).unwrap(), &b"hello block"[..]);
         assert!(cache.read(&key("a/b.mrc", 4)).is_none());
         drop(cache);
-        let reopened = DiskCache::open(dir.path(), 1 << 20, 1 << 16).unwrap();
+        let reopened = DiskCache::open(dir.path(), None, 1 << 16).unwrap();
+        assert!(!reopened.contains(&k), "opening reads no block");
         assert_eq!(reopened.read(&k).unwrap(), &b"hello block"[..]);
-        assert!(reopened.used_bytes() > 11);
+        assert!(reopened.contains(&k));
+        assert!(super::super::bound::summary(dir.path()).unwrap().bytes > 11);
+    }
+
+    #[test]
+    fn blocks_another_process_writes_are_found_and_listed_by_the_upkeep() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = Arc::new(DiskCache::open(dir.path(), Some(1 << 20), 1 << 16).unwrap());
+        let writer = DiskCache::open(dir.path(), None, 1 << 16).unwrap();
+        let (a, b) = (key("a", 0), key("b", 0));
+        assert!(writer.write(&a, b"from the other process") && writer.write(&b, b"b"));
+        assert!(!reader.contains(&a));
+        assert_eq!(reader.read(&a).unwrap(), &b"from the other process"[..]);
+        assert!(reader.present(&b));
+        let fresh = Arc::new(DiskCache::open(dir.path(), None, 1 << 16).unwrap());
+        fresh.refresh(true, Duration::from_secs(300));
+        assert!(fresh.contains(&a) && fresh.contains(&b));
     }
 
     #[test]
     fn flipped_and_truncated_blocks_are_misses_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 1 << 20, 1 << 16).unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 20), 1 << 16).unwrap();
         let k = key("x", 0);
         let data = vec![7u8; 4096];
         for damage in 0..3 {
-            cache.write(&k, &data);
+            assert!(cache.write(&k, &data));
             let path = block_file(dir.path(), &k);
             let mut raw = fs::read(&path).unwrap();
             match damage {
@@ -281,7 +489,7 @@ mod tests {
     #[test]
     fn a_block_of_another_etag_is_not_served() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 1 << 20, 1 << 16).unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 20), 1 << 16).unwrap();
         let k = key("x", 0);
         cache.write(&k, b"old bytes");
         let mut changed = (*k.object).clone();
@@ -297,31 +505,41 @@ mod tests {
     fn a_block_written_with_another_block_size_is_not_served() {
         let dir = tempfile::tempdir().unwrap();
         let k = key("x", 2);
-        assert!(DiskCache::open(dir.path(), 1 << 20, 4096).unwrap().write(&k, &[5u8; 4096]));
+        assert!(DiskCache::open(dir.path(), Some(1 << 20), 4096).unwrap().write(&k, &[5u8; 4096]));
         // Same key, ETag and index, but the index now means another offset.
-        let other = DiskCache::open(dir.path(), 1 << 20, 8192).unwrap();
-        assert!(other.contains(&k), "the scan knows the file");
+        let other = DiskCache::open(dir.path(), None, 8192).unwrap();
+        assert!(other.present(&k), "the file is there");
         assert!(other.read(&k).is_none());
         assert!(!block_file(dir.path(), &k).exists(), "the mismatched block was removed");
     }
 
     #[test]
-    fn eviction_keeps_the_bound_and_drops_least_recently_used() {
+    fn writers_sharing_a_directory_keep_its_bound_and_evict_the_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 5 * 1100, 1 << 16).unwrap();
+        let size = 20 * 1100;
+        let (a, b) = (
+            DiskCache::open(dir.path(), Some(size), 1 << 16).unwrap(),
+            DiskCache::open(dir.path(), Some(1 << 30), 1 << 16).unwrap(),
+        );
+        assert_eq!(b.size(), size, "the directory's bound, not the second process's");
         let data = vec![1u8; 1000];
-        for i in 0..5 {
-            cache.write(&key("f", i), &data);
+        for i in 0..15 {
+            assert!(a.write(&key("f", i), &data));
         }
-        cache.read(&key("f", 0)); // most recently used now
-        for i in 5..8 {
-            cache.write(&key("f", i), &data);
-            assert!(cache.used_bytes() <= 5 * 1100);
+        // Used by the other process: recent for everyone.
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        for i in 0..15 {
+            let file = fs::File::options().write(true).open(block_file(dir.path(), &key("f", i))).unwrap();
+            file.set_modified(old + Duration::from_secs(i)).unwrap();
         }
-        assert!(cache.read(&key("f", 0)).is_some(), "recently used block was evicted");
-        assert!(cache.read(&key("f", 1)).is_none(), "least recently used block was kept");
-        let on_disk: u64 = walkdir_size(&dir.path().join("blocks"));
-        assert!(on_disk <= 5 * 1100, "{on_disk} bytes on disk");
+        assert!(b.read(&key("f", 0)).is_some());
+        for i in 15..25 {
+            let writer = if i % 2 == 0 { &a } else { &b };
+            assert!(writer.write(&key("f", i), &data));
+            assert!(walkdir_size(&dir.path().join("blocks")) <= size, "the bound was passed");
+        }
+        assert!(b.read(&key("f", 0)).is_some(), "a block used since was evicted");
+        assert!(a.read(&key("f", 1)).is_none(), "the least recently used block was kept");
     }
 
     fn walkdir_size(dir: &Path) -> u64 {
@@ -333,14 +551,19 @@ mod tests {
     }
 
     #[test]
-    fn unwritable_directory_degrades_to_no_writes() {
+    fn a_failed_write_is_not_fatal_and_unique_temps_are_cleaned_up() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 1 << 20, 1 << 16).unwrap();
-        fs::remove_dir_all(dir.path().join("tmp")).unwrap();
-        fs::write(dir.path().join("tmp"), b"not a dir").unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 20), 1 << 16).unwrap();
         let k = key("x", 0);
-        cache.write(&k, b"data");
-        assert!(cache.read(&k).is_none());
-        assert!(cache.writes_failed.load(Ordering::Relaxed));
+        // A file where the block's shard directory should be: every attempt fails.
+        let shard = block_file(dir.path(), &k).parent().unwrap().to_path_buf();
+        fs::write(&shard, b"not a dir").unwrap();
+        assert!(!cache.write(&k, b"data"));
+        assert!(!cache.paused(), "only a full or read-only directory pauses writes");
+        fs::remove_file(&shard).unwrap();
+        assert!(cache.write(&k, b"data"));
+        assert_eq!(cache.read(&k).unwrap(), &b"data"[..]);
+        let entries: Vec<_> = fs::read_dir(&shard).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
     }
 }

@@ -9,8 +9,13 @@
 //! neither a slow nor a hung cache directory slows a read. GETs in flight are capped by a fixed
 //! number of fetch slots (one per block), so the bytes being downloaded stay within the memory
 //! budget however many files are read at once.
+//!
+//! An optional second disk tier, a shared cache directory (on the cluster file system, filled
+//! by `cdpfs prefetch`), is read after the local one and before S3, as CVMFS's tiered cache: a
+//! block found there is copied into the local tier; it is written only when the mount is told to.
 
 pub mod admin;
+pub mod bound;
 pub mod disk;
 pub mod offload;
 pub mod write_behind;
@@ -91,27 +96,48 @@ pub struct CacheStats {
     pub memory_hits: AtomicU64,
     /// Blocks served from disk.
     pub disk_hits: AtomicU64,
+    /// Blocks served from the shared cache directory.
+    pub shared_hits: AtomicU64,
     /// Blocks fetched from the object store.
     pub fetches: AtomicU64,
 }
 
-/// The disk tier as the block cache uses it: the files, the write-behind stage, the reads.
+/// A disk tier as the block cache uses it: the files, the write-behind stage, the reads.
 pub struct DiskTier {
     files: Arc<DiskCache>,
-    writes: WriteBehind,
+    writes: Option<WriteBehind>,
     reads: Arc<CacheDirIo>,
 }
+
+/// The write counters of a tier that is not written.
+static NO_WRITES: write_behind::WriteCounters = write_behind::WriteCounters {
+    written: AtomicU64::new(0),
+    dropped: AtomicU64::new(0),
+    queued_bytes: AtomicU64::new(0),
+};
 
 impl DiskTier {
     /// `files`, written through a write-behind queue of at most `queue_bytes`, read through
     /// `reads`.
     pub fn new(files: Arc<DiskCache>, queue_bytes: u64, reads: Arc<CacheDirIo>) -> DiskTier {
-        DiskTier { writes: WriteBehind::start(files.clone(), queue_bytes, 2), files, reads }
+        DiskTier { writes: Some(WriteBehind::start(files.clone(), queue_bytes, 2)), files, reads }
+    }
+
+    /// `files`, only read (through `reads`).
+    pub fn read_only(files: Arc<DiskCache>, reads: Arc<CacheDirIo>) -> DiskTier {
+        DiskTier { writes: None, files, reads }
     }
 
     /// Counters of the write-behind stage.
     pub fn writes(&self) -> &write_behind::WriteCounters {
-        self.writes.counters()
+        self.writes.as_ref().map_or(&NO_WRITES, WriteBehind::counters)
+    }
+
+    /// Queues the block to be written, if this tier is written.
+    fn submit(&self, key: BlockKey, block: Bytes) {
+        if let Some(writes) = &self.writes {
+            writes.submit(key, block);
+        }
     }
 
     /// Reads of the cache directory abandoned as too slow.
@@ -126,6 +152,8 @@ pub struct BlockCache {
     block_size: u64,
     memory: moka::future::Cache<BlockKey, Bytes>,
     disk: Option<DiskTier>,
+    /// The shared cache directory, read after `disk`.
+    shared: Option<DiskTier>,
     fetch_slots: Arc<tokio::sync::Semaphore>,
     /// Blocks GETs are fetching (read-ahead runs and blocks readers wait for).
     pending: std::sync::Mutex<HashMap<BlockKey, PendingBlock>>,
@@ -159,11 +187,18 @@ impl BlockCache {
             block_size,
             memory,
             disk,
+            shared: None,
             fetch_slots,
             pending: Default::default(),
             part_blocks,
             stats: CacheStats::default(),
         }
+    }
+
+    /// Reads blocks from `shared` (a shared cache directory) after the disk tier.
+    pub fn with_shared(mut self, shared: DiskTier) -> BlockCache {
+        self.shared = Some(shared);
+        self
     }
 
     /// Bytes of blocks held in memory.
@@ -220,7 +255,7 @@ impl BlockCache {
     }
 
     fn on_disk(&self, key: &BlockKey) -> bool {
-        self.disk.as_ref().is_some_and(|d| d.files.contains(key))
+        [&self.disk, &self.shared].into_iter().flatten().any(|tier| tier.files.contains(key))
     }
 
     /// The block, if memory has it.
@@ -247,7 +282,7 @@ impl BlockCache {
         if let Some(fetch) = pending {
             return fetch.await.ok();
         }
-        let block = self.read_disk(key).await?;
+        let block = self.read_tiers(key).await?;
         self.memory.insert(key.clone(), block.clone()).await;
         Some(block)
     }
@@ -324,17 +359,17 @@ impl BlockCache {
         blocks.end
     }
 
-    /// Starts one GET for the consecutive blocks `run` of `object`: each block is registered
-    /// as pending at once (so a reader of one of them waits for it instead of fetching the
-    /// block again) and can be read as soon as its own bytes have arrived, not the whole run's;
-    /// each is loaded into the tiers as it comes.
+    /// Starts loading the consecutive blocks `run` of `object`: those a cache directory has
+    /// from there, the others by one GET. Each block is registered as pending at once (so a
+    /// reader of one of them waits for it instead of fetching the block again) and can be read
+    /// as soon as its own bytes have arrived, not the whole run's; each is loaded into the
+    /// tiers as it comes.
     fn start_run(
         self: &Arc<Self>,
         object: &Arc<ObjectMeta>,
         run: Range<u64>,
         slots: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let bytes = self.block_range(object, run.start).start..self.block_range(object, run.end - 1).end;
         let failure: Arc<std::sync::OnceLock<StoreError>> = Arc::default();
         let (senders, arrivals): (Vec<_>, Vec<_>) = run.clone().map(|_| tokio::sync::oneshot::channel()).unzip();
         let keys: Vec<BlockKey> = run.map(|index| BlockKey { object: object.clone(), index }).collect();
@@ -352,20 +387,38 @@ impl BlockCache {
                 pending.insert(key.clone(), block);
             }
         }
-        let (store, object, block_size) = (self.store.clone(), object.clone(), self.block_size);
+        let (cache, object, keys_in_run, first) = (self.clone(), object.clone(), keys.clone(), keys[0].index);
         tokio::spawn(async move {
             let senders = std::sync::Mutex::new(senders.into_iter().map(Some).collect::<Vec<_>>());
-            let sink = |number: usize, block: Bytes| {
+            let send = |number: usize, block: Bytes| {
                 let sender = senders.lock().expect("run senders poisoned").get_mut(number).and_then(Option::take);
                 if let Some(sender) = sender {
                     let _ = sender.send(block);
                 }
             };
-            let result = store.get_pieces(&object, bytes, block_size, &sink).await;
-            drop(slots);
-            if let Err(e) = result {
-                let _ = failure.set(e);
+            // Blocks a cache directory has (the index of a tier another process writes to may
+            // not know them yet) come from there; the GET covers the others.
+            let in_tiers = futures_util::future::join_all(keys_in_run.iter().map(|key| cache.read_tiers(key))).await;
+            let mut missing = Vec::new();
+            for (number, (key, block)) in keys_in_run.iter().zip(in_tiers).enumerate() {
+                match block {
+                    Some(block) => {
+                        cache.memory.insert(key.clone(), block.clone()).await;
+                        send(number, block);
+                    }
+                    None => missing.push(number),
+                }
             }
+            if let (Some(&low), Some(&high)) = (missing.first(), missing.last()) {
+                let index = |number: usize| first + number as u64;
+                let bytes = cache.block_range(&object, index(low)).start..cache.block_range(&object, index(high)).end;
+                let sink = |number: usize, block: Bytes| send(low + number, block);
+                let result = cache.store.get_pieces(&object, bytes, cache.block_size, &sink).await;
+                if let Err(e) = result {
+                    let _ = failure.set(e);
+                }
+            }
+            drop(slots);
             // Blocks the GET did not deliver fail with its error (set above) when their
             // senders go.
             drop(senders);
@@ -405,15 +458,16 @@ impl BlockCache {
         let loader_key = key.clone();
         self.memory
             .try_get_with(key, async move {
-                let disk = self.disk.as_ref().filter(|_| persisted);
-                if disk.is_some() {
-                    if let Some(block) = self.read_disk(&loader_key).await {
+                if persisted {
+                    if let Some(block) = self.read_tiers(&loader_key).await {
                         return Ok(block);
                     }
                 }
                 let block = load.await?;
-                if let Some(disk) = disk {
-                    disk.writes.submit(loader_key, block.clone());
+                if persisted {
+                    for tier in [&self.disk, &self.shared].into_iter().flatten() {
+                        tier.submit(loader_key.clone(), block.clone());
+                    }
                 }
                 Ok(block)
             })
@@ -421,13 +475,28 @@ impl BlockCache {
             .map_err(|e: Arc<StoreError>| (*e).clone())
     }
 
-    /// A verified copy of the block from the disk tier, if its index knows the block and the
-    /// directory answers in time.
-    async fn read_disk(&self, key: &BlockKey) -> Option<Bytes> {
-        let disk = self.disk.as_ref().filter(|_| self.on_disk(key))?;
-        let (files, key) = (disk.files.clone(), key.clone());
-        let block = disk.reads.run(move || files.read(&key)).await.flatten()?;
-        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+    /// A verified copy of the block from the disk tier, else from the shared one (then copied
+    /// into the disk tier).
+    async fn read_tiers(&self, key: &BlockKey) -> Option<Bytes> {
+        if let Some(disk) = &self.disk {
+            if let Some(block) = Self::read_tier(disk, key, &self.stats.disk_hits).await {
+                return Some(block);
+            }
+        }
+        let block = Self::read_tier(self.shared.as_ref()?, key, &self.stats.shared_hits).await?;
+        if let Some(disk) = &self.disk {
+            disk.submit(key.clone(), block.clone());
+        }
+        Some(block)
+    }
+
+    /// A verified copy of the block from `tier`, if its directory has one and answers in time.
+    /// The file itself is looked at (another process may have written it since this one
+    /// started): an open that fails costs far less than a GET.
+    async fn read_tier(tier: &DiskTier, key: &BlockKey, hits: &AtomicU64) -> Option<Bytes> {
+        let (files, key) = (tier.files.clone(), key.clone());
+        let block = tier.reads.run(move || files.read(&key)).await.flatten()?;
+        hits.fetch_add(1, Ordering::Relaxed);
         Some(block)
     }
 }
@@ -575,20 +644,20 @@ mod tests {
         let object = object();
         let key = BlockKey { object: object.clone(), index: 0 };
         {
-            let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20, 4096).unwrap());
+            let disk = Arc::new(DiskCache::open(dir.path(), Some(1 << 20), 4096).unwrap());
             let cache =
                 BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(DiskTier::new(disk.clone(), 1 << 20, io())));
             cache.get(key.clone()).await.unwrap();
             // Let the background write land.
             for _ in 0..100 {
-                if disk.used_bytes() > 0 {
+                if disk.contains(&key) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         assert_eq!(store.gets.load(Ordering::SeqCst), 1);
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20, 4096).unwrap());
+        let disk = Arc::new(DiskCache::open(dir.path(), Some(1 << 20), 4096).unwrap());
         let fresh = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(DiskTier::new(disk, 1 << 20, io())));
         let block = fresh.get(key.clone()).await.unwrap();
         assert_eq!(store.gets.load(Ordering::SeqCst), 1, "a persisted block was fetched again");
@@ -603,7 +672,7 @@ mod tests {
                 std::fs::write(file.path(), raw).unwrap();
             }
         }
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 20, 4096).unwrap());
+        let disk = Arc::new(DiskCache::open(dir.path(), Some(1 << 20), 4096).unwrap());
         let cold = BlockCache::new(store.clone(), 4096, 1 << 20, 8, Some(DiskTier::new(disk, 1 << 20, io())));
         assert_eq!(cold.get(key).await.unwrap(), block);
         assert_eq!(store.gets.load(Ordering::SeqCst), 2);

@@ -104,7 +104,7 @@ mod tests {
     #[test]
     fn blocks_beyond_the_queue_bound_are_dropped_and_the_rest_are_written() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30, 1 << 16).unwrap());
+        let disk = Arc::new(DiskCache::open(dir.path(), Some(1 << 30), 1 << 16).unwrap());
         let stage = WriteBehind::start(disk.clone(), 3 * 4096, 2);
         // More than the whole queue may hold: never queued, whatever the writers are doing.
         assert!(!stage.submit(key(0), Bytes::from(vec![1u8; 4 * 4096])));

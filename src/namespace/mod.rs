@@ -10,7 +10,10 @@
 //! Two things keep a recursive walk (`find`, `du`, `ls -R`) from paying one serial round trip per
 //! directory: listings are saved in the cache directory ([`persist`]) and reused by later mounts
 //! while the TTL lasts, and opening a directory warms the listings of the directories below it,
-//! breadth first, many at a time, up to a budget of listings per opened directory.
+//! breadth first, many at a time, up to a budget of listings per opened directory. The warming
+//! is polite, as hundreds of nodes may share one bucket: a directory is warmed at most once per
+//! TTL, and never into OME-Zarr stores (`*.zarr/`, thousands of chunk folders Zarr readers do
+//! not list).
 //!
 //! A directory listing also gets the MRC views of the OME-Zarrs in it ([`crate::views`]),
 //! when the mount shows them. With the portal's map ([`crate::portal::map`]), the root also
@@ -225,10 +228,14 @@ impl InodeTable {
 pub struct Namespace {
     store: Arc<dyn ObjectStore>,
     saved: Option<Arc<ListingStore>>,
+    /// How long listings are trusted.
+    ttl: Duration,
     inodes: RwLock<InodeTable>,
     directories: moka::future::Cache<u64, Arc<Directory>>,
     warm_gate: Arc<Semaphore>,
     warm_budget: usize,
+    /// Directories warmed within the TTL.
+    warmed: moka::future::Cache<u64, ()>,
     views: Option<Arc<Catalog>>,
     portal: Option<Arc<PortalMap>>,
     root_prefix: String,
@@ -263,10 +270,12 @@ impl Namespace {
         Namespace {
             store,
             saved,
+            ttl,
             inodes: RwLock::new(table),
             directories,
             warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
             warm_budget,
+            warmed: moka::future::Cache::builder().max_capacity(MAX_CACHED_ENTRIES).time_to_live(ttl).build(),
             views: None,
             portal: None,
             root_prefix: root_prefix.to_owned(),
@@ -403,13 +412,25 @@ impl Namespace {
     }
 
     /// A listing of `prefix`: a saved one while it is fresh, else from the store (then saved).
+    /// While S3 is unreachable (or the mount is offline), a saved listing of any age.
     async fn list(&self, prefix: &str) -> Result<PrefixListing, StoreError> {
         if let Some(saved) = &self.saved {
-            if let Some(listing) = saved.load_async(prefix).await {
+            let max_age = self.store.reachable().then_some(self.ttl);
+            if let Some(listing) = saved.load_within_async(prefix, max_age).await {
                 return Ok(listing);
             }
         }
-        let listing = self.store.list_prefix(prefix).await?;
+        let listing = match self.store.list_prefix(prefix).await {
+            Err(StoreError::Unreachable(e)) => {
+                // Not saved again: it is no fresher than it was.
+                let stale = match &self.saved {
+                    Some(saved) => saved.load_within_async(prefix, None).await,
+                    None => None,
+                };
+                return stale.ok_or(StoreError::Unreachable(e));
+            }
+            listed => listed?,
+        };
         if let Some(saved) = &self.saved {
             saved.save_in_background(prefix, &listing);
         }
@@ -417,13 +438,18 @@ impl Namespace {
     }
 
     /// Lists, in the background, the directories up to [`WARM_DEPTH`] levels below `ino`
-    /// (which must be listed already), so that a walk finds them cached.
+    /// (which must be listed already), so that a walk finds them cached: once per TTL, and
+    /// never inside an OME-Zarr.
     pub fn warm_subtree(self: &Arc<Self>, ino: u64) {
-        if self.warm_budget == 0 {
+        if self.warm_budget == 0 || self.node(ino).is_ok_and(|node| in_zarr(&node)) {
             return;
         }
         let namespace = self.clone();
         tokio::spawn(async move {
+            if namespace.warmed.contains_key(&ino) {
+                return;
+            }
+            namespace.warmed.insert(ino, ()).await;
             let mut frontier = vec![ino];
             let mut budget = namespace.warm_budget;
             for _ in 0..WARM_DEPTH {
@@ -434,6 +460,9 @@ impl Namespace {
                     for entry in listing.entries.iter() {
                         // The kernel has not looked these up yet: list them by prefix.
                         let Node::Dir { prefix } = &entry.node else { continue };
+                        if in_zarr(&entry.node) {
+                            continue;
+                        }
                         if namespace.directories.contains_key(&entry.ino) {
                             next.push(entry.ino);
                         } else if budget > 0 {
@@ -537,6 +566,11 @@ impl Namespace {
         let entries = named.into_iter().map(|(name, node)| Entry { name, ino: table.ino_for(&node), node }).collect();
         Directory { entries }
     }
+}
+
+/// Whether `node` is an OME-Zarr store (`*.zarr/`) or a folder inside one.
+fn in_zarr(node: &Node) -> bool {
+    matches!(node, Node::Dir { prefix } if prefix.split('/').any(|segment| segment.ends_with(".zarr")))
 }
 
 #[cfg(test)]

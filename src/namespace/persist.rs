@@ -2,13 +2,12 @@
 //! mount sharing the directory) walks a known tree without asking S3 again while the metadata TTL
 //! has not run out.
 //!
-//! One JSON file per listed prefix, written atomically (temp file + rename). A file that cannot be
+//! One JSON file per listed prefix, written atomically ([`crate::cache::bound::replace_file`]). A file that cannot be
 //! parsed, belongs to another bucket or prefix, or is older than the TTL is ignored. The mount
 //! reads and writes them through [`CacheDirIo`], off the async workers and under its timeout.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +38,6 @@ pub struct ListingStore {
     dir: PathBuf,
     bucket: String,
     ttl: Duration,
-    temp_counter: AtomicU64,
     io: Arc<CacheDirIo>,
 }
 
@@ -49,13 +47,19 @@ impl ListingStore {
     pub fn open(cache_dir: &Path, bucket: &str, ttl: Duration, io: Arc<CacheDirIo>) -> std::io::Result<ListingStore> {
         let dir = cache_dir.join("listings");
         fs::create_dir_all(&dir)?;
-        Ok(ListingStore { dir, bucket: bucket.to_owned(), ttl, temp_counter: AtomicU64::new(0), io })
+        Ok(ListingStore { dir, bucket: bucket.to_owned(), ttl, io })
     }
 
     /// [`ListingStore::load`], off the async workers; `None` also when the directory is slow.
     pub async fn load_async(self: &Arc<Self>, prefix: &str) -> Option<PrefixListing> {
+        self.load_within_async(prefix, Some(self.ttl)).await
+    }
+
+    /// [`ListingStore::load_within`], off the async workers; `None` also when the directory
+    /// is slow.
+    pub async fn load_within_async(self: &Arc<Self>, prefix: &str, max_age: Option<Duration>) -> Option<PrefixListing> {
         let (store, prefix) = (self.clone(), prefix.to_owned());
-        self.io.run(move || store.load(&prefix)).await.flatten()
+        self.io.run(move || store.load_within(&prefix, max_age)).await.flatten()
     }
 
     /// [`ListingStore::forget`], off the async workers.
@@ -80,9 +84,15 @@ impl ListingStore {
 
     /// The saved listing of `prefix`, if there is a valid one younger than the TTL.
     pub fn load(&self, prefix: &str) -> Option<PrefixListing> {
+        self.load_within(prefix, Some(self.ttl))
+    }
+
+    /// The saved listing of `prefix` if it is younger than `max_age` (any age: `None`, for a
+    /// mount that cannot reach S3).
+    pub fn load_within(&self, prefix: &str, max_age: Option<Duration>) -> Option<PrefixListing> {
         let saved: Saved = serde_json::from_slice(&fs::read(self.path(prefix)).ok()?).ok()?;
         let age = now_secs().saturating_sub(saved.fetched_at);
-        if saved.bucket != self.bucket || saved.prefix != prefix || age >= self.ttl.as_secs() {
+        if saved.bucket != self.bucket || saved.prefix != prefix || max_age.is_some_and(|max| age >= max.as_secs()) {
             return None;
         }
         let objects = saved
@@ -123,14 +133,7 @@ impl ListingStore {
         };
         let Ok(json) = serde_json::to_vec(&saved) else { return };
         let target = self.path(prefix);
-        let temp = target.with_extension(format!(
-            "tmp.{}.{}",
-            std::process::id(),
-            self.temp_counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        if fs::write(&temp, json).and_then(|()| fs::rename(&temp, &target)).is_err() {
-            let _ = fs::remove_file(&temp);
-        }
+        let _ = crate::cache::bound::replace_file(&target, &[&json]);
     }
 }
 

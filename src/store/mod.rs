@@ -5,13 +5,15 @@
 //! filesystem. [`ObjectStore`] is the seam the rest of cdpfs uses; [`s3::S3Store`] is the real
 //! implementation, [`synthetic::SyntheticStore`] a generated one for measuring cdpfs alone.
 
+pub mod offline;
 pub mod s3;
+pub mod snapshot;
 pub mod synthetic;
 
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -114,6 +116,17 @@ pub struct StoreCounters {
     pub retries: AtomicU64,
     /// Requests that failed for good.
     pub failures: AtomicU64,
+    /// The last request found no S3 endpoint (or the mount is `--offline`): saved listings
+    /// are used without asking, and reads of uncached data fail. Cleared by the next request
+    /// that reaches S3.
+    pub unreachable: AtomicBool,
+}
+
+impl StoreCounters {
+    /// Whether S3 is taken to be unreachable ([`StoreCounters::unreachable`]).
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+    }
 }
 
 /// Where [`ObjectStore::get_pieces`] hands each piece (its number and bytes) as it arrives.
@@ -153,5 +166,11 @@ pub trait ObjectStore: Send + Sync + 'static {
             }
             Ok(())
         })
+    }
+
+    /// Whether the store is taken to answer (false after a request found no endpoint, until
+    /// one reaches it again, and always when offline).
+    fn reachable(&self) -> bool {
+        true
     }
 }

@@ -142,8 +142,12 @@ impl S3Store {
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
             let limit = attempt_limit.min(remaining);
             match tokio::time::timeout(limit, attempt()).await {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(value)) => {
+                    self.answered();
+                    return Ok(value);
+                }
                 Ok(Err(AttemptError::Final(e))) => {
+                    self.answered();
                     // A missing bucket is the mount's own error (`cdpfs mount` reports it and
                     // exits), not one request's.
                     if !matches!(e, StoreError::NoSuchBucket(_)) {
@@ -165,8 +169,43 @@ impl S3Store {
         Err(if connected {
             StoreError::Failed(format!("{what}: {last_error}"))
         } else {
+            if !self.counters.unreachable.swap(true, Ordering::Relaxed) {
+                warn!("S3 is unreachable: serving saved listings and cached blocks; reads of anything else fail until it answers again");
+                self.probe_until_reachable();
+            }
             StoreError::Unreachable(last_error)
         })
+    }
+
+    /// While S3 is unreachable, asks it for one key every `--request-timeout` (in the
+    /// background), so a mount that only lists saved folders also notices when it is back.
+    fn probe_until_reachable(&self) {
+        let (client, bucket, counters) = (self.client.clone(), self.bucket.clone(), self.counters.clone());
+        let every = self.retry.total_timeout.max(Duration::from_secs(1));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            while counters.is_unreachable() {
+                tokio::time::sleep(every).await;
+                let answer =
+                    tokio::time::timeout(every, client.list_objects_v2().bucket(&bucket).max_keys(1).send()).await;
+                // Any answer, even an error status, means the endpoint is back.
+                let reached = match answer {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => !matches!(classify(&bucket, "", e), AttemptError::NoConnection(_)),
+                    Err(_) => false,
+                };
+                if reached && counters.unreachable.swap(false, Ordering::Relaxed) {
+                    tracing::info!("S3 answers again");
+                }
+            }
+        });
+    }
+
+    /// Notes that S3 answered (after being unreachable: says so).
+    fn answered(&self) {
+        if self.counters.unreachable.swap(false, Ordering::Relaxed) {
+            tracing::info!("S3 answers again");
+        }
     }
 
     /// One listing page under `prefix`: its immediate children when `delimited`, else every
@@ -367,6 +406,10 @@ struct ListPage {
 }
 
 impl ObjectStore for S3Store {
+    fn reachable(&self) -> bool {
+        !self.counters.is_unreachable()
+    }
+
     fn list_prefix<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing> {
         Box::pin(self.list_pages(prefix, true))
     }
