@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// How far behind the end of the furthest read so far a read may start and still count as
-/// sequential: the kernel sends the requests of a `read()` (1 MiB for many programs) and its
-/// read-ahead at once, and they arrive in any order.
+/// sequential, once the stream has read that much: the kernel sends the requests of a `read()`
+/// (1 MiB for many programs) and its read-ahead at once, and they arrive in any order. (A
+/// single small random read has no requests in flight: a read behind it is a seek.)
 pub(crate) const BACKWARD_TOLERANCE: u64 = 4 << 20;
 /// How far beyond it a read may start and still count as sequential: the kernel sends a
 /// stream's requests a request or two out of order, never more.
@@ -104,7 +105,9 @@ impl Prefetcher {
     pub fn on_read(&mut self, offset: u64, len: u64) -> Pattern {
         let end = offset + len;
         let sequential = match self.stream {
-            Some((prev, _)) => offset + BACKWARD_TOLERANCE >= prev && offset <= prev + FORWARD_TOLERANCE,
+            Some((prev, consumed)) => {
+                offset + BACKWARD_TOLERANCE.min(consumed) >= prev && offset <= prev + FORWARD_TOLERANCE
+            }
             None => offset == 0 && len >= STREAM_START,
         };
         match self.stream {
@@ -210,6 +213,17 @@ mod tests {
         assert_eq!(header.on_read(0, 16 * 1024), Pattern::Random);
         let mut elsewhere = Prefetcher::new(4 * MIB, 32 * MIB, unbounded());
         assert_eq!(elsewhere.on_read(8 * MIB, MIB), Pattern::Random);
+    }
+
+    #[test]
+    fn a_read_behind_a_lone_random_read_is_a_seek_but_behind_a_stream_it_is_reordering() {
+        let mut random = Prefetcher::new(MIB, 32 * MIB, unbounded());
+        assert_eq!(random.on_read(100 * MIB, 64 * KIB), Pattern::Random);
+        assert_eq!(random.on_read(99 * MIB, 64 * KIB), Pattern::Random, "1 MiB behind a lone 64 KiB read");
+        let mut stream = Prefetcher::new(MIB, 32 * MIB, unbounded());
+        stream.on_read(0, MIB);
+        (1..8).for_each(|i| _ = stream.on_read(i * MIB, MIB));
+        assert!(matches!(stream.on_read(5 * MIB, 256 * KIB), Pattern::Sequential { .. }), "a late request");
     }
 
     #[test]
