@@ -13,7 +13,7 @@
 //! breadth first, many at a time, up to a budget of listings per opened directory. The warming
 //! is polite, as hundreds of nodes may share one bucket: a directory is warmed at most once per
 //! TTL, and never into OME-Zarr stores (`*.zarr/`, thousands of chunk folders Zarr readers do
-//! not list).
+//! not list); a warming goes on past its budget only as a walker opens what it listed.
 //!
 //! A directory listing also gets the MRC views of the OME-Zarrs in it ([`crate::views`]),
 //! when the mount shows them. With the portal's map ([`crate::portal::map`]), the root also
@@ -236,6 +236,13 @@ pub struct Namespace {
     warm_budget: usize,
     /// Directories warmed within the TTL.
     warmed: moka::future::Cache<u64, ()>,
+    /// Directories a warming listed before anyone opened them, and the directory that warming
+    /// started from.
+    warmed_from: moka::future::Cache<u64, u64>,
+    /// Directories whose warming is running.
+    warming: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Directories whose last warming found everything below them listed (within the depth).
+    warmed_whole: moka::future::Cache<u64, ()>,
     views: Option<Arc<Catalog>>,
     portal: Option<Arc<PortalMap>>,
     root_prefix: String,
@@ -276,6 +283,9 @@ impl Namespace {
             warm_gate: Arc::new(Semaphore::new(WARM_PARALLEL)),
             warm_budget,
             warmed: moka::future::Cache::builder().max_capacity(MAX_CACHED_ENTRIES).time_to_live(ttl).build(),
+            warmed_from: moka::future::Cache::builder().max_capacity(MAX_CACHED_ENTRIES).time_to_live(ttl).build(),
+            warming: Default::default(),
+            warmed_whole: moka::future::Cache::builder().max_capacity(MAX_CACHED_ENTRIES).time_to_live(ttl).build(),
             views: None,
             portal: None,
             root_prefix: root_prefix.to_owned(),
@@ -439,54 +449,74 @@ impl Namespace {
 
     /// Lists, in the background, the directories up to [`WARM_DEPTH`] levels below `ino`
     /// (which must be listed already), so that a walk finds them cached: once per TTL, and
-    /// never inside an OME-Zarr.
+    /// never inside an OME-Zarr. When `ino` is itself one that a warming listed, the walker is
+    /// going through what was listed ahead of it (`find`, `du`), and that warming goes on with
+    /// a new budget: an `ls` costs one budget, a walk as many as it uses.
     pub fn warm_subtree(self: &Arc<Self>, ino: u64) {
         if self.warm_budget == 0 || self.node(ino).is_ok_and(|node| in_zarr(&node)) {
             return;
         }
         let namespace = self.clone();
         tokio::spawn(async move {
+            if let Some(origin) = namespace.warmed_from.remove(&ino).await {
+                namespace.clone().warm_from(origin).await;
+            }
             if namespace.warmed.contains_key(&ino) {
                 return;
             }
             namespace.warmed.insert(ino, ()).await;
-            let mut frontier = vec![ino];
-            let mut budget = namespace.warm_budget;
-            for _ in 0..WARM_DEPTH {
-                let mut next = Vec::new();
-                let mut listings = tokio::task::JoinSet::new();
-                for dir in frontier {
-                    let Some(listing) = namespace.directories.get(&dir).await else { continue };
-                    for entry in listing.entries.iter() {
-                        // The kernel has not looked these up yet: list them by prefix.
-                        let Node::Dir { prefix } = &entry.node else { continue };
-                        if in_zarr(&entry.node) {
-                            continue;
-                        }
-                        if namespace.directories.contains_key(&entry.ino) {
-                            next.push(entry.ino);
-                        } else if budget > 0 {
-                            budget -= 1;
-                            let (namespace, child, prefix) = (namespace.clone(), entry.ino, prefix.clone());
-                            let gate = namespace.warm_gate.clone();
-                            listings.spawn(async move {
-                                let _permit = gate.acquire_owned().await;
-                                namespace.directory_at(child, &prefix).await.map(|_| child)
-                            });
-                        }
-                    }
-                }
-                while let Some(done) = listings.join_next().await {
-                    if let Ok(Ok(child)) = done {
-                        next.push(child);
-                    }
-                }
-                if next.is_empty() {
-                    return;
-                }
-                frontier = next;
-            }
+            namespace.warm_from(ino).await;
         });
+    }
+
+    /// Lists up to the budget of not yet listed directories below `origin`, breadth first,
+    /// unless a warming from `origin` is running already or found nothing left to list.
+    async fn warm_from(self: Arc<Self>, origin: u64) {
+        if self.warmed_whole.contains_key(&origin) || !self.warming.lock().expect("warming set poisoned").insert(origin)
+        {
+            return;
+        }
+        let mut frontier = vec![origin];
+        let mut budget = self.warm_budget;
+        for _ in 0..WARM_DEPTH {
+            let mut next = Vec::new();
+            let mut listings = tokio::task::JoinSet::new();
+            for dir in frontier {
+                let Some(listing) = self.directories.get(&dir).await else { continue };
+                for entry in listing.entries.iter() {
+                    // The kernel has not looked these up yet: list them by prefix.
+                    let Node::Dir { prefix } = &entry.node else { continue };
+                    if in_zarr(&entry.node) {
+                        continue;
+                    }
+                    if self.directories.contains_key(&entry.ino) {
+                        next.push(entry.ino);
+                    } else if budget > 0 {
+                        budget -= 1;
+                        let (namespace, child, prefix) = (self.clone(), entry.ino, prefix.clone());
+                        let gate = namespace.warm_gate.clone();
+                        listings.spawn(async move {
+                            let _permit = gate.acquire_owned().await;
+                            namespace.directory_at(child, &prefix).await.map(|_| child)
+                        });
+                    }
+                }
+            }
+            while let Some(done) = listings.join_next().await {
+                if let Ok(Ok(child)) = done {
+                    self.warmed_from.insert(child, origin).await;
+                    next.push(child);
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            frontier = next;
+        }
+        if budget > 0 {
+            self.warmed_whole.insert(origin, ()).await;
+        }
+        self.warming.lock().expect("warming set poisoned").remove(&origin);
     }
 
     /// The entry `name` inside directory `parent`, which the kernel now holds a lookup of.
