@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::answers::Answers;
 use super::api::{ApiError, PortalApi};
-use super::batch::Batcher;
+use super::batch::{Batcher, Identify, Locate};
 use super::ids::{folder_of, Kind, PortalId};
 use super::DEFAULT_BUCKET;
 use crate::namespace::names::MAX_NAME_BYTES;
@@ -40,7 +40,10 @@ pub struct PortalMap {
     api: Arc<PortalApi>,
     /// How long answers are trusted ("no such id" answers: at most [`NOT_FOUND_TTL`]).
     ttl: Duration,
-    batcher: Batcher,
+    /// Ids to keys.
+    batcher: Batcher<Locate>,
+    /// Keys to ids.
+    reverse: Batcher<Identify>,
     answers: Answers,
 }
 
@@ -48,7 +51,7 @@ impl PortalMap {
     /// A map asking `api`, keeping its answers in `answers`.
     pub fn new(api: PortalApi, answers: Answers, ttl: Duration) -> PortalMap {
         let api = Arc::new(api);
-        PortalMap { batcher: Batcher::new(api.clone()), api, ttl, answers }
+        PortalMap { batcher: Batcher::new(api.clone()), reverse: Batcher::new(api.clone()), api, ttl, answers }
     }
 
     /// How long `answer` is trusted: a "none" (`field` null) at most [`NOT_FOUND_TTL`].
@@ -64,7 +67,7 @@ impl PortalMap {
         let answer = self
             .answers
             .get(&format!("id:{id}"), |answer| self.ttl_of(answer, "key"), async {
-                let key = self.batcher.locate(id).await?;
+                let key = self.batcher.ask(id.kind, id.number).await?;
                 // The reverse question is answered too (a tomogram's or tilt series' folder,
                 // and so its files, is that object).
                 let folder = match id.kind {
@@ -82,15 +85,21 @@ impl PortalMap {
     }
 
     /// The portal id of the object of `kind` at `folder` (its key ends in `/`), whose key field
-    /// `path` (e.g. `s3MrcFile`) holds `key`: one query, unless an answer already told it;
+    /// `path` (e.g. `s3MrcFile`) holds `key`: one query (batched), unless an answer already told it;
     /// `None` when the portal has no such object.
-    pub async fn identify(&self, kind: Kind, folder: &str, path: &str, key: &str) -> Result<Option<String>, ApiError> {
+    pub async fn identify(
+        &self,
+        kind: Kind,
+        folder: &str,
+        path: &'static str,
+        key: &str,
+    ) -> Result<Option<String>, ApiError> {
         let answer = self
             .answers
             .get(&reverse_name(folder), |answer| self.ttl_of(answer, "id"), async {
                 let url = format!("s3://{DEFAULT_BUCKET}/{key}");
-                let found = self.api.identify(kind, path, std::slice::from_ref(&url)).await?;
-                let id = found.get(&url).map(|&number| PortalId { kind, number }.to_string());
+                let found = self.reverse.ask((kind, path), url).await?;
+                let id = found.map(|number| PortalId { kind, number }.to_string());
                 Ok(json!({ "id": id }))
             })
             .await
