@@ -233,9 +233,9 @@ fn file_type(node: &Node) -> FileType {
     }
 }
 
-/// The `user.cryoet.*` attribute names of `attributes`, each followed by NUL.
-fn names_of(attributes: &[(String, String)]) -> Vec<u8> {
-    attributes.iter().flat_map(|(name, _)| name.bytes().chain([0])).collect()
+/// The `user.cryoet.*` attribute names `names`, each followed by NUL.
+fn names_of(names: &[String]) -> Vec<u8> {
+    names.iter().flat_map(|name| name.bytes().chain([0])).collect()
 }
 
 impl Filesystem for CdpFs {
@@ -491,11 +491,9 @@ impl Filesystem for CdpFs {
         });
         if let Some((reader, folder, name)) = portal_folder {
             self.spawn(async move {
-                match reader.attributes(&folder).await {
-                    Ok(attributes) => match attributes.iter().find(|(n, _)| *n == name) {
-                        Some((_, value)) => reply_xattr(reply, size, value.as_bytes()),
-                        None => reply.error(Errno::from_i32(libc::ENODATA)),
-                    },
+                match reader.value(&folder, &name).await {
+                    Ok(Some(value)) => reply_xattr(reply, size, value.as_bytes()),
+                    Ok(None) => reply.error(Errno::from_i32(libc::ENODATA)),
                     Err(e) => reply.error(errno(&e)),
                 }
             });
@@ -534,7 +532,7 @@ impl Filesystem for CdpFs {
             return reply_xattr(reply, size, &names);
         };
         self.spawn(async move {
-            match reader.attributes(&folder).await {
+            match reader.names(&folder).await {
                 Ok(attributes) => reply_xattr(reply, size, &[names, names_of(&attributes)].concat()),
                 Err(e) => reply.error(errno(&e)),
             }

@@ -208,18 +208,11 @@ fn errno_of(result: std::io::Result<impl Sized>) -> Option<i32> {
 
 /// The `user.cryoet.*` attributes of `path` (listed, then each read), without the prefix.
 fn cryoet_attributes(path: &Path) -> BTreeMap<String, String> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let mut names = vec![0u8; 64 << 10];
-    // SAFETY: the path is NUL-terminated and the buffer is valid for its length.
-    let n = unsafe { libc::listxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    assert!(n >= 0, "listxattr {}: {}", path.display(), std::io::Error::last_os_error());
-    names.truncate(n as usize);
-    names
-        .split(|b| *b == 0)
-        .filter_map(|name| std::str::from_utf8(name).ok()?.strip_prefix("user.cryoet."))
+    cryoet_attributes_listed(path)
+        .into_iter()
         .map(|short| {
             let value = cdpfs::stage::xattr(path, &format!("user.cryoet.{short}")).unwrap();
-            (short.to_owned(), value)
+            (short, value)
         })
         .collect()
 }
@@ -371,6 +364,7 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
     ]);
     let tomogram = attrs(&[
         ("kind", "tomogram"),
+        ("id", "TM-621"),
         ("voxel_spacing", "13.48"),
         ("size", "320x320x80"),
         ("processing", "raw"),
@@ -381,13 +375,14 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
     let expected: Vec<(String, BTreeMap<String, String>)> = vec![
         ("10000".into(), dataset.clone()),
         ("DS-10000".into(), dataset),
-        (RUN.into(), attrs(&[("kind", "run"), ("run_name", "TS_026")])),
+        (RUN.into(), attrs(&[("kind", "run"), ("id", "RN-241"), ("run_name", "TS_026")])),
         (TOMO_DIR.into(), tomogram.clone()),
         (format!("{TOMO_DIR}/TS_026.mrc"), tomogram),
         (
             format!("{VS}/Annotations/100"),
             attrs(&[
                 ("kind", "annotation"),
+                ("id", "AN-1123"),
                 ("object_name", "cytosolic ribosome"),
                 ("object_id", "GO:0022626"),
                 ("shape_type", "Point"),
@@ -402,6 +397,7 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
             format!("{POS}/TiltSeries/100"),
             attrs(&[
                 ("kind", "tiltseries"),
+                ("id", "TS-17489"),
                 ("microscope", "TFS Krios"),
                 ("camera", "Gatan K3"),
                 ("tilt_range", "-60.0..60.0"),
@@ -410,7 +406,10 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
                 ("acceleration_voltage", "300000"),
             ]),
         ),
-        (format!("{POS}/Alignments/100"), attrs(&[("kind", "alignment"), ("alignment_type", "GLOBAL")])),
+        (
+            format!("{POS}/Alignments/100"),
+            attrs(&[("kind", "alignment"), ("id", "AL-18924"), ("alignment_type", "GLOBAL")]),
+        ),
         ("depositions_metadata/10310".into(), attrs(&[("kind", "deposition"), ("id", "CZCDP-10310")])),
         // No sidecar for these levels: nothing listed.
         ("10000/TS_026/Frames".into(), BTreeMap::new()),
@@ -420,18 +419,8 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
     for (path, want) in &expected {
         assert_eq!(&cryoet_attributes(&mount.join(path)), want, "{path}");
     }
-    // The id of a run is known once an answer named it.
-    assert!(!cryoet_attributes(&mount.join(RUN)).contains_key("id"));
-    fs::read_link(mount.join("RN-241")).unwrap();
-    assert_eq!(cryoet_attributes(&mount.join("RN-241"))["id"], "RN-241");
-    for (id, path) in [
-        ("TM-621", TOMO_DIR.to_string()),
-        ("TM-621", format!("{TOMO_DIR}/TS_026.mrc")),
-        ("AN-1129", format!("{VS}/Annotations/101")),
-    ] {
-        fs::read_link(mount.join(id)).unwrap();
-        assert_eq!(cryoet_attributes(&mount.join(&path))["id"], id, "{path}");
-    }
+    // Each object's id is one query (a tomogram's folder and its file share it).
+    assert_eq!(api.requests(), 5, "{}", api.counts()["operations"]);
     // Files keep their own attributes; an absent name is ENODATA.
     let file = mount.join(&format!("{TOMO_DIR}/TS_026.mrc"));
     assert_eq!(cdpfs::stage::xattr(&file, "user.cdpfs.key").unwrap(), format!("{TOMO_DIR}/TS_026.mrc"));
@@ -450,6 +439,174 @@ fn metadata_attributes_equal_the_bucket_json_on_every_level() {
     }
     let after = (server.gets.load(Ordering::SeqCst), server.lists.load(Ordering::SeqCst));
     assert_eq!(after, (gets, lists), "{} probes of files without metadata asked S3", names.len() * 2);
+}
+
+/// Folders and files of portal objects with database ids, and the id the API gives each.
+fn database_ids() -> Vec<(String, &'static str)> {
+    let tilt_series = format!("{POS}/TiltSeries/100");
+    vec![
+        (RUN.into(), "RN-241"),
+        (TOMO_DIR.into(), "TM-621"),
+        (format!("{TOMO_DIR}/TS_026.mrc"), "TM-621"),
+        (format!("{tilt_series}/24apr23a_Position_12.mrc"), "TS-17489"),
+        (tilt_series, "TS-17489"),
+        (format!("{VS}/Annotations/101"), "AN-1129"),
+        (format!("{POS}/Alignments/100"), "AL-18924"),
+    ]
+}
+
+/// Queries [`database_ids`] needs: one per object.
+const DATABASE_OBJECTS: u64 = 5;
+
+/// `getfattr -d PATH` (its exit status, stdout and stderr); `None` without getfattr.
+fn getfattr_dump(path: &Path) -> Option<(bool, String, String)> {
+    let out = Command::new("getfattr").arg("-d").arg(path).output().ok()?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    Some((out.status.success(), text(&out.stdout), text(&out.stderr)))
+}
+
+#[test]
+fn the_id_of_every_portal_object_is_one_query_on_a_fresh_mount_and_shared_through_the_cache_dir() {
+    let Some(api) = Api::start() else { return };
+    let cache = common::scratch_dir("portal-cache-reverse");
+    let cache_arg = ["--cache-dir", cache.to_str().unwrap()];
+    let check = |mount: &Mounted| {
+        for (path, id) in database_ids() {
+            assert_eq!(cdpfs::stage::xattr(&mount.join(&path), "user.cryoet.id").unwrap(), id, "{path}");
+        }
+    };
+    let first = mount("reverse", &api.url(), &cache_arg);
+    // Listed by the folder's place in the key layout: listing (and stat, and probes of other
+    // names) asks nothing.
+    for (path, _) in database_ids() {
+        let path = first.join(&path);
+        let names = cryoet_attributes_listed(&path);
+        assert!(names.contains("id"), "{}: {names:?}", path.display());
+        fs::metadata(&path).unwrap();
+        assert_eq!(errno_of(cdpfs::stage::xattr(&path, "user.cryoet.no_such")), Some(libc::ENODATA));
+    }
+    assert_eq!(api.requests(), 0, "listing or probing asked the API");
+    check(&first);
+    let operations = api.counts()["operations"].clone();
+    assert_eq!(api.requests(), DATABASE_OBJECTS, "one query per object: {operations}");
+    if let Some((ok, out, err)) = getfattr_dump(&first.join(TOMO_DIR)) {
+        assert!(
+            ok && out.contains("user.cryoet.id=\"TM-621\"") && out.contains("user.cryoet.processing=\"raw\""),
+            "{out}{err}"
+        );
+    }
+    // Past the kernel's TTLs: from memory; then a second mount on the cache dir: from there.
+    std::thread::sleep(Duration::from_millis(1500));
+    check(&first);
+    let second = mount("reverse-second", &api.url(), &cache_arg);
+    check(&second);
+    assert_eq!(api.requests(), DATABASE_OBJECTS, "asked again on repeat or from a second mount");
+
+    // An id resolved forward answers the reverse question too.
+    let forward = mount("reverse-forward", &api.url(), &[]);
+    for id in ["RN-17687", "TS-17489", "AL-18924"] {
+        fs::read_link(forward.join(id)).unwrap();
+    }
+    let before = api.requests();
+    for (path, id) in [
+        (POS.to_string(), "RN-17687"),
+        (format!("{POS}/TiltSeries/100"), "TS-17489"),
+        (format!("{POS}/TiltSeries/100/24apr23a_Position_12.mrc"), "TS-17489"),
+        (format!("{POS}/Alignments/100"), "AL-18924"),
+    ] {
+        assert_eq!(cdpfs::stage::xattr(&forward.join(&path), "user.cryoet.id").unwrap(), id, "{path}");
+    }
+    assert_eq!(api.requests(), before, "the reverse of a resolved id asked the API");
+    eprintln!("{} paths of {DATABASE_OBJECTS} objects: {before} API requests in all", database_ids().len());
+
+    // The API hangs: the id fails fast with EIO, everything else is served.
+    api.hang();
+    let down = mount("reverse-down", &api.url(), &["--api-timeout", "2s"]);
+    let tomogram = down.join(TOMO_DIR);
+    let started = Instant::now();
+    assert_eq!(errno_of(cdpfs::stage::xattr(&tomogram, "user.cryoet.id")), Some(libc::EIO));
+    let first_failure = started.elapsed();
+    assert!(first_failure < Duration::from_secs(3), "the first failed id took {first_failure:?} (timeout 2 s)");
+    let started = Instant::now();
+    assert_eq!(cdpfs::stage::xattr(&tomogram, "user.cryoet.processing").unwrap(), "raw");
+    assert!(cryoet_attributes_listed(&tomogram).contains("id"), "still listed");
+    if let Some((_, out, err)) = getfattr_dump(&tomogram) {
+        assert!(out.contains("user.cryoet.processing=\"raw\"") && !out.contains("user.cryoet.id="), "{out}{err}");
+        eprintln!("getfattr -d with the API down:\n{out}{err}");
+    }
+    // `cdpfs info` shows what it can.
+    let out = common::run_cdpfs(&["info", "--json", tomogram.to_str().unwrap()], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&report["metadata"]["processing"], &report["metadata"]["id"]), (&json!("raw"), &Value::Null));
+    let alignment = down.join(&format!("{POS}/Alignments/100"));
+    assert_eq!(errno_of(cdpfs::stage::xattr(&alignment, "user.cryoet.id")), Some(libc::EIO));
+    let then = started.elapsed();
+    assert!(then < Duration::from_secs(1), "id lookups after the API was found down took {then:?}");
+}
+
+#[test]
+fn ids_of_many_folders_read_together_go_to_the_api_in_one_batch_per_kind() {
+    let Some(api) = Api::start() else { return };
+    let mount = mount("reverse-batch", &api.url(), &[]);
+    let wanted = [
+        (RUN.to_string(), "RN-241"),
+        (POS.to_string(), "RN-17687"),
+        ("10002/TS_1".to_string(), "RN-300"),
+        ("10000/Ünïcode_run_é".to_string(), "RN-243"),
+        (format!("{VS}/Annotations/100"), "AN-1123"),
+        (format!("{VS}/Annotations/101"), "AN-1129"),
+        (format!("{POS}/Reconstructions/VoxelSpacing4.990/Annotations/100"), "AN-69545"),
+    ];
+    // Listed first (no API call), so the reads below find the folders' listings in memory.
+    for (path, _) in &wanted {
+        assert!(cryoet_attributes_listed(&mount.join(path)).contains("id"), "{path}");
+    }
+    let reads = at_once(wanted.iter().map(|(path, _)| mount.join(path)).collect(), |path| {
+        cdpfs::stage::xattr(path, "user.cryoet.id")
+    });
+    for ((path, id), read) in wanted.iter().zip(reads) {
+        assert_eq!(read.unwrap(), *id, "{path}");
+    }
+    let counts = api.counts();
+    let requests = api.requests();
+    eprintln!(
+        "ids of {} folders of two kinds read at once: {requests} requests {}",
+        wanted.len(),
+        counts["operations"]
+    );
+    // One `_in` query per kind; a read the kernel delivers after the 20 ms window may add one.
+    assert!((2..=4).contains(&requests), "{requests} requests for {} ids: {}", wanted.len(), counts["operations"]);
+}
+
+/// `op` on each of `paths`, from threads of their own started together; the results in order.
+fn at_once<T: Send + 'static>(paths: Vec<PathBuf>, op: fn(&Path) -> T) -> Vec<T> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(paths.len()));
+    let threads: Vec<_> = paths
+        .into_iter()
+        .map(|path| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                op(&path)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+}
+
+/// The `user.cryoet.*` attribute names `path` lists, without the prefix.
+fn cryoet_attributes_listed(path: &Path) -> BTreeSet<String> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 64 << 10];
+    // SAFETY: the path is NUL-terminated and the buffer is valid for its length.
+    let n = unsafe { libc::listxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "listxattr {}: {}", path.display(), std::io::Error::last_os_error());
+    names.truncate(n as usize);
+    names
+        .split(|b| *b == 0)
+        .filter_map(|name| Some(std::str::from_utf8(name).ok()?.strip_prefix("user.cryoet.")?.to_owned()))
+        .collect()
 }
 
 #[test]
@@ -512,9 +669,9 @@ fn info_describes_any_path_of_a_mount() {
         "(run RN-241)",
         "  key: 10000/TS_026",
         "  run_name: TS_026",
-        "Reconstructions/VoxelSpacing13.480/Tomograms/100  (tomogram)",
+        "Reconstructions/VoxelSpacing13.480/Tomograms/100  (tomogram TM-621)",
         &format!("TS_026.mrc  {mrc_size} bytes"),
-        "Reconstructions/VoxelSpacing13.480/Annotations/101  (annotation)",
+        "Reconstructions/VoxelSpacing13.480/Annotations/101  (annotation AN-1129)",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
@@ -534,6 +691,7 @@ fn info_describes_any_path_of_a_mount() {
         ]
     );
     assert_eq!(contents[2]["metadata"]["voxel_spacing"], "13.48");
+    assert_eq!(contents[2]["metadata"]["id"], "TM-621");
     // The MRC files beside the metadata, with the binned views of the OME-Zarr.
     let files: Vec<&str> = contents[2]["files"].as_array().unwrap().iter().map(|f| f[0].as_str().unwrap()).collect();
     assert_eq!(files, ["TS_026.bin2.mrc", "TS_026.bin4.mrc", "TS_026.mrc"]);
@@ -575,19 +733,9 @@ fn ids_looked_up_together_go_to_the_api_in_one_batch() {
         ("AN-1123", Some("10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/100")),
         ("AN-69545", Some("10001/24apr23a_Position_12/Reconstructions/VoxelSpacing4.990/Annotations/100")),
     ];
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(wanted.len()));
-    let lookups: Vec<_> = wanted
-        .iter()
-        .map(|(name, _)| {
-            let (link, barrier) = (mount.join(name), barrier.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                fs::read_link(link)
-            })
-        })
-        .collect();
+    let lookups = at_once(wanted.iter().map(|(name, _)| mount.join(name)).collect(), |link| fs::read_link(link));
     for ((name, target), lookup) in wanted.iter().zip(lookups) {
-        match (target, lookup.join().unwrap()) {
+        match (target, lookup) {
             (Some(target), Ok(got)) => assert_eq!(got, PathBuf::from(target), "{name}"),
             (None, Err(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{name}"),
             (target, got) => panic!("{name}: wanted {target:?}, got {got:?}"),
@@ -626,19 +774,8 @@ fn mounts_sharing_a_cache_dir_that_look_up_an_id_at_once_send_one_query() {
     let cache = common::scratch_dir("portal-cache-herd");
     let cache_arg = ["--cache-dir", cache.to_str().unwrap()];
     let mounts: Vec<Mounted> = (0..3).map(|i| mount(&format!("herd-{i}"), &api.url(), &cache_arg)).collect();
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(mounts.len()));
-    let lookups: Vec<_> = mounts
-        .iter()
-        .map(|mount| {
-            let (link, barrier) = (mount.join("TM-621"), barrier.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                fs::read_link(link)
-            })
-        })
-        .collect();
-    for lookup in lookups {
-        assert_eq!(lookup.join().unwrap().unwrap(), PathBuf::from(IDS[2].1));
+    for lookup in at_once(mounts.iter().map(|mount| mount.join("TM-621")).collect(), |link| fs::read_link(link)) {
+        assert_eq!(lookup.unwrap(), PathBuf::from(IDS[2].1));
     }
     assert_eq!(api.requests(), 1, "three mounts on one cache dir asked for one id at once");
 }

@@ -150,6 +150,15 @@ impl Answers {
         Ok(kept.value)
     }
 
+    /// Keeps `value` as the answer `name` without asking for it (an answer to another question
+    /// told it): in memory, and with `save` in the cache directory too.
+    pub async fn put(&self, name: &str, value: Value, ttl: Duration, save: bool) {
+        if save {
+            self.save(name, &value, ttl).await;
+        }
+        self.memory.insert(name.to_owned(), Kept { value: Arc::new(value), ttl }).await;
+    }
+
     /// Waits while another mount sharing the cache directory asks for `name` (it holds the
     /// claim) and returns its answer; or claims the asking for this mount. A claim older than
     /// [`CLAIM_WAIT`] was abandoned (its mount died) and is taken over.

@@ -205,15 +205,8 @@ impl PortalApi {
     /// (a folder's ends in `/`), in one request (`_in`); an id the portal does not know is
     /// missing from the answer.
     pub async fn locate(&self, kind: Kind, ids: &[i32]) -> Result<HashMap<i32, String>, ApiError> {
-        // The root field, and the fields holding the object's key in the order they are tried.
-        let (field, paths) = match kind {
-            Kind::Run => ("runs", "s3Prefix"),
-            Kind::Tomogram => ("tomograms", "s3MrcFile s3OmezarrDir"),
-            Kind::TiltSeries => ("tiltseries", "s3MrcFile s3OmezarrDir"),
-            Kind::Annotation => ("annotations", "s3MetadataPath"),
-            Kind::Alignment => ("alignments", "s3AlignmentMetadata"),
-            Kind::Dataset | Kind::Deposition => return Ok(HashMap::new()),
-        };
+        let Some((field, paths)) = fields_of(kind) else { return Ok(HashMap::new()) };
+        let paths = paths.join(" ");
         // Fixed names only: the ids go as a variable.
         let query =
             format!("query {field}ById($ids: [Int!]!) {{ {field}(where: {{id: {{_in: $ids}}}}) {{ id {paths} }} }}");
@@ -233,6 +226,22 @@ impl PortalApi {
             found.extend(key.map(|key| (id, key)));
         }
         Ok(found)
+    }
+
+    /// The reverse of [`PortalApi::locate`]: the ids of the objects of one kind whose key field
+    /// `path` (one of [`fields_of`]'s, e.g. `s3MrcFile`) is one of `urls` (`s3://...`), in one
+    /// request (`_in`); a URL no object has is missing from the answer.
+    pub async fn identify(&self, kind: Kind, path: &str, urls: &[String]) -> Result<HashMap<String, i32>, ApiError> {
+        let Some((field, _)) = fields_of(kind).filter(|(_, paths)| paths.contains(&path)) else {
+            return Ok(HashMap::new());
+        };
+        // Fixed names only (the field is one of ours): the URLs go as a variable.
+        let query = format!(
+            "query {field}ByKey($urls: [String!]!) {{ {field}(where: {{{path}: {{_in: $urls}}}}) {{ id {path} }} }}"
+        );
+        let data = self.query(&query, json!({ "urls": urls })).await?;
+        let rows = list(&data, field)?;
+        Ok(rows.iter().filter_map(|row| Some((row.get(path)?.as_str()?.to_owned(), id_of(row)?))).collect())
     }
 
     /// Every dataset with its organism and sample type, in one paged list.
@@ -281,6 +290,19 @@ impl PortalApi {
             .iter()
             .filter_map(|row| Some(RunRow { id: id_of(row)?, key: key_of_url(row.get("s3Prefix")?.as_str()?)? }))
             .collect())
+    }
+}
+
+/// The root field listing objects of `kind`, and the fields holding an object's key in the order
+/// they are tried; `None` for the kinds named in the key layout.
+pub fn fields_of(kind: Kind) -> Option<(&'static str, &'static [&'static str])> {
+    match kind {
+        Kind::Run => Some(("runs", &["s3Prefix"])),
+        Kind::Tomogram => Some(("tomograms", &["s3MrcFile", "s3OmezarrDir"])),
+        Kind::TiltSeries => Some(("tiltseries", &["s3MrcFile", "s3OmezarrDir"])),
+        Kind::Annotation => Some(("annotations", &["s3MetadataPath"])),
+        Kind::Alignment => Some(("alignments", &["s3AlignmentMetadata"])),
+        Kind::Dataset | Kind::Deposition => None,
     }
 }
 

@@ -144,7 +144,14 @@ fn folder(path: &Path, rel: &str) -> Result<Described> {
     let mut metadata = BTreeMap::new();
     for name in xattr_names(path).with_context(|| format!("reading the attributes of {}", path.display()))? {
         let Some(short) = name.strip_prefix(PREFIX) else { continue };
-        metadata.insert(short.to_owned(), crate::stage::xattr(path, &name)?);
+        match crate::stage::xattr(path, &name) {
+            Ok(value) => {
+                metadata.insert(short.to_owned(), value);
+            }
+            // A database id comes from the portal's API, which may be down: shown without it.
+            Err(_) if short == "id" => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut files = Vec::new();
     if path.is_dir() && !metadata.is_empty() {

@@ -1,10 +1,10 @@
 //! The portal's map of the bucket, as the mount shows it: which key a portal id names, which
 //! folders make up the facet folders (`by-organism/`, `by-sample-type/`, `by-object/`), and
-//! which ids are known for which keys (`user.cryoet.id`). Answers come from the API through
-//! [`Answers`].
+//! the reverse, which id the object at a folder has (`user.cryoet.id`). Answers come from the
+//! API through [`Answers`]; an answer naming an id's key also answers the reverse question.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -12,8 +12,9 @@ use tracing::warn;
 
 use super::answers::Answers;
 use super::api::{ApiError, PortalApi};
-use super::batch::Batcher;
+use super::batch::{Batcher, Identify, Locate};
 use super::ids::{folder_of, Kind, PortalId};
+use super::DEFAULT_BUCKET;
 use crate::namespace::names::MAX_NAME_BYTES;
 
 /// Longest an answer "the portal knows no such id" is trusted: new ids appear with each ingest.
@@ -39,51 +40,71 @@ pub struct PortalMap {
     api: Arc<PortalApi>,
     /// How long answers are trusted ("no such id" answers: at most [`NOT_FOUND_TTL`]).
     ttl: Duration,
-    batcher: Batcher,
+    /// Ids to keys.
+    batcher: Batcher<Locate>,
+    /// Keys to ids.
+    reverse: Batcher<Identify>,
     answers: Answers,
-    /// Portal ids of the keys the answers so far named.
-    known: RwLock<HashMap<String, String>>,
 }
 
 impl PortalMap {
     /// A map asking `api`, keeping its answers in `answers`.
     pub fn new(api: PortalApi, answers: Answers, ttl: Duration) -> PortalMap {
         let api = Arc::new(api);
-        PortalMap { batcher: Batcher::new(api.clone()), api, ttl, answers, known: RwLock::default() }
+        PortalMap { batcher: Batcher::new(api.clone()), reverse: Batcher::new(api.clone()), api, ttl, answers }
+    }
+
+    /// How long `answer` is trusted: a "none" (`field` null) at most [`NOT_FOUND_TTL`].
+    fn ttl_of(&self, answer: &Value, field: &str) -> Duration {
+        match answer[field] {
+            Value::Null => self.ttl.min(NOT_FOUND_TTL),
+            _ => self.ttl,
+        }
     }
 
     /// The key `id` names, `None` when the portal does not know it.
     pub async fn locate(&self, id: PortalId) -> Result<Option<String>, ApiError> {
         let answer = self
             .answers
-            .get(
-                &format!("id:{id}"),
-                |answer| match answer["key"] {
-                    Value::Null => self.ttl.min(NOT_FOUND_TTL),
-                    _ => self.ttl,
-                },
-                async { Ok(json!({ "key": self.batcher.locate(id).await? })) },
-            )
+            .get(&format!("id:{id}"), |answer| self.ttl_of(answer, "key"), async {
+                let key = self.batcher.ask(id.kind, id.number).await?;
+                // The reverse question is answered too (a tomogram's or tilt series' folder,
+                // and so its files, is that object).
+                let folder = match id.kind {
+                    Kind::Tomogram | Kind::TiltSeries => key.as_deref().and_then(folder_of),
+                    _ => key.clone(),
+                };
+                if let Some(folder) = folder {
+                    self.answers.put(&reverse_name(&folder), json!({ "id": id.to_string() }), self.ttl, true).await;
+                }
+                Ok(json!({ "key": key }))
+            })
             .await
             .inspect_err(|e| warn!(%id, error = %e, "cannot resolve a portal id"))?;
-        let key = answer.get("key").and_then(Value::as_str).map(str::to_owned);
-        if let Some(key) = &key {
-            self.learn(key, &id.to_string());
-            // A tomogram's or tilt series' folder (and so its files) is that object too.
-            if matches!(id.kind, Kind::Tomogram | Kind::TiltSeries) {
-                self.learn(&folder_of(key).unwrap_or_default(), &id.to_string());
-            }
-        }
-        Ok(key)
+        Ok(answer.get("key").and_then(Value::as_str).map(str::to_owned))
     }
 
-    /// The portal id of the object at `key` (a folder's key ends in `/`), if an answer named it.
-    pub fn id_of(&self, key: &str) -> Option<String> {
-        self.known.read().expect("id index poisoned").get(key).cloned()
-    }
-
-    fn learn(&self, key: &str, id: &str) {
-        self.known.write().expect("id index poisoned").insert(key.to_owned(), id.to_owned());
+    /// The portal id of the object of `kind` at `folder` (its key ends in `/`), whose key field
+    /// `path` (e.g. `s3MrcFile`) holds `key`: one query (batched), unless an answer already told it;
+    /// `None` when the portal has no such object.
+    pub async fn identify(
+        &self,
+        kind: Kind,
+        folder: &str,
+        path: &'static str,
+        key: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let answer = self
+            .answers
+            .get(&reverse_name(folder), |answer| self.ttl_of(answer, "id"), async {
+                let url = format!("s3://{DEFAULT_BUCKET}/{key}");
+                let found = self.reverse.ask((kind, path), url).await?;
+                let id = found.map(|number| PortalId { kind, number }.to_string());
+                Ok(json!({ "id": id }))
+            })
+            .await
+            .inspect_err(|e| warn!(folder, error = %e, "cannot find the portal id of a folder"))?;
+        Ok(answer.get("id").and_then(Value::as_str).map(str::to_owned))
     }
 
     /// The entries of facet folder `path` (`by-organism`, `by-object/membrane`, ...); `None`
@@ -156,7 +177,8 @@ impl PortalMap {
             let (Some(id), Some(key)) = (row[0].as_i64(), row[1].as_str()) else { continue };
             let Ok(number) = i32::try_from(id) else { continue };
             let name = PortalId { kind: Kind::Run, number }.to_string();
-            self.learn(key, &name);
+            // Many runs: kept in memory only (the facet's own answer is saved).
+            self.answers.put(&reverse_name(key), json!({ "id": name }), self.ttl, false).await;
             if let Some(dataset) = folder_of(key) {
                 datasets.insert(dataset);
             }
@@ -172,6 +194,11 @@ impl PortalMap {
     fn dataset_link(&self, id: i32, key: String) -> FacetEntry {
         FacetEntry::Link { name: PortalId { kind: Kind::Dataset, number: id }.to_string(), key }
     }
+}
+
+/// The name of the answer "which portal id has the object at `folder`".
+fn reverse_name(folder: &str) -> String {
+    format!("key:{folder}")
 }
 
 /// The name a facet value (an organism, an object) takes as a folder: `/` and NUL cannot be in

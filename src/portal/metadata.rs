@@ -3,6 +3,9 @@
 //! layout, a string test that costs nothing for the many folders that have none), which fields
 //! of it become which attributes, and reading and parsing the sidecar once per version.
 //! Files directly in such a folder (a tomogram's `.mrc`) carry the folder's attributes too.
+//! The one attribute not in the JSON, `user.cryoet.id` of runs, tomograms, tilt series,
+//! alignments and annotations (database ids), is listed by the folder's level alone and asked of
+//! the API ([`PortalMap::identify`]) only when it is read.
 
 use std::sync::Arc;
 
@@ -11,7 +14,8 @@ use serde_json::Value;
 use super::ids::{Kind, PortalId};
 use super::map::PortalMap;
 use crate::data::DataPath;
-use crate::namespace::{Namespace, NamespaceError, Node};
+use crate::namespace::{Entry, Namespace, NamespaceError, Node};
+use crate::store::ObjectMeta;
 
 /// What every attribute name here starts with.
 pub const PREFIX: &str = "user.cryoet.";
@@ -44,6 +48,19 @@ impl Level {
             Level::Alignment => "alignment",
             Level::Tomogram => "tomogram",
             Level::Annotation => "annotation",
+        }
+    }
+
+    /// The kind of portal id the folder's object has in the database (`None`: its id is in the
+    /// key layout, or it has none).
+    fn database_kind(self) -> Option<Kind> {
+        match self {
+            Level::Run => Some(Kind::Run),
+            Level::TiltSeries => Some(Kind::TiltSeries),
+            Level::Alignment => Some(Kind::Alignment),
+            Level::Tomogram => Some(Kind::Tomogram),
+            Level::Annotation => Some(Kind::Annotation),
+            Level::Dataset | Level::Deposition => None,
         }
     }
 
@@ -212,23 +229,16 @@ impl MetadataReader {
         MetadataReader { namespace, data, portal, parsed }
     }
 
-    /// The attributes of folder `folder` (one [`folder_of_node`] gave), sorted by name.
-    pub async fn attributes(&self, folder: &str) -> Result<Attributes, NamespaceError> {
-        let Some(level) = level_of(folder) else { return Ok(Vec::new()) };
+    /// The attributes of folder `folder` (one [`folder_of_node`] gave) from its sidecar, sorted
+    /// by name, and whether it also has a database id (`user.cryoet.id`, not among them).
+    async fn sidecar_attributes(&self, folder: &str) -> Result<(Attributes, Option<Kind>), NamespaceError> {
+        let Some(level) = level_of(folder) else { return Ok((Vec::new(), None)) };
         let listing = self.namespace.listing(folder).await?;
-        let sidecar = listing.entries.iter().find_map(|entry| {
-            let Node::File(object) = &entry.node else { return None };
-            let wanted = match level.sidecar() {
-                Some(name) => entry.name == name,
-                None => entry.name.ends_with(".json") && !entry.name.ends_with("_caption.json"),
-            };
-            wanted.then(|| object.clone())
-        });
-        let mut attributes = match sidecar {
+        let mut attributes = match sidecar(level, &listing.entries) {
             None => Vec::new(),
             Some(object) => {
                 let key = (object.key.clone(), object.etag.clone());
-                let data = self.data.clone();
+                let (data, object) = (self.data.clone(), object.clone());
                 let parsed = self
                     .parsed
                     .try_get_with(key, async move {
@@ -241,15 +251,76 @@ impl MetadataReader {
                 parsed.as_ref().clone()
             }
         };
-        let id = format!("{PREFIX}id");
-        if !attributes.iter().any(|(name, _)| *name == id) {
-            if let Some(known) = self.portal.as_ref().and_then(|p| p.id_of(folder)) {
-                attributes.push((id, known));
-            }
-        }
         attributes.sort();
-        Ok(attributes)
+        Ok((attributes, level.database_kind().filter(|_| self.portal.is_some())))
     }
+
+    /// The names of the attributes of folder `folder`, sorted: no API call.
+    pub async fn names(&self, folder: &str) -> Result<Vec<String>, NamespaceError> {
+        let (attributes, database_kind) = self.sidecar_attributes(folder).await?;
+        let mut names: Vec<String> = attributes.into_iter().map(|(name, _)| name).collect();
+        if database_kind.is_some() {
+            names.push(format!("{PREFIX}id"));
+            names.sort();
+        }
+        Ok(names)
+    }
+
+    /// The value of attribute `name` of folder `folder`; for `user.cryoet.id` of an object with
+    /// a database id, one API query (its answer kept like the id answers).
+    pub async fn value(&self, folder: &str, name: &str) -> Result<Option<String>, NamespaceError> {
+        let (attributes, database_kind) = self.sidecar_attributes(folder).await?;
+        if let Some((_, value)) = attributes.into_iter().find(|(n, _)| n == name) {
+            return Ok(Some(value));
+        }
+        let (Some(kind), Some(portal)) = (database_kind, &self.portal) else { return Ok(None) };
+        if name.strip_prefix(PREFIX) != Some("id") {
+            return Ok(None);
+        }
+        let Some((path, key)) = self.key_of_object(kind, folder).await? else { return Ok(None) };
+        Ok(portal.identify(kind, folder, path, &key).await?)
+    }
+
+    /// The field of the API's row holding the key of the object of `kind` at `folder`, and that
+    /// key: the folder of a run, the `<run>.mrc` (else `<run>.zarr`) of a tomogram or tilt
+    /// series, the metadata file of an alignment or annotation.
+    async fn key_of_object(&self, kind: Kind, folder: &str) -> Result<Option<(&'static str, String)>, NamespaceError> {
+        let listing = match kind {
+            Kind::Run => return Ok(Some(("s3Prefix", folder.to_owned()))),
+            _ => self.namespace.listing(folder).await?,
+        };
+        let entries = &listing.entries;
+        // The run's name is the key's second part (`<dataset>/<run>/...`).
+        let run = folder.split('/').nth(1).unwrap_or_default();
+        let found = |suffix: &str| {
+            let name = format!("{run}{suffix}");
+            entries.iter().filter(|e| e.name == name).find_map(|e| match &e.node {
+                Node::File(object) => Some(object.key.clone()),
+                Node::Dir { prefix } => Some(prefix.trim_end_matches('/').to_owned()),
+                _ => None,
+            })
+        };
+        Ok(match kind {
+            Kind::Tomogram | Kind::TiltSeries => {
+                found(".mrc").map(|key| ("s3MrcFile", key)).or_else(|| found(".zarr").map(|key| ("s3OmezarrDir", key)))
+            }
+            Kind::Alignment => sidecar(Level::Alignment, entries).map(|o| ("s3AlignmentMetadata", o.key.clone())),
+            Kind::Annotation => sidecar(Level::Annotation, entries).map(|o| ("s3MetadataPath", o.key.clone())),
+            Kind::Run | Kind::Dataset | Kind::Deposition => None,
+        })
+    }
+}
+
+/// The sidecar of a folder of `level`, among its `entries`.
+fn sidecar(level: Level, entries: &[Entry]) -> Option<&Arc<ObjectMeta>> {
+    entries.iter().find_map(|entry| {
+        let Node::File(object) = &entry.node else { return None };
+        let wanted = match level.sidecar() {
+            Some(name) => entry.name == name,
+            None => entry.name.ends_with(".json") && !entry.name.ends_with("_caption.json"),
+        };
+        wanted.then_some(object)
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! - [`mrc`]: MRC headers and sections, for the read path;
 //! - [`ids`]: portal ids (`RN-241`) as names, and keys as relative symlink targets;
 //! - [`api`]: the GraphQL client (timeouts, retries, paging, a cap on requests in flight);
-//! - [`batch`]: id lookups gathered into `_in` queries;
+//! - [`batch`]: lookups (ids to keys, keys to ids) gathered into `_in` queries;
 //! - [`answers`]: the API's answers kept in memory and in the cache directory;
 //! - [`map`]: ids to keys and the facet folders, from those answers;
 //! - [`metadata`]: `user.cryoet.*` attributes from the bucket's JSON sidecars;
