@@ -337,22 +337,28 @@ impl BlockCache {
         while next < blocks.end {
             let part_end = ((next / self.part_blocks + 1) * self.part_blocks).min(blocks.end);
             let key = |index| BlockKey { object: object.clone(), index };
-            let missing: Vec<u64> = {
-                let pending = self.pending.lock().expect("pending blocks poisoned");
-                (next..part_end)
-                    .filter(|&i| !self.memory.contains_key(&key(i)) && !pending.contains_key(&key(i)))
-                    .collect()
+            // What is missing is decided and the run registered under one lock, so that two
+            // readers of one stream asking at the same time do not both start it.
+            let (on_disk, out_of_slots) = {
+                let mut pending = self.pending.lock().expect("pending blocks poisoned");
+                let missing =
+                    (next..part_end).filter(|&i| !self.memory.contains_key(&key(i)) && !pending.contains_key(&key(i)));
+                let (on_disk, to_fetch): (Vec<u64>, Vec<u64>) = missing.partition(|&i| self.on_disk(&key(i)));
+                let mut out_of_slots = false;
+                if let (Some(&first), Some(&last)) = (to_fetch.first(), to_fetch.last()) {
+                    let run = first..last + 1;
+                    match self.fetch_slots.clone().try_acquire_many_owned((run.end - run.start) as u32) {
+                        Ok(slots) => self.start_run(object, run, slots, &mut pending),
+                        Err(_) => out_of_slots = true,
+                    }
+                }
+                (on_disk, out_of_slots)
             };
-            let (on_disk, to_fetch): (Vec<u64>, Vec<u64>) = missing.into_iter().partition(|&i| self.on_disk(&key(i)));
             for index in on_disk {
                 self.get_in_background(key(index));
             }
-            if let (Some(&first), Some(&last)) = (to_fetch.first(), to_fetch.last()) {
-                let run = first..last + 1;
-                let Ok(slots) = self.fetch_slots.clone().try_acquire_many_owned((run.end - run.start) as u32) else {
-                    return next;
-                };
-                self.start_run(object, run, slots);
+            if out_of_slots {
+                return next;
             }
             next = part_end;
         }
@@ -369,12 +375,12 @@ impl BlockCache {
         object: &Arc<ObjectMeta>,
         run: Range<u64>,
         slots: tokio::sync::OwnedSemaphorePermit,
+        pending: &mut HashMap<BlockKey, PendingBlock>,
     ) {
         let failure: Arc<std::sync::OnceLock<StoreError>> = Arc::default();
         let (senders, arrivals): (Vec<_>, Vec<_>) = run.clone().map(|_| tokio::sync::oneshot::channel()).unzip();
         let keys: Vec<BlockKey> = run.map(|index| BlockKey { object: object.clone(), index }).collect();
         {
-            let mut pending = self.pending.lock().expect("pending blocks poisoned");
             for (key, arrival) in keys.iter().zip(arrivals) {
                 let failure = failure.clone();
                 let block: PendingBlock = async move {
