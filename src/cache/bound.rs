@@ -9,11 +9,20 @@
 //! down to [`LOW_WATER_PERCENT`] of the bound, and sets the ledger from what it found, so the
 //! ledger also serves as the directory's usage summary, refreshed in the background.
 //!
+//! A writer does not take the ledger's lock for every block: it reserves a [`Grant`] of several
+//! blocks' bytes at once, spends it on its next blocks, and settles it (gives back what it did
+//! not spend) when it takes the next one or closes. The ledger lists the grants not yet
+//! settled, and a pass counts them as used in full (the ledger errs on the full side by at most
+//! one grant per writer), so the files a grant pays for never go uncounted; a grant its holder
+//! left unsettled (it died) stops counting after [`GRANT_EXPIRY`], and a holder spends a grant
+//! only within [`GRANT_LIFETIME`] of taking it.
+//!
 //! Both locks are files created exclusively (`O_EXCL`, which NFSv4 and Lustre honour across
 //! clients) holding their owner's token, taken over once their mtime is older than their
 //! expiry, so a holder that died leaves no lock behind for long. Temp names are unique across
 //! hosts, containers and pid namespaces: host name, pid and 64 random bits ([`unique_suffix`]).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -46,6 +55,10 @@ const LEASE_EXPIRY: Duration = Duration::from_secs(60);
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// Temp files older than this were left by a writer that died.
 const TEMP_EXPIRY: Duration = Duration::from_secs(3600);
+/// A writer spends a grant only this long after taking it...
+pub const GRANT_LIFETIME: Duration = Duration::from_secs(60);
+/// ...and a pass stops counting a grant not settled this long after it was taken.
+const GRANT_EXPIRY: Duration = Duration::from_secs(600);
 
 #[derive(Serialize, Deserialize)]
 struct Config {
@@ -61,6 +74,40 @@ pub struct Summary {
     pub blocks: u64,
     /// Unix time of the last pass (0: never).
     pub scanned_at: u64,
+    /// Grants not settled yet, by holder: their bytes (in `bytes` in full) and Unix time.
+    #[serde(default)]
+    pub grants: BTreeMap<String, (u64, u64)>,
+}
+
+/// Bytes reserved in the ledger at once and spent block by block by one writer ([`Space::grant`]).
+#[derive(Debug)]
+pub struct Grant {
+    /// Bytes reserved.
+    bytes: u64,
+    /// Of which not spent yet.
+    left: u64,
+    /// Blocks spent on.
+    blocks: u64,
+    taken: std::time::Instant,
+}
+
+impl Grant {
+    /// Spends `bytes` of the grant on one block; false when it has not that much left, or is
+    /// too old to spend.
+    pub fn spend(&mut self, bytes: u64) -> bool {
+        let spendable = self.left >= bytes && self.taken.elapsed() < GRANT_LIFETIME;
+        if spendable {
+            self.left -= bytes;
+            self.blocks += 1;
+        }
+        spendable
+    }
+
+    /// Gives back `bytes` of a block that was not written after all.
+    pub fn refund(&mut self, bytes: u64) {
+        self.left = (self.left + bytes).min(self.bytes);
+        self.blocks = self.blocks.saturating_sub(1);
+    }
 }
 
 /// The outcome of asking the ledger for room.
@@ -144,30 +191,39 @@ impl Space {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// Reserves `bytes` for one block in the ledger (one more block).
-    pub fn reserve(&self, bytes: u64) -> Reservation {
+    /// Settles `holder`'s previous grant, if any, and reserves a new one of `bytes` in the
+    /// ledger (when they fit under the bound).
+    pub fn grant(&self, holder: &str, previous: Option<Grant>, bytes: u64) -> (Reservation, Option<Grant>) {
         let size = self.size();
-        match self.update(|usage, known| {
+        let mut fits = false;
+        let now = unix_now();
+        let updated = self.update(|usage, known| {
+            if let Some(previous) = &previous {
+                settle(usage, holder, previous);
+            }
             // No ledger (a new directory, or one a crash damaged): a pass counts it first.
-            let fits = known && usage.bytes + bytes <= size;
+            fits = known && usage.bytes + bytes <= size;
             if fits {
                 usage.bytes += bytes;
-                usage.blocks += 1;
+                usage.grants.insert(holder.to_owned(), (bytes, now));
             }
-            fits
-        }) {
-            Ok(Some(true)) => Reservation::Granted,
-            Ok(Some(false)) => Reservation::Full,
-            Ok(None) => Reservation::Busy,
-            Err(e) => Reservation::Failed(e),
+            previous.is_some() || fits
+        });
+        match updated {
+            Ok(Some(_)) if fits => {
+                let grant = Grant { bytes, left: bytes, blocks: 0, taken: std::time::Instant::now() };
+                (Reservation::Granted, Some(grant))
+            }
+            Ok(Some(_)) => (Reservation::Full, None),
+            Ok(None) => (Reservation::Busy, previous),
+            Err(e) => (Reservation::Failed(e), previous),
         }
     }
 
-    /// Gives back a reservation whose block was not written.
-    pub fn release(&self, bytes: u64) {
+    /// Gives back what `holder` did not spend of `grant` (a writer closing).
+    pub fn settle(&self, holder: &str, grant: &Grant) {
         let _ = self.update(|usage, known| {
-            usage.bytes = usage.bytes.saturating_sub(bytes);
-            usage.blocks = usage.blocks.saturating_sub(1);
+            settle(usage, holder, grant);
             known
         });
     }
@@ -235,8 +291,13 @@ impl Space {
         }
         let mut pass = Pass { blocks: found.len() as u64, bytes: found.iter().map(|f| f.2).sum(), ..Pass::default() };
         let size = self.size();
-        if force || pass.bytes > size / 100 * HIGH_WATER_PERCENT {
-            let low = size / 100 * LOW_WATER_PERCENT;
+        // Grants taken before the pass may pay for files written after it listed them: they
+        // count in full, until they expire (their holder died without settling).
+        let scanned_at = unix_now();
+        let live = |&(_, at): &(u64, u64)| scanned_at.saturating_sub(at) < GRANT_EXPIRY.as_secs();
+        let granted: u64 = reserved_before.grants.values().filter(|g| live(g)).map(|&(bytes, _)| bytes).sum();
+        if force || pass.bytes + granted > size / 100 * HIGH_WATER_PERCENT {
+            let low = (size / 100 * LOW_WATER_PERCENT).saturating_sub(granted);
             found.sort();
             found.retain(|(mtime, name, len)| {
                 if pass.bytes <= low {
@@ -259,10 +320,10 @@ impl Space {
         }
         pass.names = found.into_iter().map(|(_, name, _)| name).collect();
         // Writes reserved while the pass ran may be counted twice: the ledger errs on the full side.
-        let scanned_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.update(|usage, _| {
-            usage.bytes = usage.bytes.saturating_sub(reserved_before.bytes) + pass.bytes;
+            usage.bytes = usage.bytes.saturating_sub(reserved_before.bytes) + pass.bytes + granted;
             usage.blocks = usage.blocks.saturating_sub(reserved_before.blocks) + pass.blocks;
+            usage.grants.retain(|_, grant| live(grant));
             usage.scanned_at = scanned_at;
             true
         })?;
@@ -271,6 +332,18 @@ impl Space {
         }
         Ok(Some(pass))
     }
+}
+
+/// Takes `holder`'s `grant` off the ledger: its unspent bytes back, its blocks counted.
+fn settle(usage: &mut Summary, holder: &str, grant: &Grant) {
+    usage.bytes = usage.bytes.saturating_sub(grant.left);
+    usage.blocks += grant.blocks;
+    usage.grants.remove(holder);
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The ledger of `dir`, if it has one.
@@ -460,29 +533,69 @@ mod tests {
         assert_eq!(Space::open(dir.path(), Some(50), true).size(), 7000);
     }
 
+    /// What a new holder asking for `bytes` gets.
+    fn reserve(space: &Space, bytes: u64) -> Reservation {
+        space.grant(&unique_suffix(), None, bytes).0
+    }
+
     #[test]
-    fn reservations_stop_at_the_bound_and_a_pass_evicts_the_oldest() {
+    fn grants_stop_at_the_bound_and_a_pass_evicts_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 10_000).unwrap();
         let space = Space::open(dir.path(), None, true);
-        assert!(matches!(space.reserve(1), Reservation::Full), "no ledger yet: count first");
+        assert!(matches!(reserve(&space, 1), Reservation::Full), "no ledger yet: count first");
         space.pass(false).unwrap().unwrap();
         let shard = dir.path().join("blocks/00");
         fs::create_dir_all(&shard).unwrap();
+        let mut grant = None;
         for i in 0..5u64 {
-            assert!(matches!(space.reserve(2000), Reservation::Granted));
+            let (reservation, granted) = space.grant("writer", grant.take(), 2000);
+            assert!(matches!(reservation, Reservation::Granted));
+            let mut granted = granted.unwrap();
+            assert!(granted.spend(2000) && !granted.spend(1));
+            grant = Some(granted);
             let file = shard.join(format!("{i:016x}-0"));
             fs::write(&file, vec![0u8; 2000]).unwrap();
             let at = UNIX_EPOCH + Duration::from_secs(1_000_000 + i);
             fs::File::options().write(true).open(&file).unwrap().set_modified(at).unwrap();
         }
-        assert!(matches!(space.reserve(1), Reservation::Full));
+        assert!(matches!(reserve(&space, 1), Reservation::Full));
+        space.settle("writer", &grant.unwrap());
+        assert_eq!(summary(dir.path()).unwrap(), Summary { bytes: 10_000, blocks: 5, ..summary(dir.path()).unwrap() });
         let pass = space.pass(false).unwrap().unwrap();
         assert_eq!((pass.evicted_blocks, pass.blocks, pass.bytes), (1, 4, 8000));
         assert!(!shard.join(format!("{:016x}-0", 0)).exists(), "the oldest block goes first");
         assert_eq!(summary(dir.path()).unwrap().bytes, 8000);
-        assert!(matches!(space.reserve(2000), Reservation::Granted));
-        assert!(matches!(space.reserve(1), Reservation::Full));
+        assert!(matches!(reserve(&space, 2000), Reservation::Granted));
+        assert!(matches!(reserve(&space, 1), Reservation::Full));
+    }
+
+    #[test]
+    fn a_grant_counts_in_full_through_a_pass_until_settled_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 10_000).unwrap();
+        let space = Space::open(dir.path(), None, true);
+        space.pass(false).unwrap().unwrap();
+        let (_, grant) = space.grant("writer", None, 4000);
+        let mut grant = grant.unwrap();
+        assert!(grant.spend(1500));
+        // A pass that lists the directory before the block's file is there still counts it.
+        space.pass(false).unwrap().unwrap();
+        assert_eq!(summary(dir.path()).unwrap().bytes, 4000);
+        fs::create_dir_all(dir.path().join("blocks/00")).unwrap();
+        fs::write(dir.path().join("blocks/00/0000000000000000-0"), vec![0u8; 1500]).unwrap();
+        space.settle("writer", &grant);
+        assert_eq!(summary(dir.path()).unwrap().bytes, 1500);
+        // A holder that died without settling: its grant counts until it expires.
+        let (_, _dead) = space.grant("dead", None, 3000);
+        space.pass(false).unwrap().unwrap();
+        assert_eq!(summary(dir.path()).unwrap().bytes, 4500);
+        let mut usage = summary(dir.path()).unwrap();
+        usage.grants.insert("dead".into(), (3000, unix_now() - GRANT_EXPIRY.as_secs() - 1));
+        replace_file(&dir.path().join(USAGE), &[&serde_json::to_vec(&usage).unwrap()]).unwrap();
+        space.pass(false).unwrap().unwrap();
+        assert_eq!(summary(dir.path()).unwrap().bytes, 1500);
+        assert!(summary(dir.path()).unwrap().grants.is_empty());
     }
 
     #[test]
@@ -494,11 +607,11 @@ mod tests {
         fs::write(dir.path().join("blocks/00/0000000000000000-0"), vec![0u8; 9000]).unwrap();
         // A writer killed in the middle of an update of an older cdpfs: an empty ledger.
         fs::write(dir.path().join(USAGE), b"").unwrap();
-        assert!(matches!(space.reserve(2000), Reservation::Full), "an unreadable ledger passed for an empty one");
+        assert!(matches!(reserve(&space, 2000), Reservation::Full), "an unreadable ledger passed for an empty one");
         space.pass(false).unwrap().unwrap();
         assert_eq!(summary(dir.path()).unwrap().bytes, 9000);
-        assert!(matches!(space.reserve(1000), Reservation::Granted));
-        assert!(matches!(space.reserve(1), Reservation::Full));
+        assert!(matches!(reserve(&space, 1000), Reservation::Granted));
+        assert!(matches!(reserve(&space, 1), Reservation::Full));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::bound::{replace_file, Reservation, Space};
+use super::bound::{replace_file, unique_suffix, Grant, Reservation, Space};
 use super::BlockKey;
 
 const MAGIC: &[u8; 8] = b"CDPFSB02";
@@ -42,6 +42,13 @@ const TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// Attempts at writing one block when the failure looks transient.
 const WRITE_ATTEMPTS: u32 = 3;
 
+/// Blocks a writer reserves in the ledger at once (a read-ahead part's worth): one ledger
+/// update per this many blocks rather than per block...
+const GRANT_BLOCKS: u64 = 16;
+/// ...but never more than this share of the bound, so the grants of many writers sharing a
+/// small directory leave room for its blocks.
+const GRANT_SHARE_OF_BOUND: u64 = 64;
+
 /// How long a writer waits for room in the ledger (another process's eviction pass, or the
 /// ledger's lock).
 const ROOM_WAIT: Duration = Duration::from_secs(30);
@@ -51,6 +58,9 @@ pub struct DiskCache {
     dir: PathBuf,
     block_size: u64,
     space: Space,
+    /// This process's name in the ledger, and the ledger grant its writes spend.
+    holder: String,
+    grant: Mutex<Option<Grant>>,
     /// Blocks known to be on disk, by (object hash, index).
     known: Mutex<HashSet<(u64, u64)>>,
     /// The directory cannot be written by this process: the tier only reads.
@@ -99,6 +109,8 @@ impl DiskCache {
             dir: dir.to_path_buf(),
             block_size,
             space,
+            holder: unique_suffix(),
+            grant: Mutex::new(None),
             known: Mutex::new(HashSet::new()),
             read_only,
             paused_until: Mutex::new(paused_until),
@@ -252,7 +264,9 @@ impl DiskCache {
                 Err(e) => {
                     attempt += 1;
                     if pausing(&e) || attempt >= WRITE_ATTEMPTS {
-                        self.space.release(size);
+                        if let Some(grant) = self.grant.lock().expect("grant poisoned").as_mut() {
+                            grant.refund(size);
+                        }
                         self.fail(&e);
                         return false;
                     }
@@ -262,15 +276,33 @@ impl DiskCache {
         }
     }
 
-    /// Reserves `size` bytes in the directory's ledger, evicting (or waiting for the process
-    /// that evicts) when the bound is reached. Fails when no room came in time (with the
-    /// directory's error, if it failed).
+    /// Reserves `size` bytes for one block: from this process's grant, else from a new grant
+    /// in the directory's ledger, evicting (or waiting for the process that evicts) when the
+    /// bound is reached. Fails when no room came in time (with the directory's error, if it
+    /// failed).
     fn reserve(&self, size: u64) -> Result<(), Option<std::io::Error>> {
+        let mut grant = self.grant.lock().expect("grant poisoned");
+        if grant.as_mut().is_some_and(|grant| grant.spend(size)) {
+            return Ok(());
+        }
         let started = Instant::now();
         loop {
-            match self.space.reserve(size) {
-                Reservation::Granted => return Ok(()),
-
+            // Several blocks' worth, or this block's alone when that is all the room left.
+            let mut reservation = Reservation::Full;
+            let several = (size * GRANT_BLOCKS).min(self.space.size() / GRANT_SHARE_OF_BOUND);
+            for bytes in [several.max(size), size] {
+                let granted;
+                (reservation, granted) = self.space.grant(&self.holder, grant.take(), bytes);
+                *grant = granted;
+                if !matches!(reservation, Reservation::Full) {
+                    break;
+                }
+            }
+            match reservation {
+                Reservation::Granted => {
+                    grant.as_mut().expect("a granted reservation").spend(size);
+                    return Ok(());
+                }
                 Reservation::Failed(e) => return Err(Some(e)),
                 Reservation::Busy | Reservation::Full if started.elapsed() > ROOM_WAIT => return Err(None),
                 Reservation::Busy => {}
@@ -313,6 +345,15 @@ impl DiskCache {
             warn!(dir = %self.dir.display(), %error, pause = ?PAUSE, "the cache directory refused a write; serving from memory and S3, trying again later");
         }
         *paused = Some(Instant::now() + PAUSE);
+    }
+}
+
+impl Drop for DiskCache {
+    /// Gives back what this process did not spend of its grant.
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.get_mut().ok().and_then(Option::take) {
+            self.space.settle(&self.holder, &grant);
+        }
     }
 }
 
@@ -511,6 +552,25 @@ mod tests {
         assert!(other.present(&k), "the file is there");
         assert!(other.read(&k).is_none());
         assert!(!block_file(dir.path(), &k).exists(), "the mismatched block was removed");
+    }
+
+    #[test]
+    fn a_writer_reserves_several_blocks_per_ledger_update_and_gives_back_the_rest_when_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 30), 1 << 16).unwrap();
+        cache.pass(false).unwrap().unwrap();
+        let data = vec![7u8; 1 << 16];
+        for i in 0..10 {
+            assert!(cache.write(&key("f", i), &data));
+        }
+        let usage = super::super::bound::summary(dir.path()).unwrap();
+        let block_file_size = fs::metadata(block_file(dir.path(), &key("f", 0))).unwrap().len();
+        assert_eq!(usage.grants.len(), 1, "{usage:?}");
+        assert_eq!(usage.bytes, GRANT_BLOCKS * block_file_size, "one grant of {GRANT_BLOCKS} blocks: {usage:?}");
+        drop(cache);
+        let usage = super::super::bound::summary(dir.path()).unwrap();
+        assert!(usage.grants.is_empty());
+        assert_eq!((usage.bytes, usage.blocks), (walkdir_size(&dir.path().join("blocks")), 10));
     }
 
     #[test]
