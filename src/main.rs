@@ -582,8 +582,8 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
             s.read_p99_ms
         );
         println!(
-            "  cache:  {} memory hits, {} disk hits, {} shared-cache hits, {} fetched blocks",
-            s.cache_memory_hits, s.cache_disk_hits, s.cache_shared_hits, s.cache_fetches
+            "  cache:  {} memory hits, {} disk hits ({} misses), {} shared-cache hits, {} fetched blocks",
+            s.cache_memory_hits, s.cache_disk_hits, s.cache_disk_misses, s.cache_shared_hits, s.cache_fetches
         );
         println!(
             "  disk:   {} blocks written, {} not written (write queue full), {} queued, {} slow reads skipped",

@@ -90,6 +90,7 @@ pub struct Snapshot {
     pub read_p99_ms: f64,
     pub cache_memory_hits: u64,
     pub cache_disk_hits: u64,
+    pub cache_disk_misses: u64,
     pub cache_shared_hits: u64,
     pub cache_fetches: u64,
     pub cache_memory_bytes: u64,
@@ -124,6 +125,7 @@ impl Stats {
             read_p99_ms: self.reads.percentile_ms(0.99),
             cache_memory_hits: load(&cache.stats.memory_hits),
             cache_disk_hits: load(&cache.stats.disk_hits),
+            cache_disk_misses: load(&cache.stats.disk_misses),
             cache_shared_hits: load(&cache.stats.shared_hits),
             cache_fetches: load(&cache.stats.fetches),
             cache_memory_bytes: cache.memory_bytes(),
@@ -150,6 +152,11 @@ impl Snapshot {
             ("cdpfs_read_errors_total", "Reads that returned an error", self.read_errors as f64),
             ("cdpfs_cache_memory_hits_total", "Blocks served from memory", self.cache_memory_hits as f64),
             ("cdpfs_cache_disk_hits_total", "Blocks served from the disk cache", self.cache_disk_hits as f64),
+            (
+                "cdpfs_cache_disk_misses_total",
+                "Blocks looked for in the disk cache and not found",
+                self.cache_disk_misses as f64,
+            ),
             (
                 "cdpfs_cache_shared_hits_total",
                 "Blocks served from the shared cache directory",

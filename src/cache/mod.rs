@@ -43,6 +43,17 @@ pub const BLOCK_SIZE: u64 = 512 << 10;
 pub const PART_SIZE: u64 = 8 << 20;
 
 /// A block a read-ahead GET is fetching, awaited by each of its readers.
+/// What [`BlockCache::load`] does with the cache directories.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tiers {
+    /// Looks for the block there first, and writes it there once loaded.
+    ReadAndWrite,
+    /// Only writes it there (a caller that has just looked).
+    Write,
+    /// Neither (blocks derived from others, which are there).
+    Neither,
+}
+
 type PendingBlock = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Bytes, StoreError>>>;
 
 /// Removes a block a reader's own GET is fetching from the pending blocks when dropped.
@@ -96,6 +107,9 @@ pub struct CacheStats {
     pub memory_hits: AtomicU64,
     /// Blocks served from disk.
     pub disk_hits: AtomicU64,
+    /// Blocks looked for in the cache directory and not found there (each a file-system
+    /// lookup: what a mount costs a shared or network cache directory).
+    pub disk_misses: AtomicU64,
     /// Blocks served from the shared cache directory.
     pub shared_hits: AtomicU64,
     /// Blocks fetched from the object store.
@@ -291,7 +305,7 @@ impl BlockCache {
     /// shared by all concurrent callers.
     pub async fn get(&self, key: BlockKey) -> Result<Bytes, StoreError> {
         let (loader_key, range) = (key.clone(), self.block_range(&key.object, key.index));
-        self.load(key, true, async move {
+        self.load(key, Tiers::ReadAndWrite, async move {
             // Looked up only on a miss: memory hits take no lock. A block no GET is fetching
             // yet gets one of its own, registered as pending so that read-ahead leaves it out.
             let (block, own) = {
@@ -393,7 +407,8 @@ impl BlockCache {
                 pending.insert(key.clone(), block);
             }
         }
-        let (cache, object, keys_in_run, first) = (self.clone(), object.clone(), keys.clone(), keys[0].index);
+        let fetched: Vec<PendingBlock> = keys.iter().map(|key| pending[key].clone()).collect();
+        let (cache, object, first) = (self.clone(), object.clone(), keys[0].index);
         tokio::spawn(async move {
             let senders = std::sync::Mutex::new(senders.into_iter().map(Some).collect::<Vec<_>>());
             let send = |number: usize, block: Bytes| {
@@ -404,9 +419,9 @@ impl BlockCache {
             };
             // Blocks a cache directory has (the index of a tier another process writes to may
             // not know them yet) come from there; the GET covers the others.
-            let in_tiers = futures_util::future::join_all(keys_in_run.iter().map(|key| cache.read_tiers(key))).await;
+            let in_tiers = futures_util::future::join_all(keys.iter().map(|key| cache.read_tiers(key))).await;
             let mut missing = Vec::new();
-            for (number, (key, block)) in keys_in_run.iter().zip(in_tiers).enumerate() {
+            for (number, (key, block)) in keys.iter().zip(in_tiers).enumerate() {
                 match block {
                     Some(block) => {
                         cache.memory.insert(key.clone(), block.clone()).await;
@@ -415,6 +430,30 @@ impl BlockCache {
                     None => missing.push(number),
                 }
             }
+            // The GET's blocks go into memory and the disk tier as each arrives (the cache
+            // directories were just looked in); the run is unregistered once all are in.
+            let loads = missing.iter().map(|&number| {
+                let (cache, key, block) = (cache.clone(), keys[number].clone(), fetched[number].clone());
+                async move {
+                    let fetch = async {
+                        let block = block.await?;
+                        cache.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                        Ok(block)
+                    };
+                    let _ = cache.load(key, Tiers::Write, fetch).await;
+                }
+            });
+            let loaded = tokio::spawn({
+                let (cache, keys) = (cache.clone(), keys.clone());
+                let loads: Vec<_> = loads.collect();
+                async move {
+                    futures_util::future::join_all(loads).await;
+                    let mut pending = cache.pending.lock().expect("pending blocks poisoned");
+                    for key in &keys {
+                        pending.remove(key);
+                    }
+                }
+            });
             if let (Some(&low), Some(&high)) = (missing.first(), missing.last()) {
                 let index = |number: usize| first + number as u64;
                 let bytes = cache.block_range(&object, index(low)).start..cache.block_range(&object, index(high)).end;
@@ -428,14 +467,7 @@ impl BlockCache {
             // Blocks the GET did not deliver fail with its error (set above) when their
             // senders go.
             drop(senders);
-        });
-        let cache = self.clone();
-        tokio::spawn(async move {
-            futures_util::future::join_all(keys.iter().map(|key| cache.get(key.clone()))).await;
-            let mut pending = cache.pending.lock().expect("pending blocks poisoned");
-            for key in &keys {
-                pending.remove(key);
-            }
+            let _ = loaded.await;
         });
     }
 
@@ -446,15 +478,15 @@ impl BlockCache {
         key: BlockKey,
         compute: impl std::future::Future<Output = Result<Bytes, StoreError>>,
     ) -> Result<Bytes, StoreError> {
-        self.load(key, false, compute).await
+        self.load(key, Tiers::Neither, compute).await
     }
 
-    /// The block from memory, else (when `persisted`) from disk, else from `load`, whose
-    /// result is kept in memory and (when `persisted`) queued to be written to disk.
+    /// The block from memory, else (per `tiers`) from disk, else from `load`, whose result is
+    /// kept in memory and (per `tiers`) queued to be written to disk.
     async fn load(
         &self,
         key: BlockKey,
-        persisted: bool,
+        tiers: Tiers,
         load: impl std::future::Future<Output = Result<Bytes, StoreError>>,
     ) -> Result<Bytes, StoreError> {
         if let Some(block) = self.memory.get(&key).await {
@@ -464,13 +496,13 @@ impl BlockCache {
         let loader_key = key.clone();
         self.memory
             .try_get_with(key, async move {
-                if persisted {
+                if tiers == Tiers::ReadAndWrite {
                     if let Some(block) = self.read_tiers(&loader_key).await {
                         return Ok(block);
                     }
                 }
                 let block = load.await?;
-                if persisted {
+                if tiers != Tiers::Neither {
                     for tier in [&self.disk, &self.shared].into_iter().flatten() {
                         tier.submit(loader_key.clone(), block.clone());
                     }
@@ -488,6 +520,7 @@ impl BlockCache {
             if let Some(block) = Self::read_tier(disk, key, &self.stats.disk_hits).await {
                 return Some(block);
             }
+            self.stats.disk_misses.fetch_add(1, Ordering::Relaxed);
         }
         let block = Self::read_tier(self.shared.as_ref()?, key, &self.stats.shared_hits).await?;
         if let Some(disk) = &self.disk {
@@ -706,6 +739,34 @@ mod tests {
         }
         assert_eq!(store.gets.load(Ordering::SeqCst), 2, "one GET for block 1, one for the run");
         assert_eq!(cache.fetch_slots.available_permits(), 64, "the runs' fetch slots were returned");
+    }
+
+    #[tokio::test]
+    async fn a_read_ahead_run_looks_in_the_cache_dir_once_per_block_and_writes_each_block_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CountingStore::default());
+        let disk = Arc::new(DiskCache::open(dir.path(), Some(1 << 30), 1000).unwrap());
+        let cache =
+            Arc::new(BlockCache::new(store.clone(), 1000, 1 << 20, 64, Some(DiskTier::new(disk, 1 << 20, io()))));
+        let object = Arc::new(ObjectMeta { size: 100_000, ..(*object()).clone() });
+        cache.prefetch(&object, 0..20);
+        for index in 0..20 {
+            cache.get(BlockKey { object: object.clone(), index }).await.unwrap();
+        }
+        let tier = cache.disk().unwrap();
+        for _ in 0..500 {
+            if tier.writes().written.load(Ordering::Relaxed) == 20 && cache.pending.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+        // Once by the run, and the first block perhaps once more by its reader, who may ask
+        // before the run has looked (each block twice before).
+        let misses = cache.stats.disk_misses.load(Ordering::Relaxed);
+        assert!((20..=21).contains(&misses), "{misses} lookups of 20 blocks");
+        assert_eq!(tier.writes().written.load(Ordering::Relaxed), 20);
+        assert_eq!(cache.stats.fetches.load(Ordering::Relaxed), 20);
     }
 
     #[tokio::test]
