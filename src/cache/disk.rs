@@ -170,7 +170,7 @@ impl DiskCache {
 
     fn relative_name(key: &BlockKey) -> String {
         let hash = key.object_hash();
-        format!("{:02x}/{hash:016x}-{}", hash >> 56, key.index)
+        format!("{:02x}/{hash:016x}-{}", shard(hash, key.index), key.index)
     }
 
     fn path(&self, key: &BlockKey) -> PathBuf {
@@ -404,10 +404,21 @@ fn list_blocks(blocks: &Path) -> Vec<String> {
     names
 }
 
-/// (object hash, index) of a block file name `<xx>/<hash>-<index>`.
+/// The shard directory (`blocks/<xx>`) of block `index` of the object with `hash`: an object's
+/// blocks are spread over all 256, so writers of one stream do not queue on one directory's
+/// lock, and no directory grows with the largest object.
+fn shard(hash: u64, index: u64) -> u64 {
+    (hash >> 56) ^ (index & 0xff)
+}
+
+/// (object hash, index) of a block file name `<xx>/<hash>-<index>`; `None` for anything else,
+/// including a block file in another shard than its own (left by an older cdpfs, which kept an
+/// object's blocks in one: never read, and evicted first as the least recently used).
 fn parse_name(name: &str) -> Option<(u64, u64)> {
-    let (hash, index) = name.rsplit('/').next()?.split_once('-')?;
-    Some((u64::from_str_radix(hash, 16).ok()?, index.parse().ok()?))
+    let (shard_name, file) = name.split_once('/')?;
+    let (hash, index) = file.split_once('-')?;
+    let (hash, index) = (u64::from_str_radix(hash, 16).ok()?, index.parse().ok()?);
+    (u64::from_str_radix(shard_name, 16).ok()? == shard(hash, index)).then_some((hash, index))
 }
 
 fn checksum(key: &BlockKey, data: &[u8], block_size: u64) -> u32 {
@@ -571,6 +582,24 @@ mod tests {
         let usage = super::super::bound::summary(dir.path()).unwrap();
         assert!(usage.grants.is_empty());
         assert_eq!((usage.bytes, usage.blocks), (walkdir_size(&dir.path().join("blocks")), 10));
+    }
+
+    #[test]
+    fn an_objects_blocks_spread_over_the_shards_and_a_block_in_a_foreign_shard_is_not_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 20), 1 << 16).unwrap();
+        for index in 0..4 {
+            assert!(cache.write(&key("f", index), b"data"));
+        }
+        let shards: HashSet<PathBuf> =
+            (0..4).map(|index| block_file(dir.path(), &key("f", index)).parent().unwrap().to_owned()).collect();
+        assert_eq!(shards.len(), 4, "one object's blocks in {shards:?}");
+        let name = DiskCache::relative_name(&key("f", 1));
+        assert_eq!(parse_name(&name), Some((key("f", 1).object_hash(), 1)));
+        // Where an older cdpfs put it: the shard of block 0.
+        let (_, file) = name.split_once('/').unwrap();
+        let foreign = format!("{:02x}/{file}", shard(key("f", 1).object_hash(), 0));
+        assert_eq!(parse_name(&foreign), None);
     }
 
     #[test]
