@@ -13,9 +13,10 @@
 //! blocks' bytes at once, spends it on its next blocks, and settles it (gives back what it did
 //! not spend) when it takes the next one or closes. The ledger lists the grants not yet
 //! settled, and a pass counts them as used in full (the ledger errs on the full side by at most
-//! one grant per writer), so the files a grant pays for never go uncounted; a grant its holder
-//! left unsettled (it died) stops counting after [`GRANT_EXPIRY`], and a holder spends a grant
-//! only within [`GRANT_LIFETIME`] of taking it.
+//! one grant per writer), so the files a grant pays for never go uncounted. A holder spends a
+//! grant only within [`GRANT_LIFETIME`] of taking it, and a pass stops counting a grant after
+//! [`GRANT_EXPIRY`] (twice that: every file it paid for is there to be counted by then), so a
+//! grant left unsettled by a writer that went idle or died costs the bound for two minutes.
 //!
 //! Both locks are files created exclusively (`O_EXCL`, which NFSv4 and Lustre honour across
 //! clients) holding their owner's token, taken over once their mtime is older than their
@@ -57,8 +58,9 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 const TEMP_EXPIRY: Duration = Duration::from_secs(3600);
 /// A writer spends a grant only this long after taking it...
 pub const GRANT_LIFETIME: Duration = Duration::from_secs(60);
-/// ...and a pass stops counting a grant not settled this long after it was taken.
-const GRANT_EXPIRY: Duration = Duration::from_secs(600);
+/// ...and a pass stops counting a grant not settled this long after it was taken (and takes
+/// it off the ledger: settling it later gives nothing back).
+const GRANT_EXPIRY: Duration = Duration::from_secs(120);
 
 #[derive(Serialize, Deserialize)]
 struct Config {
@@ -334,11 +336,13 @@ impl Space {
     }
 }
 
-/// Takes `holder`'s `grant` off the ledger: its unspent bytes back, its blocks counted.
+/// Takes `holder`'s `grant` off the ledger: its unspent bytes back, its blocks counted; nothing
+/// when a pass has taken it off already (it expired: the pass counted its files instead).
 fn settle(usage: &mut Summary, holder: &str, grant: &Grant) {
-    usage.bytes = usage.bytes.saturating_sub(grant.left);
-    usage.blocks += grant.blocks;
-    usage.grants.remove(holder);
+    if usage.grants.remove(holder).is_some() {
+        usage.bytes = usage.bytes.saturating_sub(grant.left);
+        usage.blocks += grant.blocks;
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -571,7 +575,7 @@ mod tests {
     }
 
     #[test]
-    fn a_grant_counts_in_full_through_a_pass_until_settled_or_expired() {
+    fn a_grant_counts_in_full_through_a_pass_until_settled_or_expired_and_is_settled_once() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 10_000).unwrap();
         let space = Space::open(dir.path(), None, true);
@@ -587,7 +591,7 @@ mod tests {
         space.settle("writer", &grant);
         assert_eq!(summary(dir.path()).unwrap().bytes, 1500);
         // A holder that died without settling: its grant counts until it expires.
-        let (_, _dead) = space.grant("dead", None, 3000);
+        let (_, dead) = space.grant("dead", None, 3000);
         space.pass(false).unwrap().unwrap();
         assert_eq!(summary(dir.path()).unwrap().bytes, 4500);
         let mut usage = summary(dir.path()).unwrap();
@@ -596,6 +600,9 @@ mod tests {
         space.pass(false).unwrap().unwrap();
         assert_eq!(summary(dir.path()).unwrap().bytes, 1500);
         assert!(summary(dir.path()).unwrap().grants.is_empty());
+        // Its holder was only idle, and settles it after all: the pass took it off already.
+        space.settle("dead", &dead.unwrap());
+        assert_eq!(summary(dir.path()).unwrap().bytes, 1500);
     }
 
     #[test]
