@@ -20,7 +20,7 @@ pub mod disk;
 pub mod offload;
 pub mod write_behind;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +53,9 @@ enum Tiers {
     /// Neither (blocks derived from others, which are there).
     Neither,
 }
+
+/// Released blocks remembered at most (32 GiB of data in 512 KiB blocks, in about 2 MiB).
+const RELEASED_LIMIT: usize = 1 << 16;
 
 type PendingBlock = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Bytes, StoreError>>>;
 
@@ -173,6 +176,10 @@ pub struct BlockCache {
     pending: std::sync::Mutex<HashMap<BlockKey, PendingBlock>>,
     /// Blocks in one read-ahead part (never more than there are fetch slots).
     part_blocks: u64,
+    /// Blocks streams have read and dropped from memory ([`BlockCache::forget`]): the kernel's
+    /// page cache holds them, so read-ahead leaves them out (a stream reading up to another's
+    /// start would fetch what that one has read already).
+    released: std::sync::Mutex<HashSet<BlockKey>>,
     /// Where block data came from.
     pub stats: CacheStats,
 }
@@ -205,6 +212,7 @@ impl BlockCache {
             fetch_slots,
             pending: Default::default(),
             part_blocks,
+            released: Default::default(),
             stats: CacheStats::default(),
         }
     }
@@ -283,7 +291,14 @@ impl BlockCache {
     /// its copies).
     pub async fn forget(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
         for index in blocks {
-            self.memory.invalidate(&BlockKey { object: object.clone(), index }).await;
+            let key = BlockKey { object: object.clone(), index };
+            self.memory.invalidate(&key).await;
+            let mut released = self.released.lock().expect("released blocks poisoned");
+            if released.len() >= RELEASED_LIMIT {
+                // Only read-ahead looks at these: forgetting them costs a little read-ahead.
+                released.clear();
+            }
+            released.insert(key);
         }
     }
 
@@ -322,6 +337,12 @@ impl BlockCache {
                         .boxed()
                         .shared();
                         pending.insert(loader_key.clone(), fetch.clone());
+                        // Read again after a stream dropped it: the page cache has lost this
+                        // object's pages, so read-ahead may fetch them again.
+                        let mut released = self.released.lock().expect("released blocks poisoned");
+                        if released.remove(&loader_key) {
+                            released.retain(|key| key.object.key != loader_key.object.key);
+                        }
                         (fetch, true)
                     }
                 }
@@ -355,8 +376,10 @@ impl BlockCache {
             // readers of one stream asking at the same time do not both start it.
             let (on_disk, out_of_slots) = {
                 let mut pending = self.pending.lock().expect("pending blocks poisoned");
-                let missing =
-                    (next..part_end).filter(|&i| !self.memory.contains_key(&key(i)) && !pending.contains_key(&key(i)));
+                let released = self.released.lock().expect("released blocks poisoned");
+                let missing = (next..part_end).filter(|&i| {
+                    !self.memory.contains_key(&key(i)) && !pending.contains_key(&key(i)) && !released.contains(&key(i))
+                });
                 let (on_disk, to_fetch): (Vec<u64>, Vec<u64>) = missing.partition(|&i| self.on_disk(&key(i)));
                 let mut out_of_slots = false;
                 if let (Some(&first), Some(&last)) = (to_fetch.first(), to_fetch.last()) {
@@ -767,6 +790,34 @@ mod tests {
         assert!((20..=21).contains(&misses), "{misses} lookups of 20 blocks");
         assert_eq!(tier.writes().written.load(Ordering::Relaxed), 20);
         assert_eq!(cache.stats.fetches.load(Ordering::Relaxed), 20);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_leaves_out_blocks_a_stream_has_read_until_one_is_asked_for_again() {
+        let store = Arc::new(CountingStore::default());
+        let cache = Arc::new(BlockCache::new(store.clone(), 1000, 1 << 20, 64, None));
+        let object = Arc::new(ObjectMeta { size: 100_000, ..(*object()).clone() });
+        let wait = |cache: Arc<BlockCache>| async move {
+            while !cache.pending.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        // A stream read blocks 10..20 and dropped them: the page cache has them.
+        cache.prefetch(&object, 10..20);
+        wait(cache.clone()).await;
+        cache.forget(&object, 10..20).await;
+        let bytes = store.bytes.load(Ordering::SeqCst);
+        // Another stream's read-ahead runs up to and into them: it fetches only 5..10.
+        cache.prefetch(&object, 5..20);
+        wait(cache.clone()).await;
+        assert_eq!(store.bytes.load(Ordering::SeqCst) - bytes, 5 * 1000, "read-ahead fetched what a stream had read");
+        // A reader asks for one of them after all (the page cache lost it): read-ahead may
+        // fetch that object's blocks again.
+        cache.get(BlockKey { object: object.clone(), index: 12 }).await.unwrap();
+        let bytes = store.bytes.load(Ordering::SeqCst);
+        cache.prefetch(&object, 13..16);
+        wait(cache.clone()).await;
+        assert_eq!(store.bytes.load(Ordering::SeqCst) - bytes, 3 * 1000);
     }
 
     #[tokio::test]
