@@ -287,10 +287,12 @@ impl DiskCache {
         }
         let started = Instant::now();
         loop {
-            // Several blocks' worth, or this block's alone when that is all the room left.
+            // Several blocks' worth, or this block's alone when that is all the room left (or
+            // all a grant may be in a small directory: then asked for once).
             let mut reservation = Reservation::Full;
             let several = (size * GRANT_BLOCKS).min(self.space.size() / GRANT_SHARE_OF_BOUND);
-            for bytes in [several.max(size), size] {
+            let asks = if several > size { &[several, size][..] } else { &[size][..] };
+            for &bytes in asks {
                 let granted;
                 (reservation, granted) = self.space.grant(&self.holder, grant.take(), bytes);
                 *grant = granted;

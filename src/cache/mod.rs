@@ -349,11 +349,16 @@ impl BlockCache {
             };
             // Unregistered when done, or when this load is abandoned.
             let _registered = own.then(|| PendingGuard { pending: &self.pending, key: &loader_key });
-            let block = block.await?;
-            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-            Ok(block)
+            self.fetched(block).await
         })
         .await
+    }
+
+    /// The block a GET is fetching, counted as fetched when it arrives.
+    async fn fetched(&self, block: PendingBlock) -> Result<Bytes, StoreError> {
+        let block = block.await?;
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        Ok(block)
     }
 
     /// Loads the block into the tiers in the background ([`BlockCache::get`]).
@@ -458,12 +463,7 @@ impl BlockCache {
             let loads = missing.iter().map(|&number| {
                 let (cache, key, block) = (cache.clone(), keys[number].clone(), fetched[number].clone());
                 async move {
-                    let fetch = async {
-                        let block = block.await?;
-                        cache.stats.fetches.fetch_add(1, Ordering::Relaxed);
-                        Ok(block)
-                    };
-                    let _ = cache.load(key, Tiers::Write, fetch).await;
+                    let _ = cache.load(key, Tiers::Write, cache.fetched(block)).await;
                 }
             });
             let loaded = tokio::spawn({
