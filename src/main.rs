@@ -120,7 +120,7 @@ struct CacheDirArg {
 
 impl CacheDirArg {
     fn dir(&self) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+        absolute(&self.cache_dir.clone().unwrap_or_else(default_cache_dir))
     }
 }
 
@@ -340,9 +340,9 @@ impl MountArgs {
             api_ttl: self.api_ttl,
             synthetic_size: self.synthetic_size,
             offline: self.offline,
-            shared_cache: self.shared_cache_dir.clone(),
+            shared_cache: self.shared_cache_dir.as_deref().map(absolute),
             write_shared_cache: self.write_shared_cache,
-            namespace: self.namespace.clone(),
+            namespace: self.namespace.as_deref().map(absolute),
             disk_cache: if self.no_disk_cache {
                 None
             } else {
@@ -364,6 +364,13 @@ impl MountArgs {
             None => (self.bucket.bucket == portal::DEFAULT_BUCKET).then(|| portal::api::DEFAULT_URL.to_owned()),
         }
     }
+}
+
+/// `path` made absolute against the working directory (without resolving links): a mount
+/// leaves its working directory once it is live, so a relative `--cache-dir ./cache` must not
+/// be looked up from `/` afterwards.
+fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// `10000`, `/10000/` and `10000/` all mean the prefix `10000/`; empty means the whole bucket.

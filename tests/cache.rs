@@ -103,6 +103,29 @@ fn sequential_read_uses_part_sized_gets_and_a_remount_uses_none() {
 }
 
 #[test]
+fn a_cache_dir_given_relative_to_the_working_directory_is_written() {
+    let _serial = serial();
+    let (fixture, server) = shared();
+    common::require_fuse();
+    // `cdpfs mount mnt --cache-dir cache`, typed in the directory that holds both.
+    let workdir = common::scratch_dir("relative-paths");
+    fs::create_dir(workdir.join("mnt")).unwrap();
+    let out = common::cdpfs()
+        .current_dir(&workdir)
+        .args(["mount", "mnt", "--bucket", common::BUCKET, "--endpoint-url", &server.addr_url()])
+        .args(["--cache-dir", "cache"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mount = Mounted { path: workdir.join("mnt") };
+    let key = mrc_key();
+    let expected = &fixture.objects[&key];
+    assert!(read_all(&mount.join(&key)) == *expected);
+    // The mount has left its working directory by now: the blocks still land in ./cache.
+    wait_for_blocks(&workdir.join("cache"), expected.len() as u64);
+}
+
+#[test]
 fn corrupted_and_truncated_cached_blocks_are_refetched() {
     let _serial = serial();
     let (fixture, _) = shared();
