@@ -368,17 +368,18 @@ pub fn init(dir: &Path, size: u64) -> std::io::Result<()> {
 /// across hosts ([`unique_suffix`], starting with `.`) and created exclusively, then renamed
 /// over `target`. A reader sees the old file or the new one, never a part.
 pub fn replace_file(target: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    replace_file_with(target, |temp| {
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).open(temp)?;
+        parts.iter().try_for_each(|part| file.write_all(part))
+    })
+}
+
+/// [`replace_file`] with the temp file created (exclusively) and filled by `write`.
+pub fn replace_file_with(target: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
     let dir = target.parent().expect("a file path has a parent");
     let name = target.file_name().expect("a file path has a name").to_string_lossy();
     let temp = dir.join(format!(".{name}.{}.tmp", unique_suffix()));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
-        for part in parts {
-            file.write_all(part)?;
-        }
-        drop(file);
-        fs::rename(&temp, target)
-    })();
+    let result = write(&temp).and_then(|()| fs::rename(&temp, target));
     if result.is_err() {
         let _ = fs::remove_file(&temp);
     }
