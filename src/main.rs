@@ -593,11 +593,12 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
             s.cache_memory_hits, s.cache_disk_hits, s.cache_disk_misses, s.cache_shared_hits, s.cache_fetches
         );
         println!(
-            "  disk:   {} blocks written, {} not written (write queue full), {} queued, {} slow reads skipped",
+            "  disk:   {} blocks written, {} not written (write queue full), {} queued, {} slow reads skipped, {} cache-dir operations",
             s.cache_disk_writes,
             s.cache_disk_writes_dropped,
             human_bytes(s.cache_disk_write_queue_bytes),
-            s.cache_disk_read_timeouts
+            s.cache_disk_read_timeouts,
+            s.cache_dir_operations
         );
         println!("  memory: {} of blocks, {} resident", human_bytes(s.cache_memory_bytes), human_bytes(s.rss_bytes));
     }

@@ -98,6 +98,7 @@ pub struct Snapshot {
     pub cache_disk_writes_dropped: u64,
     pub cache_disk_write_queue_bytes: u64,
     pub cache_disk_read_timeouts: u64,
+    pub cache_dir_operations: u64,
     pub rss_bytes: u64,
 }
 
@@ -133,6 +134,7 @@ impl Stats {
             cache_disk_writes_dropped: cache.disk().map_or(0, |d| load(&d.writes().dropped)),
             cache_disk_write_queue_bytes: cache.disk().map_or(0, |d| load(&d.writes().queued_bytes)),
             cache_disk_read_timeouts: cache.disk().map_or(0, |d| d.read_timeouts()),
+            cache_dir_operations: cache.disk().map_or(0, |d| d.read_operations()),
             rss_bytes: resident_bytes(),
         }
     }
@@ -173,6 +175,11 @@ impl Snapshot {
                 "cdpfs_cache_disk_read_timeouts_total",
                 "Disk cache reads abandoned because the cache directory did not answer in time",
                 self.cache_disk_read_timeouts as f64,
+            ),
+            (
+                "cdpfs_cache_dir_operations_total",
+                "Operations run on the cache directories off the I/O threads (block lookups and reads, saved listings)",
+                self.cache_dir_operations as f64,
             ),
         ];
         let gauges = [

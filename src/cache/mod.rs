@@ -157,9 +157,22 @@ impl DiskTier {
         }
     }
 
+    /// Which of `keys` the directory has a file for, asked in one trip to the blocking pool (a
+    /// directory that does not answer in time has none).
+    async fn present(&self, keys: &[BlockKey]) -> Vec<bool> {
+        let (files, asked) = (self.files.clone(), keys.to_vec());
+        let found = self.reads.run(move || asked.iter().map(|key| files.present(key)).collect()).await;
+        found.unwrap_or_else(|| vec![false; keys.len()])
+    }
+
     /// Reads of the cache directory abandoned as too slow.
     pub fn read_timeouts(&self) -> u64 {
         self.reads.timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Operations run on the cache directories (block lookups and reads, saved listings).
+    pub fn read_operations(&self) -> u64 {
+        self.reads.operations.load(Ordering::Relaxed)
     }
 }
 
@@ -447,7 +460,7 @@ impl BlockCache {
             };
             // Blocks a cache directory has (the index of a tier another process writes to may
             // not know them yet) come from there; the GET covers the others.
-            let in_tiers = futures_util::future::join_all(keys.iter().map(|key| cache.read_tiers(key))).await;
+            let in_tiers = cache.read_run_from_tiers(&keys).await;
             let mut missing = Vec::new();
             for (number, (key, block)) in keys.iter().zip(in_tiers).enumerate() {
                 match block {
@@ -550,6 +563,29 @@ impl BlockCache {
             disk.submit(key.clone(), block.clone());
         }
         Some(block)
+    }
+
+    /// [`Self::read_tiers`] for the blocks of a read-ahead run: the cache directories are first
+    /// asked which of them they have, all in one trip (a cold run costs one hand-off to the
+    /// blocking pool, not one per block), and only those are read, in parallel.
+    async fn read_run_from_tiers(&self, keys: &[BlockKey]) -> Vec<Option<Bytes>> {
+        let mut candidates = vec![false; keys.len()];
+        for (tier, is_disk) in [(&self.disk, true), (&self.shared, false)] {
+            let Some(tier) = tier else { continue };
+            let present = tier.present(keys).await;
+            if is_disk {
+                let absent = present.iter().filter(|found| !**found).count();
+                self.stats.disk_misses.fetch_add(absent as u64, Ordering::Relaxed);
+            }
+            candidates.iter_mut().zip(present).for_each(|(candidate, found)| *candidate |= found);
+        }
+        let reads = keys.iter().zip(candidates).map(|(key, candidate)| async move {
+            match candidate {
+                true => self.read_tiers(key).await,
+                false => None,
+            }
+        });
+        futures_util::future::join_all(reads).await
     }
 
     /// A verified copy of the block from `tier`, if its directory has one and answers in time.
@@ -765,7 +801,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_read_ahead_run_looks_in_the_cache_dir_once_per_block_and_writes_each_block_once() {
+    async fn a_read_ahead_run_looks_in_the_cache_dir_once_per_block_in_one_trip_and_writes_each_block_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(CountingStore::default());
         let disk = Arc::new(DiskCache::open(dir.path(), Some(1 << 30), 1000).unwrap());
@@ -788,6 +824,9 @@ mod tests {
         // before the run has looked (each block twice before).
         let misses = cache.stats.disk_misses.load(Ordering::Relaxed);
         assert!((20..=21).contains(&misses), "{misses} lookups of 20 blocks");
+        // ... in one trip to the blocking pool for the run (one per block before).
+        let trips = tier.read_operations();
+        assert!((1..=2).contains(&trips), "{trips} cache-dir operations for one run of 20 blocks");
         assert_eq!(tier.writes().written.load(Ordering::Relaxed), 20);
         assert_eq!(cache.stats.fetches.load(Ordering::Relaxed), 20);
     }

@@ -32,6 +32,8 @@ pub struct CacheDirIo {
     resting_until: Mutex<Option<Instant>>,
     /// Operations abandoned because they took longer than the timeout (or found no slot).
     pub timeouts: AtomicU64,
+    /// Operations handed to the blocking pool.
+    pub operations: AtomicU64,
 }
 
 impl CacheDirIo {
@@ -42,6 +44,7 @@ impl CacheDirIo {
             timeout,
             resting_until: Mutex::new(None),
             timeouts: AtomicU64::new(0),
+            operations: AtomicU64::new(0),
         }
     }
 
@@ -53,6 +56,7 @@ impl CacheDirIo {
         }
         let done = tokio::time::timeout(self.timeout, async {
             let slot = self.slots.clone().acquire_owned().await.expect("cache-dir slots are never closed");
+            self.operations.fetch_add(1, Ordering::Relaxed);
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
                 work()
