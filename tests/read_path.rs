@@ -221,6 +221,30 @@ fn a_slow_cache_dir_drops_writes_and_neither_slows_reads_nor_grows_memory() {
 }
 
 #[test]
+fn a_cache_dir_without_direct_io_is_written_through_the_page_cache() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let slow = SlowMount::new(&common::scratch_dir("no-direct-cache"));
+    slow.controls.refuse_direct.store(true, Ordering::SeqCst);
+    let cache = slow.path.to_str().unwrap();
+    let blocks = (source.len() as u64).div_ceil(512 << 10);
+    {
+        let mount = Mounted::on(server, "no-direct-1", &["--cache-dir", cache]);
+        assert!(read_all(&mount.join(KEY)) == *source);
+        let started = Instant::now();
+        while stat(&mount, "cache_disk_writes") < blocks && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(stat(&mount, "cache_disk_writes"), blocks);
+    }
+    assert!(slow.controls.refused_direct.load(Ordering::SeqCst) >= 1, "cdpfs never asked for O_DIRECT");
+    let mount = Mounted::on(server, "no-direct-2", &["--cache-dir", cache]);
+    let before = traffic();
+    assert!(read_all(&mount.join(KEY)) == *source);
+    assert_eq!(traffic().0 - before.0, 0, "the blocks written without O_DIRECT were not read back");
+}
+
+#[test]
 fn a_hung_cache_dir_costs_one_timeout_not_a_stall() {
     let _serial = serial();
     let (source, server) = bucket();

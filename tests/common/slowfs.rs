@@ -23,6 +23,11 @@ pub struct Controls {
     pub hang_reads: AtomicBool,
     /// Bytes written so far.
     pub written: AtomicU64,
+    /// While set, creating or opening a file with `O_DIRECT` fails with `EINVAL`, as on file
+    /// systems without direct I/O.
+    pub refuse_direct: AtomicBool,
+    /// `O_DIRECT` opens refused so far.
+    pub refused_direct: AtomicU64,
 }
 
 enum Node {
@@ -96,6 +101,15 @@ impl SlowFs {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Whether an open with `flags` is refused for asking for direct I/O (and counts it).
+    fn refuses(&self, flags: i32) -> bool {
+        let refused = flags & libc::O_DIRECT != 0 && self.controls.refuse_direct.load(Ordering::SeqCst);
+        if refused {
+            self.controls.refused_direct.fetch_add(1, Ordering::SeqCst);
+        }
+        refused
+    }
 }
 
 impl Filesystem for SlowFs {
@@ -157,9 +171,12 @@ impl Filesystem for SlowFs {
         name: &OsStr,
         _mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
+        if self.refuses(flags) {
+            return reply.error(Errno::EINVAL);
+        }
         match self.add(parent, name, Node::File(Vec::new())) {
             Ok(attr) => reply.created(&TTL, &attr, Generation(0), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
@@ -168,6 +185,9 @@ impl Filesystem for SlowFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.wait_while_hung();
+        if self.refuses(flags.0) {
+            return reply.error(Errno::EINVAL);
+        }
         let mut tree = self.tree.lock().unwrap();
         match tree.nodes.get_mut(&ino.0) {
             Some(Node::File(data)) => {
