@@ -383,18 +383,24 @@ impl Drop for DiskCache {
 /// spread ones. Best effort: other file systems refuse the flag and lose nothing.
 fn spread_subdirectories(dir: &Path) {
     use std::os::fd::AsRawFd;
-    /// `FS_TOPDIR_FL` of linux/fs.h.
-    const TOPDIR: libc::c_long = 0x0002_0000;
     let Ok(handle) = fs::File::open(dir) else { return };
-    let mut flags: libc::c_long = 0;
-    // SAFETY: the fd is open for the call; both ioctls take a pointer to a flags word, which
-    // outlives them.
-    unsafe {
-        if libc::ioctl(handle.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) == 0 && flags & TOPDIR == 0 {
-            flags |= TOPDIR;
-            libc::ioctl(handle.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags);
-        }
+    if let Some(flags) = inode_flags(&handle).filter(|flags| flags & FS_TOPDIR_FL == 0) {
+        let flags = flags | FS_TOPDIR_FL;
+        // SAFETY: the fd is open for the call; the ioctl reads one flags word from `flags`.
+        unsafe { libc::ioctl(handle.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
     }
+}
+
+/// `FS_TOPDIR_FL` of linux/fs.h: the top of a directory tree for the Orlov allocator.
+const FS_TOPDIR_FL: libc::c_long = 0x0002_0000;
+
+/// The inode flags of an open file (`lsattr`), where its file system has them.
+fn inode_flags(handle: &fs::File) -> Option<libc::c_long> {
+    use std::os::fd::AsRawFd;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: the fd is open for the call; the ioctl writes one flags word into `flags`.
+    let done = unsafe { libc::ioctl(handle.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    (done == 0).then_some(flags)
 }
 
 /// Alignment of the buffer, offset and length of an `O_DIRECT` write (a page: enough for every
@@ -574,8 +580,8 @@ mod tests {
         let header = encode_header(&k, &data, 1 << 20);
         assert_eq!(fs::metadata(&path).unwrap().len(), (header.len() + data.len()) as u64);
         // On file systems that keep the flag (ext4), the shards are spread like top directories.
-        if let Some(flags) = dir_flags(&dir.path().join("blocks")) {
-            assert_ne!(flags & 0x0002_0000, 0, "blocks/ is not marked as a top directory");
+        if let Some(flags) = inode_flags(&fs::File::open(dir.path().join("blocks")).unwrap()) {
+            assert_ne!(flags & FS_TOPDIR_FL, 0, "blocks/ is not marked as a top directory");
         }
     }
 
@@ -595,16 +601,6 @@ mod tests {
             libc::munmap(map, len);
         }
         resident.iter().filter(|page| *page & 1 == 1).count()
-    }
-
-    /// The inode flags of `dir` (`lsattr`), where the file system has them.
-    fn dir_flags(dir: &Path) -> Option<libc::c_long> {
-        use std::os::fd::AsRawFd;
-        let handle = fs::File::open(dir).unwrap();
-        let mut flags: libc::c_long = 0;
-        // SAFETY: the fd is open; the ioctl writes one flags word into `flags`.
-        let done = unsafe { libc::ioctl(handle.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
-        (done == 0).then_some(flags)
     }
 
     #[test]
