@@ -410,28 +410,41 @@ const DIRECT_ALIGN: usize = 4096;
 /// Writes `parts` as the new file `path` with `O_DIRECT`: the bytes go from one aligned buffer
 /// (kept per writer thread, one block in size) to the device, without a copy into the page
 /// cache, whose fresh pages and later write-back would take memory and CPU from the reads the
-/// block is cached for. The write is padded to the alignment, the file cut back to its length.
+/// block is cached for. Only whole alignment units can go direct: the tail (less than one)
+/// follows through the page cache, which spares cutting back a padded write (the file system
+/// would read the last unit back from the device to zero it).
 fn write_direct(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let len = parts.iter().map(|part| part.len()).sum::<usize>();
-    let padded = len.next_multiple_of(DIRECT_ALIGN);
+    let direct = len / DIRECT_ALIGN * DIRECT_ALIGN;
     BUFFER.with_borrow_mut(|buffer| {
-        buffer.resize(padded + DIRECT_ALIGN, 0);
+        buffer.resize(len + DIRECT_ALIGN, 0);
         let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        let aligned = &mut buffer[start..start + padded];
+        let aligned = &mut buffer[start..start + len];
         let mut at = 0;
         for part in parts {
             aligned[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
-        aligned[len..].fill(0);
         let mut file = fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path)?;
-        file.write_all(aligned)?;
-        file.set_len(len as u64)
+        file.write_all(&aligned[..direct])?;
+        if direct < len {
+            // SAFETY: the fd is open for both calls; F_GETFL and F_SETFL take plain flag words.
+            let cleared = unsafe {
+                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_DIRECT) == 0
+            };
+            if !cleared {
+                return Err(std::io::Error::last_os_error());
+            }
+            file.write_all(&aligned[direct..])?;
+        }
+        Ok(())
     })
 }
 
@@ -573,7 +586,7 @@ mod tests {
         let k = key("t.mrc", 1);
         assert!(cache.write(&k, &data));
         let path = block_file(dir.path(), &k);
-        // At most the partial last page (zeroed past the end by the truncation) is cached.
+        // At most the partial last page (written through the page cache) is cached.
         let resident = resident_pages(&path);
         assert!(resident <= 1, "{resident} pages of a just-written block file are in the page cache");
         assert_eq!(cache.read(&k).unwrap(), &data[..]);
