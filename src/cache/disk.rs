@@ -71,6 +71,8 @@ pub struct DiskCache {
     paused_until: Mutex<Option<Instant>>,
     /// Block files are written with `O_DIRECT` (until the directory's file system refuses it).
     direct: AtomicBool,
+    /// When a failed write was last logged, and the failures since (logged with the next line).
+    failures_logged: Mutex<(Option<Instant>, u64)>,
 }
 
 impl DiskCache {
@@ -121,6 +123,7 @@ impl DiskCache {
             read_only,
             paused_until: Mutex::new(paused_until),
             direct: AtomicBool::new(true),
+            failures_logged: Mutex::new((None, 0)),
         })
     }
 
@@ -352,10 +355,18 @@ impl DiskCache {
     }
 
     /// Handles a failed write: a full, out-of-quota or read-only directory pauses writes, any
-    /// other error only costs the block.
+    /// other error only costs the block (logged at most once per [`PAUSE`], with a count of the
+    /// failures since: a directory failing every write must not flood the log).
     fn fail(&self, error: &std::io::Error) {
         if !pausing(error) {
-            warn!(dir = %self.dir.display(), %error, "could not write a cached block; continuing");
+            let mut logged = self.failures_logged.lock().expect("failure log state poisoned");
+            let (last, since) = &mut *logged;
+            if last.is_none_or(|at| at.elapsed() >= PAUSE) {
+                warn!(dir = %self.dir.display(), %error, failed_since_last_line = *since, "could not write a cached block; continuing (such failures are logged at most every 30 s)");
+                (*last, *since) = (Some(Instant::now()), 0);
+            } else {
+                *since += 1;
+            }
             return;
         }
         let mut paused = self.paused_until.lock().expect("pause state poisoned");
@@ -598,6 +609,35 @@ mod tests {
         }
     }
 
+    /// Log output captured in memory.
+    #[derive(Clone, Default)]
+    struct LogLines(Arc<Mutex<Vec<u8>>>);
+
+    impl LogLines {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    impl std::io::Write for LogLines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
+        type Writer = LogLines;
+
+        fn make_writer(&'a self) -> LogLines {
+            self.clone()
+        }
+    }
+
     /// Pages of `path` in the page cache.
     fn resident_pages(path: &Path) -> usize {
         let file = fs::File::open(path).unwrap();
@@ -777,7 +817,15 @@ mod tests {
         // A file where the block's shard directory should be: every attempt fails.
         let shard = block_file(dir.path(), &k).parent().unwrap().to_path_buf();
         fs::write(&shard, b"not a dir").unwrap();
-        assert!(!cache.write(&k, b"data"));
+        let log = LogLines::default();
+        let subscriber = tracing_subscriber::fmt().with_writer(log.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..3 {
+                assert!(!cache.write(&k, b"data"));
+            }
+        });
+        let failures = log.text().matches("could not write a cached block").count();
+        assert_eq!(failures, 1, "each failed write was logged:\n{}", log.text());
         assert!(!cache.paused(), "only a full or read-only directory pauses writes");
         fs::remove_file(&shard).unwrap();
         assert!(cache.write(&k, b"data"));
