@@ -178,7 +178,7 @@ impl Snapshot {
             ),
             (
                 "cdpfs_cache_dir_operations_total",
-                "Operations run on the cache directories off the I/O threads (block lookups and reads, saved listings)",
+                "Operations run on the cache directory off the I/O threads (block lookups and reads, saved listings, API answers)",
                 self.cache_dir_operations as f64,
             ),
         ];

@@ -71,6 +71,15 @@ fn served_since(first: usize) -> Vec<Option<std::ops::Range<u64>>> {
 }
 
 /// A counter of a running mount, from `cdpfs stats --json`.
+/// The mount's count of blocks written to its cache dir, once it reaches `blocks` (or after 30 s).
+fn wait_for_disk_writes(mount: &Mounted, blocks: u64) -> u64 {
+    let started = Instant::now();
+    while stat(mount, "cache_disk_writes") < blocks && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stat(mount, "cache_disk_writes")
+}
+
 fn stat(mount: &Mounted, name: &str) -> u64 {
     let out = common::run_cdpfs(&["stats", "--json", mount.path.to_str().unwrap()], Duration::from_secs(10));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -231,11 +240,7 @@ fn a_cache_dir_without_direct_io_is_written_through_the_page_cache() {
     {
         let mount = Mounted::on(server, "no-direct-1", &["--cache-dir", cache]);
         assert!(read_all(&mount.join(KEY)) == *source);
-        let started = Instant::now();
-        while stat(&mount, "cache_disk_writes") < blocks && started.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert_eq!(stat(&mount, "cache_disk_writes"), blocks);
+        assert_eq!(wait_for_disk_writes(&mount, blocks), blocks);
     }
     assert!(slow.controls.refused_direct.load(Ordering::SeqCst) >= 1, "cdpfs never asked for O_DIRECT");
     let mount = Mounted::on(server, "no-direct-2", &["--cache-dir", cache]);
@@ -254,11 +259,7 @@ fn a_hung_cache_dir_costs_one_timeout_not_a_stall() {
         let mount = Mounted::on(server, "hung-1", &["--cache-dir", cache]);
         assert!(read_all(&mount.join(KEY)) == *source);
         let blocks = (source.len() as u64).div_ceil(512 << 10);
-        let started = Instant::now();
-        while stat(&mount, "cache_disk_writes") < blocks && started.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert_eq!(stat(&mount, "cache_disk_writes"), blocks);
+        assert_eq!(wait_for_disk_writes(&mount, blocks), blocks);
     }
     // The cache dir still lists and stats, but opening or reading a file never returns.
     slow.controls.hang_reads.store(true, Ordering::SeqCst);

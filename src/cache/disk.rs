@@ -362,7 +362,7 @@ impl DiskCache {
             let mut logged = self.failures_logged.lock().expect("failure log state poisoned");
             let (last, since) = &mut *logged;
             if last.is_none_or(|at| at.elapsed() >= PAUSE) {
-                warn!(dir = %self.dir.display(), %error, failed_since_last_line = *since, "could not write a cached block; continuing (such failures are logged at most every 30 s)");
+                warn!(dir = %self.dir.display(), %error, failed_since_last_line = *since, at_most_every = ?PAUSE, "could not write a cached block; continuing");
                 (*last, *since) = (Some(Instant::now()), 0);
             } else {
                 *since += 1;

@@ -170,7 +170,8 @@ impl DiskTier {
         self.reads.timeouts.load(Ordering::Relaxed)
     }
 
-    /// Operations run on the cache directories (block lookups and reads, saved listings).
+    /// Operations run on this tier's directory off the I/O threads (for `--cache-dir` also its
+    /// saved listings and API answers, which share its gate).
     pub fn read_operations(&self) -> u64 {
         self.reads.operations.load(Ordering::Relaxed)
     }
