@@ -41,10 +41,13 @@ fn gets() -> u64 {
 
 /// Waits until no block write is pending: the cache dir's size stops changing.
 fn wait_until_settled(cache: &Path) {
-    let mut last = u64::MAX;
-    for _ in 0..100 {
+    // Unchanged for a whole second, not between two looks: the writers run at idle priority
+    // and, with O_DIRECT, at the disk's pace, so on a busy disk the first file can take a while.
+    let (mut last, mut unchanged) = (u64::MAX, 0);
+    for _ in 0..150 {
         let now: u64 = block_files(cache).iter().map(|f| f.1).sum();
-        if now == last {
+        unchanged = if now == last { unchanged + 1 } else { 0 };
+        if unchanged == 5 {
             return;
         }
         last = now;
@@ -556,6 +559,11 @@ fn a_node_reads_local_then_shared_then_s3_and_writes_the_shared_tier_only_when_t
         &["--cache-dir", fresh.to_str().unwrap(), "--shared-cache-dir", shared_arg, "--write-shared-cache"],
     );
     assert!(common::read_whole(&mount.join(&tilt_series)) == fixture.objects[&tilt_series]);
+    // The first write may wait for the disk (busy with an earlier test's files, as in one CI run).
+    let started = Instant::now();
+    while block_files(&shared_dir).len() <= shared_files.len() && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     wait_until_settled(&shared_dir);
     assert!(block_files(&shared_dir).len() > shared_files.len(), "--write-shared-cache wrote nothing");
     // A shared tier that is not a cache directory is a clear error.
