@@ -247,6 +247,11 @@ impl Filesystem for CdpFs {
         let _ = config.add_capabilities(
             InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS,
         );
+        // Files read past the page cache stay mappable (numpy.memmap, mrcfile's mmap mode) only
+        // where the kernel maps them through it anyway.
+        if config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP).is_ok() {
+            self.data.allow_page_cache_bypass();
+        }
         Ok(())
     }
 
@@ -297,10 +302,15 @@ impl Filesystem for CdpFs {
             // Replaced since it was listed: the kernel then looks the name up again.
             Ok(Node::File(_)) if self.namespace.is_stale(ino.0) => reply.error(Errno::ESTALE),
             Ok(Node::File(object)) => {
-                let fh = self.add_handle(Handle::File(Arc::new(self.data.open(object))));
+                let file = self.data.open(object);
                 // Objects are immutable per (key, ETag) and a new ETag gets a new inode, so the
                 // kernel may keep cached pages across opens.
-                reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+                let flags = match file.bypasses_page_cache {
+                    true => FopenFlags::FOPEN_DIRECT_IO,
+                    false => FopenFlags::FOPEN_KEEP_CACHE,
+                };
+                let fh = self.add_handle(Handle::File(Arc::new(file)));
+                reply.opened(fh, flags);
             }
             Ok(Node::View(view)) => {
                 // A view's inode follows its Zarr's metadata, not every chunk's version: the

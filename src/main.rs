@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use cdpfs::cache::{admin, bound};
+use cdpfs::data::PageCache;
 use cdpfs::fstab;
 use cdpfs::mount::{self, MountConfig};
 use cdpfs::portal;
@@ -242,6 +243,14 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_KERNEL_READ_AHEAD", default_value = "256K", value_parser = parse_size)]
     kernel_read_ahead: u64,
 
+    /// Which reads go through the kernel's page cache. `auto`: a file of 64 MiB or more is read
+    /// past it until it has been read through once (a stream read once costs a copy less and
+    /// fills no memory), then kept in it for re-reads; smaller files always are. `always`: every
+    /// file is kept in it from the first read (needs no Linux 6.6 feature; `auto` falls back to
+    /// it on older kernels).
+    #[arg(long, env = "CDPFS_PAGE_CACHE", value_enum, default_value = "auto")]
+    page_cache: PageCache,
+
     #[command(flatten)]
     cache: CacheArgs,
 
@@ -332,6 +341,7 @@ impl MountArgs {
             metadata_ttl: self.metadata_ttl,
             max_memory: self.max_memory,
             kernel_read_ahead: self.kernel_read_ahead,
+            page_cache: self.page_cache,
             list_ahead: self.list_ahead,
             metrics_addr: self.metrics_addr.clone(),
             mrc_views: !self.no_mrc_views,

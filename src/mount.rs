@@ -20,7 +20,7 @@ use crate::cache::admin::Registration;
 use crate::cache::disk::DiskCache;
 use crate::cache::offload::{self, CacheDirIo};
 use crate::cache::{BlockCache, DiskTier, BLOCK_SIZE};
-use crate::data::{DataConfig, DataPath};
+use crate::data::{DataConfig, DataPath, PageCache};
 use crate::fuse::{CdpFs, FsOptions};
 use crate::mount_table;
 use crate::namespace::persist::ListingStore;
@@ -64,6 +64,8 @@ pub struct MountConfig {
     pub max_memory: u64,
     /// The kernel's read-ahead on the mount (and so its largest read request).
     pub kernel_read_ahead: u64,
+    /// Which opens go through the kernel's page cache.
+    pub page_cache: PageCache,
     /// The persistent block cache, if enabled: directory and the size bound to give it if it
     /// has none.
     pub disk_cache: Option<(PathBuf, Option<u64>)>,
@@ -275,6 +277,7 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
         initial_window: 2 * BLOCK_SIZE,
         read_ahead_budget: (fetch_slots as u64 * BLOCK_SIZE).min(cached / 3 * 2),
         kernel_read_ahead: config.kernel_read_ahead,
+        page_cache: config.page_cache,
     };
     Ok(DataPath::new(store, cache, tuning))
 }

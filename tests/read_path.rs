@@ -21,16 +21,68 @@ const NX: usize = 1260;
 const NZ: usize = 8;
 const SECTION: u64 = (NX * NX * 4) as u64;
 
+/// A tomogram of 64 MiB or more: its first pass bypasses the page cache.
+const LARGE_KEY: &str = "10002/TS_2/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_2.mrc";
+const LARGE_NZ: usize = 11;
+
 /// The tomogram's bytes and the server holding it (one per test binary).
 fn bucket() -> &'static (Vec<u8>, Server) {
     static BUCKET: OnceLock<(Vec<u8>, Server)> = OnceLock::new();
     BUCKET.get_or_init(|| {
         let root = common::scratch_dir("read-path-fixture");
-        let objects = BTreeMap::from([(KEY.to_owned(), common::mrc_bytes((NX, NX, NZ), 10.0, 5))]);
+        let objects = BTreeMap::from([
+            (KEY.to_owned(), common::mrc_bytes((NX, NX, NZ), 10.0, 5)),
+            (LARGE_KEY.to_owned(), common::mrc_bytes((NX, NX, LARGE_NZ), 10.0, 6)),
+        ]);
         common::write_bucket(&root, &objects);
         let server = start_server(&root, Faults::default());
-        (objects.into_values().next().unwrap(), server)
+        (objects[KEY].clone(), server)
     })
+}
+
+/// The large tomogram's bytes.
+fn large_source() -> &'static Vec<u8> {
+    static LARGE: OnceLock<Vec<u8>> = OnceLock::new();
+    LARGE.get_or_init(|| common::mrc_bytes((NX, NX, LARGE_NZ), 10.0, 6))
+}
+
+/// A read-only shared mapping of a file, as `numpy.memmap` and `mrcfile`'s mmap mode make.
+struct Mapping {
+    start: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn of(path: &Path) -> Mapping {
+        use std::os::fd::AsRawFd;
+        let file = File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: a fresh mapping of `len` bytes of an open file, unmapped on drop.
+        let start =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        assert_ne!(start, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Mapping { start, len }
+    }
+
+    /// Pages of the file the kernel's page cache holds.
+    fn resident_pages(&self) -> usize {
+        let mut resident = vec![0u8; self.len.div_ceil(4096)];
+        // SAFETY: mincore writes one byte per page of the mapping into `resident`, which has that many.
+        assert_eq!(unsafe { libc::mincore(self.start, self.len, resident.as_mut_ptr()) }, 0);
+        resident.iter().filter(|page| *page & 1 == 1).count()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes, readable, and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.start.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `of` mapped.
+        unsafe { libc::munmap(self.start, self.len) };
+    }
 }
 
 /// The tests count the shared server's traffic: one at a time.
@@ -272,4 +324,47 @@ fn a_hung_cache_dir_costs_one_timeout_not_a_stall() {
     assert!(stat(&mount, "cache_disk_read_timeouts") >= 1);
     assert!(traffic().1 - before.1 >= source.len() as u64 / 2, "the blocks came from S3");
     slow.controls.hang_reads.store(false, Ordering::SeqCst);
+}
+
+#[test]
+fn a_large_files_first_pass_bypasses_the_page_cache_and_later_reads_keep_it() {
+    let _serial = serial();
+    let server = &bucket().1;
+    let source = large_source();
+    let pages = source.len().div_ceil(4096);
+    let mount = Mounted::on(server, "first-pass", &[]);
+    let path = mount.join(LARGE_KEY);
+    let before = traffic();
+    assert!(read_all(&path) == *source);
+    let fetched = traffic().1 - before.1;
+    assert!(fetched <= source.len() as u64 + (64 << 10), "{fetched} bytes fetched for a stream of {}", source.len());
+    let resident = Mapping::of(&path).resident_pages();
+    assert!(resident * 100 <= pages, "the first pass left {resident} of {pages} pages in the page cache");
+    // Read through once: the next open keeps its pages, and the one after reads none again.
+    assert!(read_all(&path) == *source);
+    let resident = Mapping::of(&path).resident_pages();
+    assert!(resident * 10 >= pages * 9, "a re-read left only {resident} of {pages} pages in the page cache");
+    let before = traffic();
+    assert!(read_all(&path) == *source);
+    assert_eq!(traffic().0 - before.0, 0, "a third read went to S3");
+
+    // --page-cache always: the first pass keeps its pages too.
+    let always = Mounted::on(server, "first-pass-always", &["--page-cache", "always"]);
+    assert!(read_all(&always.join(LARGE_KEY)) == *source);
+    let resident = Mapping::of(&always.join(LARGE_KEY)).resident_pages();
+    assert!(resident * 10 >= pages * 9, "--page-cache always left only {resident} of {pages} pages");
+}
+
+#[test]
+fn a_large_file_mapped_before_its_first_pass_reads_right() {
+    let _serial = serial();
+    let server = &bucket().1;
+    let source = large_source();
+    let mount = Mounted::on(server, "mapped", &[]);
+    // Mapped shared while its opens bypass the page cache (mrcfile.mmap on a fresh mount).
+    let mapping = Mapping::of(&mount.join(LARGE_KEY));
+    let (header, last) = (&mapping.bytes()[..1024], source.len() - (1 << 20));
+    assert_eq!(header, &source[..1024]);
+    assert!(mapping.bytes()[last..] == source[last..], "the mapping's last MiB differs");
+    assert!(mapping.bytes() == &source[..], "the mapping differs from the object");
 }

@@ -12,11 +12,13 @@
 //!
 //! Case groups (letters as in the table):
 //! - 1: a. cold sequential read of the MRC with 1 MiB `read()`s, disk tier on and with
-//!   `--no-disk-cache`, and the ratio of the two; b. warm re-read on the same mount and re-read
-//!   after a remount over the same cache directory. Raw: the whole MRC in 8 MiB GETs, best of 16
+//!   `--no-disk-cache`, and the ratio of the two; b. second and third read on the same mount
+//!   (the first pass bypassed the page cache; the third reads from it) and re-read after a
+//!   remount over the same cache directory. Raw: the whole MRC in 8 MiB GETs, best of 16
 //!   and 32 in flight (the table says which won).
 //! - 2: g. cdpfs alone: a generated file of the MRC's size (`--synthetic-size`, no network),
-//!   cold with the disk tier on and off, and warm: the cost of the FUSE and cache layers.
+//!   cold with the disk tier on and off, and a second read: the cost of the FUSE and cache
+//!   layers.
 //! - 4: d. random 64 KiB `pread`s at unaligned offsets, one thread: p50 latency. Raw: one GET each.
 //! - 5: c. the 3dmod pattern: the 1024-byte header, then 50 whole XY sections at random distinct
 //!   z, one `pread` each, one thread. Raw: each section as 16 (or 8: best of both) parallel GETs,

@@ -16,6 +16,7 @@
 pub mod prefetch;
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -43,6 +44,25 @@ const SECTIONS_BEFORE_STREAMING: u32 = 4;
 /// MRC headers remembered, per object version.
 const SECTION_TABLES: usize = 4096;
 
+/// Objects at least this large (tomograms, not JSON or Zarr chunks) are read past the kernel's
+/// page cache until their first pass is through (see [`PageCache::Auto`]).
+const STREAMED_OBJECT: u64 = 64 << 20;
+
+/// Object versions whose first pass is tracked.
+const FIRST_PASSES: usize = 4096;
+
+/// Whether reads of a file go through the kernel's page cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PageCache {
+    /// A large object (64 MiB and up) is read past the page cache until cdpfs has served as
+    /// many bytes of it as it holds (its first pass: a stream read once costs one copy less and
+    /// no page-cache memory); opens after that keep its pages for re-reads. Small objects always
+    /// keep them.
+    Auto,
+    /// Every open keeps its pages in the page cache.
+    Always,
+}
+
 /// Tuning of the read path.
 #[derive(Clone, Copy, Debug)]
 pub struct DataConfig {
@@ -54,12 +74,17 @@ pub struct DataConfig {
     pub read_ahead_budget: u64,
     /// The kernel's read-ahead on the mount: how far past a section it will ask.
     pub kernel_read_ahead: u64,
+    /// Which opens go through the kernel's page cache.
+    pub page_cache: PageCache,
 }
 
 /// One open file: the object version it reads and its access-pattern state.
 pub struct OpenFile {
     /// The object version this handle reads (pinned at open).
     pub object: Arc<ObjectMeta>,
+    /// Its reads bypass the kernel's page cache (`FOPEN_DIRECT_IO`): they come as the program
+    /// makes them, without the kernel's read-ahead, and leave no pages behind.
+    pub bypasses_page_cache: bool,
     state: Mutex<StreamState>,
 }
 
@@ -86,6 +111,11 @@ pub struct DataPath {
     budget: Arc<StreamBudget>,
     /// The section layout of MRC objects seen so far (`None`: not an MRC that adds up).
     sections: Mutex<lru::LruCache<(String, String), Option<MrcSections>>>,
+    /// The kernel maps files that bypass its page cache (`FUSE_DIRECT_IO_ALLOW_MMAP`, Linux
+    /// 6.6 and later): without it they could not be `mmap`ed shared, so none bypasses it.
+    bypass_allowed: AtomicBool,
+    /// Bytes served to handles that bypass the page cache, per object version, up to its size.
+    first_passes: Mutex<lru::LruCache<(String, String), u64>>,
 }
 
 impl DataPath {
@@ -93,7 +123,14 @@ impl DataPath {
     pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>, config: DataConfig) -> DataPath {
         let sections = Mutex::new(lru::LruCache::new(SECTION_TABLES.try_into().expect("non-zero")));
         let budget = StreamBudget::new(config.read_ahead_budget, cache.part_size());
-        DataPath { store, cache, config, budget, sections }
+        let first_passes = Mutex::new(lru::LruCache::new(FIRST_PASSES.try_into().expect("non-zero")));
+        let bypass_allowed = AtomicBool::new(false);
+        DataPath { store, cache, config, budget, sections, bypass_allowed, first_passes }
+    }
+
+    /// Lets large objects' first passes bypass the page cache (the kernel can map such files).
+    pub fn allow_page_cache_bypass(&self) {
+        self.bypass_allowed.store(true, Ordering::Relaxed);
     }
 
     /// The block cache (for statistics).
@@ -110,8 +147,13 @@ impl DataPath {
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
         let prefetcher = self.prefetcher(u64::MAX);
+        let bypasses_page_cache = self.config.page_cache == PageCache::Auto
+            && self.bypass_allowed.load(Ordering::Relaxed)
+            && object.size >= STREAMED_OBJECT
+            && self.first_pass_served(&object) < object.size;
         OpenFile {
             object,
+            bypasses_page_cache,
             state: Mutex::new(StreamState {
                 prefetcher,
                 next_unrequested: 0,
@@ -139,12 +181,13 @@ impl DataPath {
             let mut state = file.state.lock().expect("stream state poisoned");
             let pattern = state.prefetcher.on_read(range.start, range.end - range.start);
             // The kernel reads ahead past a section with one request at most; a second request
-            // wholly past it is the reader going on into the next section (3dmod scrolling
-            // through z), which gets that section whole.
+            // wholly past it (the first, past the page cache) is the reader going on into the
+            // next section (3dmod scrolling through z), which gets that section whole.
             if state.fence.is_some_and(|fence| range.start >= fence) {
                 state.past_fence += 1;
             }
-            let mut moved_on = state.past_fence >= 2;
+            let kernel_requests_past = u32::from(!file.bypasses_page_cache);
+            let mut moved_on = state.past_fence > kernel_requests_past;
             if moved_on {
                 state.sections_in_a_row += 1;
                 // A reader going through section after section is a stream: read ahead freely.
@@ -196,7 +239,18 @@ impl DataPath {
             Pattern::Random => self.read_from_here(file, object, blocks, range.clone()).await?,
         };
         self.learn_sections(object, range.start, &bytes);
+        if file.bypasses_page_cache {
+            let mut passes = self.first_passes.lock().expect("first passes poisoned");
+            let served = passes.get_or_insert_mut((object.key.clone(), object.etag.clone()), || 0);
+            *served = served.saturating_add(bytes.len() as u64).min(object.size);
+        }
         Ok(bytes)
+    }
+
+    /// Bytes of `object` served so far to handles that bypass the page cache.
+    fn first_pass_served(&self, object: &ObjectMeta) -> u64 {
+        let version = (object.key.clone(), object.etag.clone());
+        self.first_passes.lock().expect("first passes poisoned").get(&version).copied().unwrap_or(0)
     }
 
     /// A read that starts something new (the first read, a seek, a move into the next MRC
@@ -216,21 +270,21 @@ impl DataPath {
         {
             // A section read requests the section's blocks itself: read-ahead starts after them.
             let mut state = file.state.lock().expect("stream state poisoned");
-            state.next_unrequested = section.as_ref().map_or(0, |s| self.section_blocks(object, s, &range).end);
+            state.next_unrequested = section.as_ref().map_or(0, |s| self.section_blocks(file, s, &range).end);
             state.fence = section.as_ref().map(|s| s.end);
             state.past_fence = 0;
             state.released = blocks.start;
         }
         match section {
-            Some(section) => self.read_section(object, section, range).await,
+            Some(section) => self.read_section(file, section, range).await,
             None => self.read_exact(object, blocks, range).await,
         }
     }
 
-    /// Drops from memory the blocks a stream has read, up to a little before `offset`: the
-    /// kernel's page cache holds their bytes now (files are opened with `FOPEN_KEEP_CACHE`), and
-    /// in the memory tier they would outlive the blocks read ahead of the stream, which
-    /// arrived earlier and so are the least recently used.
+    /// Drops from memory the blocks a stream has read, up to a little before `offset`: in the
+    /// memory tier they would outlive the blocks read ahead of the stream, which arrived earlier
+    /// and so are the least recently used. The kernel's page cache holds their bytes now, unless
+    /// the file bypasses it (a re-read then finds them in the disk tier, or fetches them again).
     async fn release_behind(&self, file: &OpenFile, object: &Arc<ObjectMeta>, offset: u64) {
         let behind = offset.saturating_sub(prefetch::BACKWARD_TOLERANCE) / self.cache.block_size();
         let release = {
@@ -239,7 +293,7 @@ impl DataPath {
             state.released = state.released.max(behind);
             release
         };
-        self.cache.forget(object, release).await;
+        self.cache.forget(object, release, !file.bypasses_page_cache).await;
     }
 
     /// `range` from the blocks the cache holds at its start, and the rest by one GET of exactly
@@ -300,23 +354,21 @@ impl DataPath {
     /// kernel's read-ahead will ask for past its end (its last request for the section's own
     /// bytes reaches there too, and must not wait for one more round trip), and returns
     /// `range` once its own blocks are in.
-    async fn read_section(
-        &self,
-        object: &Arc<ObjectMeta>,
-        section: Range<u64>,
-        range: Range<u64>,
-    ) -> Result<Bytes, StoreError> {
+    async fn read_section(&self, file: &OpenFile, section: Range<u64>, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let object = &file.object;
         let wanted = self.cache.blocks_covering(&range);
-        for index in self.section_blocks(object, &section, &range).filter(|index| !wanted.contains(index)) {
+        for index in self.section_blocks(file, &section, &range).filter(|index| !wanted.contains(index)) {
             self.cache.get_in_background(BlockKey { object: object.clone(), index });
         }
         self.read_blocks(object, wanted, range).await
     }
 
     /// The blocks a section read of `section` for a read of `range` fetches: the section's,
-    /// the read's, and those up to the kernel's read-ahead past the section's end.
-    fn section_blocks(&self, object: &ObjectMeta, section: &Range<u64>, range: &Range<u64>) -> Range<u64> {
-        let end = (section.end + self.config.kernel_read_ahead).min(object.size).max(range.end);
+    /// the read's, and those up to the kernel's read-ahead past the section's end (none past
+    /// the page cache).
+    fn section_blocks(&self, file: &OpenFile, section: &Range<u64>, range: &Range<u64>) -> Range<u64> {
+        let kernel_read_ahead = if file.bypasses_page_cache { 0 } else { self.config.kernel_read_ahead };
+        let end = (section.end + kernel_read_ahead).min(file.object.size).max(range.end);
         self.cache.blocks_covering(&(section.start.min(range.start)..end))
     }
 
