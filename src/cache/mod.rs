@@ -191,8 +191,8 @@ pub struct BlockCache {
     /// Blocks in one read-ahead part (never more than there are fetch slots).
     part_blocks: u64,
     /// Blocks streams have read and dropped from memory ([`BlockCache::forget`]): the kernel's
-    /// page cache holds them, so read-ahead leaves them out (a stream reading up to another's
-    /// start would fetch what that one has read already).
+    /// page cache holds them (or, past it, the reader had them), so read-ahead leaves them out (a
+    /// stream reading up to another's start would fetch what that one has read already).
     released: std::sync::Mutex<HashSet<BlockKey>>,
     /// Where block data came from.
     pub stats: CacheStats,
@@ -302,14 +302,11 @@ impl BlockCache {
     }
 
     /// Drops `blocks` of `object` from memory (a stream has read them; the disk tier keeps
-    /// its copies). When `in_page_cache`, read-ahead leaves them out from now on.
-    pub async fn forget(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>, in_page_cache: bool) {
+    /// its copies).
+    pub async fn forget(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
         for index in blocks {
             let key = BlockKey { object: object.clone(), index };
             self.memory.invalidate(&key).await;
-            if !in_page_cache {
-                continue;
-            }
             let mut released = self.released.lock().expect("released blocks poisoned");
             if released.len() >= RELEASED_LIMIT {
                 // Only read-ahead looks at these: forgetting them costs a little read-ahead.
@@ -836,7 +833,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn read_ahead_leaves_out_blocks_the_page_cache_holds_until_one_is_asked_for_again() {
+    async fn read_ahead_leaves_out_blocks_a_stream_has_read_until_one_is_asked_for_again() {
         let store = Arc::new(CountingStore::default());
         let cache = Arc::new(BlockCache::new(store.clone(), 1000, 1 << 20, 64, None));
         let object = Arc::new(ObjectMeta { size: 100_000, ..(*object()).clone() });
@@ -848,7 +845,7 @@ mod tests {
         // A stream read blocks 10..20 and dropped them: the page cache has them.
         cache.prefetch(&object, 10..20);
         wait(cache.clone()).await;
-        cache.forget(&object, 10..20, true).await;
+        cache.forget(&object, 10..20).await;
         let bytes = store.bytes.load(Ordering::SeqCst);
         // Another stream's read-ahead runs up to and into them: it fetches only 5..10.
         cache.prefetch(&object, 5..20);
@@ -861,15 +858,6 @@ mod tests {
         cache.prefetch(&object, 13..16);
         wait(cache.clone()).await;
         assert_eq!(store.bytes.load(Ordering::SeqCst) - bytes, 3 * 1000);
-        // A stream past the page cache read 30..40 and dropped them: nobody holds them now,
-        // so read-ahead fetches them again.
-        cache.prefetch(&object, 30..40);
-        wait(cache.clone()).await;
-        cache.forget(&object, 30..40, false).await;
-        let bytes = store.bytes.load(Ordering::SeqCst);
-        cache.prefetch(&object, 30..40);
-        wait(cache.clone()).await;
-        assert_eq!(store.bytes.load(Ordering::SeqCst) - bytes, 10 * 1000, "read-ahead left out blocks nobody holds");
     }
 
     #[tokio::test]

@@ -283,8 +283,9 @@ impl DataPath {
 
     /// Drops from memory the blocks a stream has read, up to a little before `offset`: in the
     /// memory tier they would outlive the blocks read ahead of the stream, which arrived earlier
-    /// and so are the least recently used. The kernel's page cache holds their bytes now, unless
-    /// the file bypasses it (a re-read then finds them in the disk tier, or fetches them again).
+    /// and so are the least recently used. The kernel's page cache holds their bytes now (or,
+    /// past it, the reader has them), so read-ahead leaves them out until a reader asks for one
+    /// again (the second pass over a file whose first bypassed the page cache).
     async fn release_behind(&self, file: &OpenFile, object: &Arc<ObjectMeta>, offset: u64) {
         let behind = offset.saturating_sub(prefetch::BACKWARD_TOLERANCE) / self.cache.block_size();
         let release = {
@@ -293,7 +294,7 @@ impl DataPath {
             state.released = state.released.max(behind);
             release
         };
-        self.cache.forget(object, release, !file.bypasses_page_cache).await;
+        self.cache.forget(object, release).await;
     }
 
     /// `range` from the blocks the cache holds at its start, and the rest by one GET of exactly
