@@ -332,7 +332,8 @@ fn a_large_files_first_pass_bypasses_the_page_cache_and_later_reads_keep_it() {
     let server = &bucket().1;
     let source = large_source();
     let pages = source.len().div_ceil(4096);
-    let mount = Mounted::on(server, "first-pass", &[]);
+    // No disk tier: the second read fetches everything again, which shows how.
+    let mount = Mounted::on(server, "first-pass", &["--no-disk-cache"]);
     let path = mount.join(LARGE_KEY);
     let before = traffic();
     assert!(read_all(&path) == *source);
@@ -345,7 +346,7 @@ fn a_large_files_first_pass_bypasses_the_page_cache_and_later_reads_keep_it() {
     let before = traffic();
     assert!(read_all(&path) == *source);
     let second_gets = traffic().0 - before.0;
-    assert!(second_gets <= first_gets * 3 / 2, "the second read took {second_gets} GETs, the first {first_gets}");
+    assert!(second_gets <= first_gets + 2, "the second read took {second_gets} GETs, the first {first_gets}");
     let resident = Mapping::of(&path).resident_pages();
     assert!(resident * 10 >= pages * 9, "a re-read left only {resident} of {pages} pages in the page cache");
     let before = traffic();

@@ -316,6 +316,13 @@ impl BlockCache {
         }
     }
 
+    /// Lets read-ahead fetch every block of `object` again, including those streams have read
+    /// and dropped (a reader through the page cache after passes that bypassed it).
+    pub fn read_ahead_everything(&self, object: &ObjectMeta) {
+        let mut released = self.released.lock().expect("released blocks poisoned");
+        released.retain(|key| key.object.key != object.key);
+    }
+
     /// The block, if memory or disk has it or a GET is fetching it; never starts a fetch.
     pub async fn cached(&self, key: &BlockKey) -> Option<Bytes> {
         if let Some(block) = self.in_memory(key).await {

@@ -147,10 +147,15 @@ impl DataPath {
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
         let prefetcher = self.prefetcher(u64::MAX);
+        let passed = self.first_pass_served(&object);
         let bypasses_page_cache = self.config.page_cache == PageCache::Auto
             && self.bypass_allowed.load(Ordering::Relaxed)
             && object.size >= STREAMED_OBJECT
-            && self.first_pass_served(&object) < object.size;
+            && passed < object.size;
+        if !bypasses_page_cache && passed > 0 {
+            // The page cache holds nothing of what the passes that bypassed it read.
+            self.cache.read_ahead_everything(&object);
+        }
         OpenFile {
             object,
             bypasses_page_cache,
