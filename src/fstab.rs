@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 /// `-o name=value` options and the `cdpfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 19] = [
+const VALUE_OPTIONS: [(&str, &str); 20] = [
     ("bucket", "--bucket"),
     ("region", "--region"),
     ("endpoint_url", "--endpoint-url"),
@@ -18,6 +18,7 @@ const VALUE_OPTIONS: [(&str, &str); 19] = [
     ("cache_size", "--cache-size"),
     ("max_memory", "--max-memory"),
     ("kernel_read_ahead", "--kernel-read-ahead"),
+    ("page_cache", "--page-cache"),
     ("metadata_ttl", "--metadata-ttl"),
     ("request_timeout", "--request-timeout"),
     ("stall_timeout", "--stall-timeout"),
@@ -156,6 +157,8 @@ mod tests {
             call("cdpfs /mnt/x -n -o rw,bucket=mirror,endpoint_url=http://s3.site:9000,x-systemd.automount -t cdpfs")
                 .unwrap();
         assert_eq!(cli, ["cdpfs", "mount", "/mnt/x", "--endpoint-url", "http://s3.site:9000", "--bucket", "mirror"]);
+        let cli = call("cdpfs /mnt/x -o page_cache=always").unwrap();
+        assert_eq!(cli, ["cdpfs", "mount", "/mnt/x", "--page-cache", "always"]);
     }
 
     #[test]

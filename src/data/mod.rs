@@ -8,6 +8,9 @@
 //! reader has consumed. Fetches share the block cache's fixed number of fetch slots: when all
 //! are busy, windows are simply not filled, and the process does not grow.
 //!
+//! A large object's first pass may bypass the kernel's page cache ([`PageCache`]): its reads then
+//! come as the program makes them, with no kernel read-ahead around them.
+//!
 //! MRC files are read by XY section (3dmod, napari, `mrcfile` slicing): a large random read
 //! in the voxel data fetches the whole section it falls in at once, as parallel block GETs in
 //! one round trip, and read-ahead stays inside that section until the reader itself moves on
