@@ -305,8 +305,10 @@ impl Filesystem for CdpFs {
                 let file = self.data.open(object);
                 // Objects are immutable per (key, ETag) and a new ETag gets a new inode, so the
                 // kernel may keep cached pages across opens.
+                // Past the page cache too: an open without keep-cache would drop the pages that
+                // other opens (a mapping, an object read through before) hold.
                 let flags = match file.bypasses_page_cache {
-                    true => FopenFlags::FOPEN_DIRECT_IO,
+                    true => FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_KEEP_CACHE,
                     false => FopenFlags::FOPEN_KEEP_CACHE,
                 };
                 let fh = self.add_handle(Handle::File(Arc::new(file)));

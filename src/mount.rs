@@ -311,7 +311,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, stats: Arc<Stats>, dat
 /// assembled from two blocks and freed at once was faulted in afresh for every read (500k page
 /// faults per 2.4 GB read past the page cache, half its speed).
 fn tune_allocator(max_memory: u64) {
-    let trim_threshold = i32::try_from((max_memory / 8).min(64 << 20)).unwrap_or(64 << 20);
+    let trim_threshold = (max_memory / 8).min(64 << 20) as libc::c_int;
     // SAFETY: mallopt only changes allocator parameters; any value is safe.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);

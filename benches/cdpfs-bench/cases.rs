@@ -120,7 +120,8 @@ pub fn sequential(b: &Bench) -> Vec<Row> {
 }
 
 /// 2: g. cdpfs alone: a generated file as large as the MRC (`--synthetic-size`, no network),
-/// read cold with the disk tier on and off, and warm: what the FUSE and cache layers cost.
+/// read cold with the disk tier on and off, and a second time: what the FUSE and cache layers
+/// cost.
 pub fn synthetic(b: &Bench) -> Vec<Row> {
     let size = b.fixture.mrc.size();
     let key = cdpfs::store::synthetic::KEY;

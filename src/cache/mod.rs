@@ -359,7 +359,8 @@ impl BlockCache {
                         .shared();
                         pending.insert(loader_key.clone(), fetch.clone());
                         // Read again after a stream dropped it: the page cache has lost this
-                        // object's pages, so read-ahead may fetch them again.
+                        // object's pages (or never had them: a pass past it), so read-ahead may
+                        // fetch them again.
                         let mut released = self.released.lock().expect("released blocks poisoned");
                         if released.remove(&loader_key) {
                             released.retain(|key| key.object.key != loader_key.object.key);

@@ -29,10 +29,10 @@ use crate::portal::MrcSections;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use prefetch::{Pattern, Prefetcher, StreamBudget};
 
-/// A random read at least this large in an MRC's voxel data is a section read: the kernel
-/// turns a read of a whole section into requests of its read-ahead size (128 KiB by default,
-/// 1 MiB on a mount whose read-ahead cdpfs could raise), while a small random read (a 64 KiB
-/// `pread`) comes as one request of its own size.
+/// A random read at least this large in an MRC's voxel data is a section read: through the
+/// page cache the kernel turns a read of a whole section into requests of its read-ahead size
+/// (128 KiB by default, 1 MiB on a mount whose read-ahead cdpfs could raise), past it into 1 MiB
+/// requests, while a small random read (a 64 KiB `pread`) comes as one request of its own size.
 const SECTION_READ: u64 = 128 << 10;
 
 /// How far past a fetched section the kernel's own read-ahead may read before cdpfs takes it
@@ -53,6 +53,15 @@ const STREAMED_OBJECT: u64 = 64 << 20;
 
 /// Object versions whose first pass is tracked.
 const FIRST_PASSES: usize = 4096;
+
+/// A large object version's first pass past the page cache.
+#[derive(Default)]
+struct FirstPass {
+    /// Bytes served to handles that bypass the page cache, up to the object's size.
+    served: u64,
+    /// Read-ahead's marks of what the pass read were cleared for the first open keeping pages.
+    marks_cleared: bool,
+}
 
 /// Whether reads of a file go through the kernel's page cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -86,7 +95,8 @@ pub struct OpenFile {
     /// The object version this handle reads (pinned at open).
     pub object: Arc<ObjectMeta>,
     /// Its reads bypass the kernel's page cache (`FOPEN_DIRECT_IO`): they come as the program
-    /// makes them, without the kernel's read-ahead, and leave no pages behind.
+    /// makes them (split into 1 MiB requests), without the kernel's read-ahead, and leave no
+    /// pages behind (unless the file is also mapped: faults go through the page cache).
     pub bypasses_page_cache: bool,
     state: Mutex<StreamState>,
 }
@@ -118,7 +128,7 @@ pub struct DataPath {
     /// 6.6 and later): without it they could not be `mmap`ed shared, so none bypasses it.
     bypass_allowed: AtomicBool,
     /// Bytes served to handles that bypass the page cache, per object version, up to its size.
-    first_passes: Mutex<lru::LruCache<(String, String), u64>>,
+    first_passes: Mutex<lru::LruCache<(String, String), FirstPass>>,
 }
 
 impl DataPath {
@@ -150,15 +160,10 @@ impl DataPath {
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
         let prefetcher = self.prefetcher(u64::MAX);
-        let passed = self.first_pass_served(&object);
         let bypasses_page_cache = self.config.page_cache == PageCache::Auto
             && self.bypass_allowed.load(Ordering::Relaxed)
             && object.size >= STREAMED_OBJECT
-            && passed < object.size;
-        if !bypasses_page_cache && passed > 0 {
-            // The page cache holds nothing of what the passes that bypassed it read.
-            self.cache.read_ahead_everything(&object);
-        }
+            && self.in_first_pass(&object);
         OpenFile {
             object,
             bypasses_page_cache,
@@ -195,7 +200,7 @@ impl DataPath {
                 state.past_fence += 1;
             }
             let kernel_requests_past = u32::from(!file.bypasses_page_cache);
-            let mut moved_on = state.past_fence > kernel_requests_past;
+            let mut moved_on = state.past_fence > kernel_requests_past && matches!(pattern, Pattern::Sequential { .. });
             if moved_on {
                 state.sections_in_a_row += 1;
                 // A reader going through section after section is a stream: read ahead freely.
@@ -249,16 +254,27 @@ impl DataPath {
         self.learn_sections(object, range.start, &bytes);
         if file.bypasses_page_cache {
             let mut passes = self.first_passes.lock().expect("first passes poisoned");
-            let served = passes.get_or_insert_mut((object.key.clone(), object.etag.clone()), || 0);
-            *served = served.saturating_add(bytes.len() as u64).min(object.size);
+            let pass = passes.get_or_insert_mut((object.key.clone(), object.etag.clone()), FirstPass::default);
+            pass.served = pass.served.saturating_add(bytes.len() as u64).min(object.size);
         }
         Ok(bytes)
     }
 
-    /// Bytes of `object` served so far to handles that bypass the page cache.
-    fn first_pass_served(&self, object: &ObjectMeta) -> u64 {
+    /// Whether `object` is in its first pass (less than its size served past the page cache so
+    /// far). Once that is through, the first open that keeps pages
+    /// lets read-ahead fetch every block again: the page cache holds nothing the pass read.
+    fn in_first_pass(&self, object: &ObjectMeta) -> bool {
         let version = (object.key.clone(), object.etag.clone());
-        self.first_passes.lock().expect("first passes poisoned").get(&version).copied().unwrap_or(0)
+        let mut passes = self.first_passes.lock().expect("first passes poisoned");
+        let Some(pass) = passes.get_mut(&version) else { return true };
+        if pass.served < object.size {
+            return true;
+        }
+        if !pass.marks_cleared {
+            pass.marks_cleared = true;
+            self.cache.read_ahead_everything(object);
+        }
+        false
     }
 
     /// A read that starts something new (the first read, a seek, a move into the next MRC

@@ -28,7 +28,8 @@ pub(crate) const BACKWARD_TOLERANCE: u64 = 4 << 20;
 /// stream's requests a request or two out of order, never more.
 const FORWARD_TOLERANCE: u64 = 2 << 20;
 /// A first read at offset 0 at least this large starts a stream: a read of the whole
-/// read-ahead window (128 KiB unless raised), while a header read comes as a 16 KiB request.
+/// read-ahead window (128 KiB unless raised; past the page cache, the program's read up to
+/// 1 MiB), while a header read comes as a 16 KiB request (or the program's own size).
 const STREAM_START: u64 = 128 << 10;
 
 /// The smallest window of a stream that began at the start of the file: a program reading a
