@@ -32,7 +32,7 @@ fn bucket() -> &'static (Vec<u8>, Server) {
         let root = common::scratch_dir("read-path-fixture");
         let objects = BTreeMap::from([
             (KEY.to_owned(), common::mrc_bytes((NX, NX, NZ), 10.0, 5)),
-            (LARGE_KEY.to_owned(), common::mrc_bytes((NX, NX, LARGE_NZ), 10.0, 6)),
+            (LARGE_KEY.to_owned(), large_source().clone()),
         ]);
         common::write_bucket(&root, &objects);
         let server = start_server(&root, Faults::default());

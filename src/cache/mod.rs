@@ -361,9 +361,9 @@ impl BlockCache {
                         // Read again after a stream dropped it: the page cache has lost this
                         // object's pages (or never had them: a pass past it), so read-ahead may
                         // fetch them again.
-                        let mut released = self.released.lock().expect("released blocks poisoned");
-                        if released.remove(&loader_key) {
-                            released.retain(|key| key.object.key != loader_key.object.key);
+                        let released = self.released.lock().expect("released blocks poisoned").remove(&loader_key);
+                        if released {
+                            self.read_ahead_everything(&loader_key.object);
                         }
                         (fetch, true)
                     }

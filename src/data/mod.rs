@@ -261,8 +261,8 @@ impl DataPath {
     }
 
     /// Whether `object` is in its first pass (less than its size served past the page cache so
-    /// far). Once that is through, the first open that keeps pages
-    /// lets read-ahead fetch every block again: the page cache holds nothing the pass read.
+    /// far). Once that is through, the first open that keeps pages lets read-ahead fetch every
+    /// block again: the page cache holds nothing the pass read.
     fn in_first_pass(&self, object: &ObjectMeta) -> bool {
         let version = (object.key.clone(), object.etag.clone());
         let mut passes = self.first_passes.lock().expect("first passes poisoned");
