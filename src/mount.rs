@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -192,9 +193,17 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     }
     let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats)
         .with_metadata(metadata);
-    let notifier = fs.notifier_slot();
-    let session = fuser::spawn_mount(fs, &mountpoint, &fuse_config(config, uid))
+    let (notifier, device) = (fs.notifier_slot(), fs.device_slot());
+    let session = fuser::Session::new(fs, &mountpoint, &fuse_config(config, uid))
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
+    // Reads spanning blocks are replied to on a duplicate of the session's device.
+    match session.as_fd().try_clone_to_owned() {
+        Ok(fd) => {
+            let _ = device.set(std::fs::File::from(fd));
+        }
+        Err(e) => warn!("duplicating the FUSE device failed ({e}); reads spanning blocks are copied into one buffer"),
+    }
+    let session = session.spawn().map_err(|e| anyhow!("starting the FUSE session: {e}"))?;
     set_kernel_read_ahead(&mountpoint, config.kernel_read_ahead);
     // The mount is live (the kernel handshake is done); don't keep the caller's cwd busy.
     let _ = std::env::set_current_dir("/");

@@ -373,3 +373,31 @@ fn a_large_file_mapped_before_its_first_pass_reads_right() {
     assert!(mapping.bytes()[last..] == source[last..], "the mapping's last MiB differs");
     assert!(mapping.bytes() == &source[..], "the mapping differs from the object");
 }
+
+#[test]
+fn reads_past_the_page_cache_that_span_blocks_get_their_bytes() {
+    let _serial = serial();
+    let server = &bucket().1;
+    let source = large_source();
+    let mount = Mounted::on(server, "spanning", &["--no-disk-cache"]);
+    let file = File::open(mount.join(LARGE_KEY)).unwrap();
+    // A header read, then unaligned reads of up to 1 MiB + 64 KiB that span two or three
+    // 512 KiB blocks (each one FUSE request past the page cache, replied to in slices), some
+    // ending at the object's end.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        state >> 17
+    };
+    let mut reads = vec![(0, 1024), (1024, 1 << 20), (source.len() as u64 - 700_000, 700_000)];
+    reads.extend((0..60).map(|_| {
+        let len = 1 + next() % (1 << 20) + (64 << 10);
+        (next() % (source.len() as u64 - len), len)
+    }));
+    for (offset, len) in reads {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).unwrap();
+        let at = offset as usize;
+        assert!(buf == source[at..at + len as usize], "{len} bytes at {offset} differ from the object");
+    }
+}

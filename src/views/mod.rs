@@ -29,7 +29,7 @@ use tracing::debug;
 
 use crate::cache::BlockKey;
 use crate::data::prefetch::{Pattern, Prefetcher};
-use crate::data::{clamp, DataPath};
+use crate::data::{clamp, DataPath, Slices};
 use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
 use blosc::Frame;
 use zarr::{ArrayLayout, Codec, PyramidLevel};
@@ -295,11 +295,11 @@ impl Catalog {
     }
 
     /// Up to `len` bytes of the view from `offset`; fewer at the end, none past it.
-    pub async fn read(self: &Arc<Self>, open: &OpenView, offset: u64, len: u32) -> Result<Bytes, StoreError> {
+    pub async fn read(self: &Arc<Self>, open: &OpenView, offset: u64, len: u32) -> Result<Slices, StoreError> {
         let view = &open.view;
         let range = clamp(view.file.size, offset, len);
         if range.is_empty() {
-            return Ok(Bytes::new());
+            return Ok(Slices::default());
         }
         let block_size = self.data.cache().block_size();
         let blocks = view.block_at(block_size, range.start)..view.block_at(block_size, range.end - 1) + 1;
@@ -317,7 +317,7 @@ impl Catalog {
             open.requested.store(0, Ordering::Relaxed);
         }
         let parts = try_join_all(blocks.clone().map(|block| self.block(view, block, streaming))).await?;
-        Ok(crate::data::assemble(&parts, view.block_range(block_size, blocks.start).start, range))
+        Ok(Slices::cut(&parts, view.block_range(block_size, blocks.start).start, range))
     }
 
     /// The chunk listing of a view, made once.
