@@ -243,7 +243,7 @@ struct MountArgs {
     #[arg(long, env = "CDPFS_KERNEL_READ_AHEAD", default_value = "256K", value_parser = parse_size)]
     kernel_read_ahead: u64,
 
-    /// Which reads go through the kernel's page cache. `auto`: a file of 64 MiB or more is read
+    /// Which reads go through the kernel's page cache. `auto`: a file of 8 MiB or more is read
     /// past it until it has been read through once (a stream read once costs a copy less and
     /// fills no memory), then kept in it for re-reads; smaller files always are. `always`: every
     /// file is kept in it from the first read (needs no Linux 6.6 feature; `auto` falls back to

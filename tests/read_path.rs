@@ -21,7 +21,8 @@ const NX: usize = 1260;
 const NZ: usize = 8;
 const SECTION: u64 = (NX * NX * 4) as u64;
 
-/// A tomogram of 64 MiB or more: its first pass bypasses the page cache.
+/// A tomogram larger than the memory tier of a small mount (its first pass bypasses the page
+/// cache, as every file's of one S3 part, 8 MiB, or more does).
 const LARGE_KEY: &str = "10002/TS_2/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_2.mrc";
 const LARGE_NZ: usize = 11;
 
@@ -341,6 +342,11 @@ fn a_large_files_first_pass_bypasses_the_page_cache_and_later_reads_keep_it() {
     assert!(fetched <= source.len() as u64 + (64 << 10), "{fetched} bytes fetched for a stream of {}", source.len());
     let resident = Mapping::of(&path).resident_pages();
     assert!(resident * 100 <= pages, "the first pass left {resident} of {pages} pages in the page cache");
+    // So does a smaller file's of one S3 part or more (a 50 MB tomogram, a large Zarr chunk).
+    let (smaller, source_of_smaller) = (mount.join(KEY), &bucket().0);
+    assert!(read_all(&smaller) == *source_of_smaller);
+    let (resident, of) = (Mapping::of(&smaller).resident_pages(), source_of_smaller.len().div_ceil(4096));
+    assert!(resident * 100 <= of, "the first pass of a 50 MB file left {resident} of {of} pages");
     // Read through once: the next open keeps its pages (a stream again, with read-ahead: the
     // page cache holds nothing of the first pass), and the one after reads none again.
     let before = traffic();
