@@ -187,8 +187,9 @@ fn reply_data(device: Option<&File>, unique: u64, reply: ReplyData, data: Slices
         // now would answer it a second time (with EIO); forgetting it keeps a reference to the
         // session's device, which the process's exit closes.
         Ok(_) => std::mem::forget(reply),
-        // The request is gone (interrupted, or the mount aborted): nothing waits for a reply.
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => std::mem::forget(reply),
+        // The request is gone (interrupted), or the whole mount (aborted, unmounted): nothing
+        // waits for a reply.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => std::mem::forget(reply),
         Err(e) => {
             warn!(error = %e, "sending a read reply in slices failed; sending it in one piece");
             reply.data(&data.into_bytes());
