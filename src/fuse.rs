@@ -118,8 +118,9 @@ impl CdpFs {
 
     /// Where a duplicate of the session's `/dev/fuse` descriptor goes once the mount is live
     /// (reads that span blocks are replied to through it, see [`reply_data`]). It must be a
-    /// `dup` of the descriptor the session reads requests from (the kernel takes a reply only
-    /// on the device that read its request), so sessions that clone their device can't use it.
+    /// `dup` of the descriptor the session reads requests from: the kernel takes a reply only on
+    /// the device that read its request (with fuser's `clone_fd`, every reply would go through
+    /// fuser again after a failed `writev`).
     pub fn device_slot(&self) -> Arc<OnceLock<File>> {
         self.device.clone()
     }
@@ -187,11 +188,12 @@ fn reply_data(device: Option<&File>, unique: u64, reply: ReplyData, data: Slices
         // now would answer it a second time (with EIO); forgetting it keeps a reference to the
         // session's device, which the process's exit closes.
         Ok(_) => std::mem::forget(reply),
-        // The request is gone (interrupted), or the whole mount (aborted, unmounted): nothing
-        // waits for a reply.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => std::mem::forget(reply),
+        // The mount is gone (aborted, unmounted): nothing waits for a reply.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => std::mem::forget(reply),
+        // Not taken: the request is gone (interrupted: ENOENT), or this is not the device that
+        // read it. Through fuser, which answers on that device, so that no reader waits forever.
         Err(e) => {
-            warn!(error = %e, "sending a read reply in slices failed; sending it in one piece");
+            debug!(error = %e, "a read reply in slices was not taken; sending it in one piece");
             reply.data(&data.into_bytes());
         }
     }
