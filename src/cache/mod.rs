@@ -57,6 +57,51 @@ enum Tiers {
 /// Released blocks remembered at most (32 GiB of data in 512 KiB blocks, in about 2 MiB).
 const RELEASED_LIMIT: usize = 1 << 16;
 
+/// Read-ahead's marks on the blocks streams have read and dropped from memory: the kernel's page
+/// cache holds them (or, past it, the reader had them), so read-ahead leaves them out (a stream
+/// reading up to another's start would fetch what that one has read already).
+#[derive(Default)]
+struct Released {
+    blocks: HashSet<BlockKey>,
+    /// Released blocks a reader asked for again since. One such block is a reader taking its
+    /// share of a block another stream read (striped readers meet in one block); two in a row
+    /// are a reader going through the object again, for whom read-ahead must fetch them again.
+    asked_again: HashSet<BlockKey>,
+}
+
+impl Released {
+    fn mark(&mut self, key: BlockKey) {
+        if self.blocks.len() >= RELEASED_LIMIT {
+            // Only read-ahead looks at these: forgetting them costs a little read-ahead.
+            self.blocks.clear();
+        }
+        self.blocks.insert(key);
+    }
+
+    /// Notes a demand read of `key`; true when it and the block before it were both released:
+    /// a reader is going through the object again.
+    fn asked_again(&mut self, key: &BlockKey) -> bool {
+        if !self.blocks.remove(key) {
+            return false;
+        }
+        let previous = key.index.checked_sub(1).map(|index| BlockKey { object: key.object.clone(), index });
+        if previous.is_some_and(|previous| self.asked_again.remove(&previous)) {
+            return true;
+        }
+        if self.asked_again.len() >= RELEASED_LIMIT {
+            self.asked_again.clear();
+        }
+        self.asked_again.insert(key.clone());
+        false
+    }
+
+    /// Drops every mark on `object`'s blocks.
+    fn clear(&mut self, object: &ObjectMeta) {
+        self.blocks.retain(|key| key.object.key != object.key);
+        self.asked_again.retain(|key| key.object.key != object.key);
+    }
+}
+
 type PendingBlock = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<Bytes, StoreError>>>;
 
 /// Removes a block a reader's own GET is fetching from the pending blocks when dropped.
@@ -190,10 +235,8 @@ pub struct BlockCache {
     pending: std::sync::Mutex<HashMap<BlockKey, PendingBlock>>,
     /// Blocks in one read-ahead part (never more than there are fetch slots).
     part_blocks: u64,
-    /// Blocks streams have read and dropped from memory ([`BlockCache::forget`]): the kernel's
-    /// page cache holds them (or, past it, the reader had them), so read-ahead leaves them out (a
-    /// stream reading up to another's start would fetch what that one has read already).
-    released: std::sync::Mutex<HashSet<BlockKey>>,
+    /// Blocks streams have read and dropped from memory ([`BlockCache::forget`]).
+    released: std::sync::Mutex<Released>,
     /// Where block data came from.
     pub stats: CacheStats,
 }
@@ -307,20 +350,14 @@ impl BlockCache {
         for index in blocks {
             let key = BlockKey { object: object.clone(), index };
             self.memory.invalidate(&key).await;
-            let mut released = self.released.lock().expect("released blocks poisoned");
-            if released.len() >= RELEASED_LIMIT {
-                // Only read-ahead looks at these: forgetting them costs a little read-ahead.
-                released.clear();
-            }
-            released.insert(key);
+            self.released.lock().expect("released blocks poisoned").mark(key);
         }
     }
 
     /// Lets read-ahead fetch every block of `object` again, including those streams have read
     /// and dropped (a reader through the page cache after passes that bypassed it).
     pub fn read_ahead_everything(&self, object: &ObjectMeta) {
-        let mut released = self.released.lock().expect("released blocks poisoned");
-        released.retain(|key| key.object.key != object.key);
+        self.released.lock().expect("released blocks poisoned").clear(object);
     }
 
     /// The block, if memory or disk has it or a GET is fetching it; never starts a fetch.
@@ -358,11 +395,12 @@ impl BlockCache {
                         .boxed()
                         .shared();
                         pending.insert(loader_key.clone(), fetch.clone());
-                        // Read again after a stream dropped it: the page cache has lost this
-                        // object's pages (or never had them: a pass past it), so read-ahead may
-                        // fetch them again.
-                        let released = self.released.lock().expect("released blocks poisoned").remove(&loader_key);
-                        if released {
+                        // Read again, with the block before it, after streams dropped them: the
+                        // page cache has lost this object's pages (or never had them: a pass
+                        // past it), so read-ahead may fetch them again. (One block alone is a
+                        // striped reader's share of the block where its stripe meets the next.)
+                        let again = self.released.lock().expect("released blocks poisoned").asked_again(&loader_key);
+                        if again {
                             self.read_ahead_everything(&loader_key.object);
                         }
                         (fetch, true)
@@ -405,7 +443,9 @@ impl BlockCache {
                 let mut pending = self.pending.lock().expect("pending blocks poisoned");
                 let released = self.released.lock().expect("released blocks poisoned");
                 let missing = (next..part_end).filter(|&i| {
-                    !self.memory.contains_key(&key(i)) && !pending.contains_key(&key(i)) && !released.contains(&key(i))
+                    !self.memory.contains_key(&key(i))
+                        && !pending.contains_key(&key(i))
+                        && !released.blocks.contains(&key(i))
                 });
                 let (on_disk, to_fetch): (Vec<u64>, Vec<u64>) = missing.partition(|&i| self.on_disk(&key(i)));
                 let mut out_of_slots = false;
@@ -841,7 +881,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn read_ahead_leaves_out_blocks_a_stream_has_read_until_one_is_asked_for_again() {
+    async fn read_ahead_leaves_out_blocks_a_stream_has_read_until_a_reader_goes_through_them_again() {
         let store = Arc::new(CountingStore::default());
         let cache = Arc::new(BlockCache::new(store.clone(), 1000, 1 << 20, 64, None));
         let object = Arc::new(ObjectMeta { size: 100_000, ..(*object()).clone() });
@@ -859,11 +899,20 @@ mod tests {
         cache.prefetch(&object, 5..20);
         wait(cache.clone()).await;
         assert_eq!(store.bytes.load(Ordering::SeqCst) - bytes, 5 * 1000, "read-ahead fetched what a stream had read");
-        // A reader asks for one of them after all (the page cache lost it): read-ahead may
-        // fetch that object's blocks again.
+        // A reader takes its share of one of them (striped readers meet in one block): one GET,
+        // and read-ahead still leaves the others out.
         cache.get(BlockKey { object: object.clone(), index: 12 }).await.unwrap();
+        wait(cache.clone()).await;
         let bytes = store.bytes.load(Ordering::SeqCst);
         cache.prefetch(&object, 13..16);
+        wait(cache.clone()).await;
+        assert_eq!(store.bytes.load(Ordering::SeqCst) - bytes, 0, "one block asked for again let read-ahead refetch");
+        // The next one too: a reader going through the object again (the page cache lost it),
+        // for whom read-ahead fetches that object's blocks again.
+        cache.get(BlockKey { object: object.clone(), index: 13 }).await.unwrap();
+        wait(cache.clone()).await;
+        let bytes = store.bytes.load(Ordering::SeqCst);
+        cache.prefetch(&object, 14..17);
         wait(cache.clone()).await;
         assert_eq!(store.bytes.load(Ordering::SeqCst) - bytes, 3 * 1000);
     }
