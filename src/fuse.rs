@@ -119,8 +119,8 @@ impl CdpFs {
     /// Where a duplicate of the session's `/dev/fuse` descriptor goes once the mount is live
     /// (reads that span blocks are replied to through it, see [`reply_data`]). It must be a
     /// `dup` of the descriptor the session reads requests from: the kernel takes a reply only on
-    /// the device that read its request (with fuser's `clone_fd`, every reply would go through
-    /// fuser again after a failed `writev`).
+    /// the device that read its request, so a session that clones its device per thread
+    /// (fuser's `clone_fd`) must leave the slot empty.
     pub fn device_slot(&self) -> Arc<OnceLock<File>> {
         self.device.clone()
     }
@@ -188,10 +188,14 @@ fn reply_data(device: Option<&File>, unique: u64, reply: ReplyData, data: Slices
         // now would answer it a second time (with EIO); forgetting it keeps a reference to the
         // session's device, which the process's exit closes.
         Ok(_) => std::mem::forget(reply),
-        // The mount is gone (aborted, unmounted): nothing waits for a reply.
-        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => std::mem::forget(reply),
-        // Not taken: the request is gone (interrupted: ENOENT), or this is not the device that
-        // read it. Through fuser, which answers on that device, so that no reader waits forever.
+        // No such request: the connection is gone (unmounted, aborted), and with it every
+        // request it had (a request read from the device stays until it is answered).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {
+            debug!(error = %e, "a read reply found no request: the mount is gone");
+            std::mem::forget(reply);
+        }
+        // Refused before the kernel looked at the request (it never should be): through fuser,
+        // in one piece, so that no reader waits forever.
         Err(e) => {
             debug!(error = %e, "a read reply in slices was not taken; sending it in one piece");
             reply.data(&data.into_bytes());

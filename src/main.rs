@@ -244,8 +244,9 @@ struct MountArgs {
     kernel_read_ahead: u64,
 
     /// Which reads go through the kernel's page cache. `auto`: a file of 8 MiB or more is read
-    /// past it until it has been read through once (a stream read once costs a copy less and
-    /// fills no memory), then kept in it for re-reads; smaller files always are. `always`: every
+    /// past it until cdpfs has served as many bytes of it as it holds, as a stream reading it
+    /// through once does (which then costs a copy less and fills no memory), then kept in it for
+    /// re-reads; smaller files always are. `always`: every
     /// file is kept in it from the first read (needs no Linux 6.6 feature; `auto` falls back to
     /// it on older kernels).
     #[arg(long, env = "CDPFS_PAGE_CACHE", value_enum, default_value = "auto")]

@@ -194,13 +194,16 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     let fs = CdpFs::new(runtime.handle().clone(), namespace, data, views, options, &config.s3.bucket, stats)
         .with_metadata(metadata);
     let (notifier, device) = (fs.notifier_slot(), fs.device_slot());
-    let session = fuser::Session::new(fs, &mountpoint, &fuse_config(config, uid))
+    let fuse_config = fuse_config(config, uid);
+    let session = fuser::Session::new(fs, &mountpoint, &fuse_config)
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
-    // Reads spanning blocks are replied to on a duplicate of the session's device.
+    // Reads spanning blocks are replied to on a duplicate of the session's device, the one every
+    // FUSE thread reads requests from (with a device per thread, they go through fuser).
     match session.as_fd().try_clone_to_owned() {
-        Ok(fd) => {
+        Ok(fd) if !fuse_config.clone_fd => {
             let _ = device.set(std::fs::File::from(fd));
         }
+        Ok(_) => {}
         Err(e) => warn!("duplicating the FUSE device failed ({e}); reads spanning blocks are copied into one buffer"),
     }
     let session = session.spawn().map_err(|e| anyhow!("starting the FUSE session: {e}"))?;

@@ -53,8 +53,9 @@ const SECTION_TABLES: usize = 4096;
 /// to 0.65-0.66x of raw GETs (bench group 6), the readers' page allocations and copies gone.
 const STREAMED_OBJECT: u64 = crate::cache::PART_SIZE;
 
-/// Object versions whose first pass is tracked.
-const FIRST_PASSES: usize = 4096;
+/// Object versions whose first pass is tracked (128 GiB of distinct 8 MiB objects; an object
+/// whose entry was dropped reads one more pass past the page cache).
+const FIRST_PASSES: usize = 16384;
 
 /// A large object version's first pass past the page cache.
 #[derive(Default)]
@@ -312,8 +313,8 @@ impl DataPath {
     /// Drops from memory the blocks a stream has read, up to a little before `offset`: in the
     /// memory tier they would outlive the blocks read ahead of the stream, which arrived earlier
     /// and so are the least recently used. The kernel's page cache holds their bytes now (or,
-    /// past it, the reader has them), so read-ahead leaves them out until a reader asks for one
-    /// again (the second pass over a file whose first bypassed the page cache).
+    /// past it, the reader has them), so read-ahead leaves them out until a reader asks for two
+    /// of them in a row again (the second pass over a file whose first bypassed the page cache).
     async fn release_behind(&self, file: &OpenFile, object: &Arc<ObjectMeta>, offset: u64) {
         let behind = offset.saturating_sub(prefetch::BACKWARD_TOLERANCE) / self.cache.block_size();
         let release = {
