@@ -251,7 +251,7 @@ fn portal_map(config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<Opt
 /// The block cache and read path sized from the configuration: of the memory budget, 3/8 for
 /// cached blocks, 1/4 for blocks being fetched, 1/8 for blocks waiting to be written to disk,
 /// and 1/4 of headroom (replies being assembled, read-ahead parts partly evicted, decoded Blosc
-/// blocks of MRC views).
+/// blocks of MRC views, and 1/64 for the bytes of recent exact reads, such as headers).
 fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<DataPath> {
     let disk = match &config.disk_cache {
         Some((dir, size)) => {
@@ -290,6 +290,7 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
         read_ahead_budget: (fetch_slots as u64 * BLOCK_SIZE).min(cached / 3 * 2),
         kernel_read_ahead: config.kernel_read_ahead,
         page_cache: config.page_cache,
+        exact_read_memory: config.max_memory / 64,
     };
     Ok(DataPath::new(store, cache, tuning))
 }

@@ -226,6 +226,24 @@ fn a_reader_that_goes_through_section_after_section_becomes_a_stream() {
 }
 
 #[test]
+fn a_header_read_again_past_the_page_cache_takes_no_second_get() {
+    let _serial = serial();
+    let (source, server) = bucket();
+    let mount = Mounted::on(server, "header-again", &[]);
+    let before = traffic();
+    // `header`, or mrcfile opening the tomogram, three times on a fresh mount (its first pass:
+    // past the page cache): the header's bytes once, then from memory, a shorter read too.
+    for len in [1024, 1024, 512] {
+        let mut header = vec![0u8; len];
+        File::open(mount.join(KEY)).unwrap().read_exact_at(&mut header, 0).unwrap();
+        assert!(header == source[..len]);
+    }
+    let (gets, bytes) = (traffic().0 - before.0, traffic().1 - before.1);
+    assert_eq!(gets, 1, "three header reads took {gets} GETs");
+    assert!(bytes <= 64 << 10, "{bytes} bytes fetched for a 1 KiB header");
+}
+
+#[test]
 fn small_random_reads_fetch_what_they_ask_for() {
     let _serial = serial();
     let (source, server) = bucket();

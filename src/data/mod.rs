@@ -91,6 +91,9 @@ pub struct DataConfig {
     pub kernel_read_ahead: u64,
     /// Which opens go through the kernel's page cache.
     pub page_cache: PageCache,
+    /// Memory for the bytes of recent reads fetched exactly (not as blocks): a header read
+    /// again past the page cache is answered from here.
+    pub exact_read_memory: u64,
 }
 
 /// One open file: the object version it reads and its access-pattern state.
@@ -132,6 +135,9 @@ pub struct DataPath {
     bypass_allowed: AtomicBool,
     /// Bytes served to handles that bypass the page cache, per object version, up to its size.
     first_passes: Mutex<lru::LruCache<(String, String), FirstPass>>,
+    /// The bytes recent exact reads fetched, by object version and start (see
+    /// [`DataPath::read_exact`]).
+    exact_reads: moka::future::Cache<(String, String, u64), Bytes>,
 }
 
 impl DataPath {
@@ -141,7 +147,11 @@ impl DataPath {
         let budget = StreamBudget::new(config.read_ahead_budget, cache.part_size());
         let first_passes = Mutex::new(lru::LruCache::new(FIRST_PASSES.try_into().expect("non-zero")));
         let bypass_allowed = AtomicBool::new(false);
-        DataPath { store, cache, config, budget, sections, bypass_allowed, first_passes }
+        let exact_reads = moka::future::Cache::builder()
+            .max_capacity(config.exact_read_memory)
+            .weigher(|_, bytes: &Bytes| u32::try_from(bytes.len()).unwrap_or(u32::MAX))
+            .build();
+        DataPath { store, cache, config, budget, sections, bypass_allowed, first_passes, exact_reads }
     }
 
     /// Lets large objects' first passes bypass the page cache (the kernel can map such files).
@@ -327,7 +337,8 @@ impl DataPath {
     }
 
     /// `range` from the blocks the cache holds at its start, and the rest by one GET of exactly
-    /// those bytes.
+    /// those bytes, kept for a while: a reader that reads them again (a file's header, each time
+    /// it is opened) gets them without another round trip, and no whole block is fetched for them.
     async fn read_exact(
         &self,
         object: &Arc<ObjectMeta>,
@@ -344,7 +355,17 @@ impl DataPath {
                     if parts.is_empty() {
                         first = from;
                     }
-                    parts.push(self.store.get_range(object, from..range.end).await?);
+                    let (len, key) = (range.end - from, (object.key.clone(), object.etag.clone(), from));
+                    let kept = self.exact_reads.get(&key).await.filter(|bytes| bytes.len() as u64 >= len);
+                    let bytes = match kept {
+                        Some(bytes) => bytes.slice(..len as usize),
+                        None => {
+                            let bytes = self.store.get_range(object, from..range.end).await?;
+                            self.exact_reads.insert(key, bytes.clone()).await;
+                            bytes
+                        }
+                    };
+                    parts.push(bytes);
                     break;
                 }
             }
