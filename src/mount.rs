@@ -199,12 +199,15 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         .map_err(|e| anyhow!("mounting at {}: {e}", mountpoint.display()))?;
     // Reads spanning blocks are replied to on a duplicate of the session's device, the one every
     // FUSE thread reads requests from (with a device per thread, they go through fuser).
-    match session.as_fd().try_clone_to_owned() {
-        Ok(fd) if !fuse_config.clone_fd => {
-            let _ = device.set(std::fs::File::from(fd));
+    if !fuse_config.clone_fd {
+        match session.as_fd().try_clone_to_owned() {
+            Ok(fd) => {
+                let _ = device.set(std::fs::File::from(fd));
+            }
+            Err(e) => {
+                warn!("duplicating the FUSE device failed ({e}); reads spanning blocks are copied into one buffer")
+            }
         }
-        Ok(_) => {}
-        Err(e) => warn!("duplicating the FUSE device failed ({e}); reads spanning blocks are copied into one buffer"),
     }
     let session = session.spawn().map_err(|e| anyhow!("starting the FUSE session: {e}"))?;
     set_kernel_read_ahead(&mountpoint, config.kernel_read_ahead);

@@ -399,9 +399,9 @@ impl BlockCache {
                         // page cache has lost this object's pages (or never had them: a pass
                         // past it), so read-ahead may fetch them again. (One block alone is a
                         // striped reader's share of the block where its stripe meets the next.)
-                        let again = self.released.lock().expect("released blocks poisoned").asked_again(&loader_key);
-                        if again {
-                            self.read_ahead_everything(&loader_key.object);
+                        let mut released = self.released.lock().expect("released blocks poisoned");
+                        if released.asked_again(&loader_key) {
+                            released.clear(&loader_key.object);
                         }
                         (fetch, true)
                     }
