@@ -181,6 +181,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         namespace = namespace.with_portal(portal.clone());
     }
     let namespace = Arc::new(namespace);
+    data.follow_chunk_order(Arc::downgrade(&namespace) as std::sync::Weak<dyn crate::data::sweep::ChunkOrder>);
     let metadata = Arc::new(MetadataReader::new(namespace.clone(), data.clone(), portal));
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };

@@ -26,6 +26,15 @@ const SECTION: u64 = (NX * NX * 4) as u64;
 const LARGE_KEY: &str = "10002/TS_2/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_2.mrc";
 const LARGE_NZ: usize = 11;
 
+/// A level of an OME-Zarr: 2 x 3 x 3 chunk objects (`z/y/x`) of a little over two blocks each.
+const ZARR_LEVEL: &str = "10002/TS_3/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_3.zarr/0/";
+const ZARR_CHUNK: usize = (1 << 20) + 4321;
+
+/// The key of chunk `z/y/x` of the level.
+fn chunk_key(z: u64, y: u64, x: u64) -> String {
+    format!("{ZARR_LEVEL}{z}/{y}/{x}")
+}
+
 /// The tomogram's bytes and the server holding it (one per test binary).
 fn bucket() -> &'static (Vec<u8>, Server) {
     static BUCKET: OnceLock<(Vec<u8>, Server)> = OnceLock::new();
@@ -35,6 +44,11 @@ fn bucket() -> &'static (Vec<u8>, Server) {
             (KEY.to_owned(), common::mrc_bytes((NX, NX, NZ), 10.0, 5)),
             (LARGE_KEY.to_owned(), large_source().clone()),
         ]);
+        let mut objects = objects;
+        for (i, (z, y, x)) in (0..2).flat_map(|z| (0..3).flat_map(move |y| (0..3).map(move |x| (z, y, x)))).enumerate()
+        {
+            objects.insert(chunk_key(z, y, x), common::noise(100 + i as u64, ZARR_CHUNK));
+        }
         common::write_bucket(&root, &objects);
         let server = start_server(&root, Faults::default());
         (objects[KEY].clone(), server)
@@ -436,4 +450,92 @@ fn reads_past_the_page_cache_that_span_blocks_get_their_bytes() {
         let at = offset as usize;
         assert!(buf == source[at..at + len as usize], "{len} bytes at {offset} differ from the object");
     }
+}
+
+/// The chunks of the Zarr level the server has sent bytes of since its `first`th GET, in order.
+fn chunks_served_since(first: usize) -> Vec<String> {
+    let served = bucket().1.served.lock().unwrap();
+    served[first..]
+        .iter()
+        .filter_map(|line| Some(line.split_once(ZARR_LEVEL)?.1.split_once(' ')?.0.to_owned()))
+        .collect()
+}
+
+/// Waits (up to 10 s) until the server has sent bytes of `chunk` since its `first`th GET.
+fn wait_until_served(first: usize, chunk: &str) -> bool {
+    let started = Instant::now();
+    while !chunks_served_since(first).iter().any(|c| c == chunk) {
+        if started.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Reads chunk `z/y/x` through `mount` and checks its bytes.
+fn read_chunk(mount: &Mounted, (z, y, x): (u64, u64, u64)) {
+    let key = chunk_key(z, y, x);
+    assert!(read_all(&mount.join(&key)) == common::noise(100 + z * 9 + y * 3 + x, ZARR_CHUNK), "{key}");
+}
+
+/// The distinct chunks the server has sent bytes of since its `first`th GET, sorted.
+fn distinct_chunks_served_since(first: usize) -> Vec<String> {
+    let mut chunks = chunks_served_since(first);
+    chunks.sort();
+    chunks.dedup();
+    chunks
+}
+
+/// Reads chunk `chunk` (fetched ahead) and checks that that took no GET of it.
+fn read_chunk_fetched_ahead(mount: &Mounted, (z, y, x): (u64, u64, u64)) {
+    let before = bucket().1.served.lock().unwrap().len();
+    read_chunk(mount, (z, y, x));
+    assert!(!chunks_served_since(before).contains(&format!("{z}/{y}/{x}")), "{z}/{y}/{x} was fetched twice");
+}
+
+/// Bytes of the server's GETs since its `first`th.
+fn bytes_served_since(first: usize) -> u64 {
+    served_since(first).iter().map(|r| r.as_ref().map_or(0, |r| r.end - r.start)).sum()
+}
+
+#[test]
+fn a_reader_going_along_a_zarr_levels_rows_gets_the_next_chunk_fetched_ahead() {
+    let _serial = serial();
+    let (_, server) = bucket();
+    let mount = Mounted::on(server, "chunk-rows", &[]);
+    let first = server.served.lock().unwrap().len();
+    // One chunk read is no sweep: nothing else is fetched.
+    read_chunk(&mount, (0, 0, 1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(distinct_chunks_served_since(first), ["0/0/1"]);
+    // A second along the row: the next in C order (the next row's first, here) comes before
+    // anyone opens it, and is then read from memory.
+    read_chunk(&mount, (0, 0, 2));
+    assert!(wait_until_served(first, "0/1/0"), "0/1/0 was not fetched ahead: {:?}", chunks_served_since(first));
+    read_chunk_fetched_ahead(&mount, (0, 1, 0));
+    assert!(wait_until_served(first, "0/1/1"), "0/1/1 was not fetched ahead: {:?}", chunks_served_since(first));
+    std::thread::sleep(Duration::from_millis(300));
+    let chunks = distinct_chunks_served_since(first);
+    // The reader stopped: one chunk fetched ahead for nothing, no more.
+    assert_eq!(chunks, ["0/0/1", "0/0/2", "0/1/0", "0/1/1"]);
+    assert_eq!(bytes_served_since(first), 4 * ZARR_CHUNK as u64, "each chunk's bytes once");
+}
+
+#[test]
+fn a_reader_going_down_a_column_of_zarr_chunks_gets_the_chunk_one_step_on() {
+    let _serial = serial();
+    let (_, server) = bucket();
+    let mount = Mounted::on(server, "chunk-column", &[]);
+    let first = server.served.lock().unwrap().len();
+    read_chunk(&mount, (1, 0, 2));
+    read_chunk(&mount, (1, 1, 2));
+    // Down y with z and x kept: the chunk one more step on, not the next one in its row.
+    assert!(wait_until_served(first, "1/2/2"), "1/2/2 was not fetched ahead: {:?}", chunks_served_since(first));
+    read_chunk_fetched_ahead(&mount, (1, 2, 2));
+    // One more step is off the grid: nothing is fetched.
+    std::thread::sleep(Duration::from_millis(500));
+    let chunks = distinct_chunks_served_since(first);
+    assert_eq!(chunks, ["1/0/2", "1/1/2", "1/2/2"]);
+    assert_eq!(bytes_served_since(first), 3 * ZARR_CHUNK as u64, "each chunk's bytes once");
 }

@@ -201,13 +201,15 @@ pub fn imod(b: &Bench) -> Vec<Row> {
     vec![Row::compare(case, Unit::Seconds, &cdpfs, &raw, "<= 1.2x; fetched <= 1.2")]
 }
 
-/// 6: e. Zarr: a whole level (16 chunk objects, 4 threads), and one 256^3 chunk (1 thread).
+/// 6: e. Zarr: a whole level (16 chunk objects, by 4 threads as dask does and by 1 as
+/// zarr-python does alone), and one 256^3 chunk (1 thread).
 pub fn zarr(b: &Bench) -> Vec<Row> {
     let level: Vec<&str> = b.fixture.zarr_chunks.iter().map(String::as_str).collect();
-    let [mut level_runs, mut level_raw, mut block_runs, mut block_raw] = [(); 4].map(|()| vec![]);
+    let [mut level_runs, mut serial_runs, mut level_raw, mut block_runs, mut block_raw] = [(); 5].map(|()| vec![]);
     for _ in 0..b.opts.runs {
         let level_bytes = level.iter().map(|key| b.fixture.size(key)).sum();
         level_runs.push(b.fresh(&[], &level, level_bytes, |mount| read_files(mount, &level, 4)).0);
+        serial_runs.push(b.fresh(&[], &level, level_bytes, |mount| read_files(mount, &level, 1)).0);
         level_raw.push(b.raw_objects(&level, 8 << 20, 16));
         let block_bytes = b.fixture.size(BLOCK_KEY);
         block_runs.push(b.fresh(&[], &[BLOCK_KEY], block_bytes, |mount| read_files(mount, &[BLOCK_KEY], 1)).0);
@@ -222,6 +224,13 @@ pub fn zarr(b: &Bench) -> Vec<Row> {
             &level_runs,
             &level_raw,
             ">= 0.8x",
+        ),
+        Row::compare(
+            "e. Zarr level: the same chunk objects read whole one after another, 1 thread",
+            Unit::MBps,
+            &serial_runs,
+            &level_raw,
+            "-",
         ),
         Row::compare(
             format!("e. Zarr 256^3 block: one {block_mib} MiB chunk object read whole, 1 thread"),

@@ -23,7 +23,7 @@
 //! - 5: c. the 3dmod pattern: the 1024-byte header, then 50 whole XY sections at random distinct
 //!   z, one `pread` each, one thread. Raw: each section as 16 (or 8: best of both) parallel GETs,
 //!   one section after the other.
-//! - 6: e. Zarr: a whole level (16 chunk objects read whole by 4 threads) and one 256^3 float32
+//! - 6: e. Zarr: a whole level (16 chunk objects read whole by 4 threads, then by 1) and one 256^3 float32
 //!   chunk (64 MiB, one thread). Raw: the objects in 8 MiB GETs, 16 in flight.
 //! - 7: find + stat over a dataset tree, cold and after a remount. Raw: one LIST per folder, serially.
 //! - 8: f. 1, 4 and 16 concurrent sequential readers, each its own stripe of the MRC. Raw: as in 1.

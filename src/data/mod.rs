@@ -11,16 +11,20 @@
 //! A large object's first pass may bypass the kernel's page cache ([`PageCache`]): its reads then
 //! come as the program makes them, with no kernel read-ahead around them.
 //!
+//! A program reading a Zarr level's chunk objects whole, one after another, gets the chunk it
+//! will want next fetched while it reads the current one ([`sweep`]).
+//!
 //! MRC files are read by XY section (3dmod, napari, `mrcfile` slicing): a large random read
 //! in the voxel data fetches the whole section it falls in at once, as parallel block GETs in
 //! one round trip, and read-ahead stays inside that section until the reader itself moves on
 //! past the kernel's own read-ahead beyond it.
 
 pub mod prefetch;
+pub mod sweep;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 
@@ -28,6 +32,7 @@ use crate::cache::{BlockCache, BlockKey};
 use crate::portal::MrcSections;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use prefetch::{Pattern, Prefetcher, StreamBudget};
+use sweep::{ChunkOrder, ChunkSweeps};
 
 /// A random read at least this large in an MRC's voxel data is a section read: through the
 /// page cache the kernel turns a read of a whole section into requests of its read-ahead size
@@ -138,6 +143,8 @@ pub struct DataPath {
     /// The bytes recent exact reads fetched, by object version and start (see
     /// [`DataPath::read_exact`]).
     exact_reads: moka::future::Cache<(String, String, u64), Bytes>,
+    /// Zarr levels whose chunks are being read whole one after another.
+    sweeps: Arc<ChunkSweeps>,
 }
 
 impl DataPath {
@@ -151,7 +158,14 @@ impl DataPath {
             .max_capacity(config.exact_read_memory)
             .weigher(|_, bytes: &Bytes| u32::try_from(bytes.len()).unwrap_or(u32::MAX))
             .build();
-        DataPath { store, cache, config, budget, sections, bypass_allowed, first_passes, exact_reads }
+        let sweeps = Arc::default();
+        DataPath { store, cache, config, budget, sections, bypass_allowed, first_passes, exact_reads, sweeps }
+    }
+
+    /// Fetches the next chunk of a Zarr level being read chunk by chunk, in the order `order`
+    /// gives (see [`sweep`]).
+    pub fn follow_chunk_order(&self, order: Weak<dyn ChunkOrder>) {
+        self.sweeps.follow(order);
     }
 
     /// Lets large objects' first passes bypass the page cache (the kernel can map such files).
@@ -201,6 +215,9 @@ impl DataPath {
         let block_size = self.cache.block_size();
         let blocks = self.cache.blocks_covering(&range);
         if object.size <= self.config.small_object.min(block_size) {
+            if range.start == 0 {
+                self.sweeps.started(&self.cache, object);
+            }
             return self.read_blocks(object, blocks, range).await;
         }
         let (pattern, moved_on) = {
@@ -225,6 +242,9 @@ impl DataPath {
             }
             (pattern, moved_on)
         };
+        if range.start == 0 && matches!(pattern, Pattern::Sequential { .. }) {
+            self.sweeps.started(&self.cache, object);
+        }
         let bytes = match pattern {
             Pattern::Sequential { .. } if moved_on => self.read_from_here(file, object, blocks, range.clone()).await?,
             Pattern::Sequential { window } => {

@@ -29,11 +29,12 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::data::sweep::{ChunkOrder, Lookup};
 use crate::portal::api::ApiError;
 use crate::portal::ids::{link_target, PortalId};
 use crate::portal::map::{FacetEntry, PortalMap, FACETS};
 use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
-use crate::views::{Catalog, Lister, MrcView};
+use crate::views::{zarr, Catalog, Lister, MrcView};
 use names::Child;
 use persist::ListingStore;
 
@@ -254,6 +255,20 @@ impl Lister for Namespace {
     }
 }
 
+impl ChunkOrder for Namespace {
+    fn next_chunk<'a>(&'a self, key: &'a str) -> Lookup<'a> {
+        Box::pin(Namespace::next_chunk(self, key))
+    }
+
+    fn object<'a>(&'a self, key: &'a str) -> Lookup<'a> {
+        Box::pin(async move {
+            let (folder, name) = key.rsplit_once('/')?;
+            let listing = self.listing(&format!("{folder}/")).await.ok()?;
+            listing.find(name)?.node.file().cloned()
+        })
+    }
+}
+
 impl Namespace {
     /// A namespace rooted at `root_prefix` (empty or ending in `/`), caching listings for `ttl`,
     /// reusing (and saving) listings in `saved` when given, and listing up to `warm_budget`
@@ -371,6 +386,37 @@ impl Namespace {
     pub async fn listing(&self, prefix: &str) -> Result<Arc<Directory>, NamespaceError> {
         let ino = self.inodes.write().expect("inode table lock poisoned").ino_for(&Node::Dir { prefix: prefix.into() });
         self.directory_at(ino, prefix).await.map_err(NamespaceError::Store)
+    }
+
+    /// The chunk object after `key` in C order within its Zarr level ([`zarr::chunk_of`]): the
+    /// next in its folder, else the first of the next folder, listing folders as needed; `None`
+    /// past the level's last chunk, for a key that is no chunk, or when a listing fails.
+    pub async fn next_chunk(&self, key: &str) -> Option<Arc<ObjectMeta>> {
+        let (level, chunk) = zarr::chunk_of(key)?;
+        let names: Vec<&str> = chunk.split('/').collect();
+        for depth in (0..names.len()).rev() {
+            let folder: String = std::iter::once(level).chain(names[..depth].iter().flat_map(|n| [*n, "/"])).collect();
+            let listing = self.listing(&folder).await.ok()?;
+            let after = zarr::chunk_index(names[depth])?;
+            let next = chunk_entries(&listing).filter(|(index, _)| *index > after).min_by(|a, b| a.0.cmp(&b.0));
+            if let Some((_, entry)) = next {
+                return self.first_chunk_in(entry.clone(), names.len() - 1 - depth).await;
+            }
+        }
+        None
+    }
+
+    /// The first chunk object `levels` folders below `entry` (`entry` itself when 0).
+    async fn first_chunk_in(&self, mut entry: Entry, levels: usize) -> Option<Arc<ObjectMeta>> {
+        for _ in 0..levels {
+            let Node::Dir { prefix } = &entry.node else { return None };
+            let listing = self.listing(prefix).await.ok()?;
+            entry = chunk_entries(&listing).min_by(|a, b| a.0.cmp(&b.0))?.1.clone();
+        }
+        match entry.node {
+            Node::File(object) => Some(object),
+            _ => None,
+        }
     }
 
     /// The entries of facet folder `path`, from the portal's map.
@@ -599,6 +645,11 @@ impl Namespace {
 }
 
 /// Whether `node` is an OME-Zarr store (`*.zarr/`) or a folder inside one.
+/// The entries of a folder of chunk paths, with the indices they stand for.
+fn chunk_entries(listing: &Directory) -> impl Iterator<Item = (Vec<u64>, &Entry)> {
+    listing.entries.iter().filter_map(|entry| Some((zarr::chunk_index(&entry.name)?, entry)))
+}
+
 fn in_zarr(node: &Node) -> bool {
     matches!(node, Node::Dir { prefix } if prefix.split('/').any(|segment| segment.ends_with(".zarr")))
 }

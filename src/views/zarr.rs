@@ -192,6 +192,45 @@ pub fn chunk_key(level_prefix: &str, index: [u64; 3], separator: char) -> String
     format!("{level_prefix}{}{separator}{}{separator}{}", index[0], index[1], index[2])
 }
 
+/// Where the chunk object `key` lies in a multiscale OME-Zarr: its level's folder
+/// (`.../X.zarr/0/`, the first all-digit folder below the `.zarr`) and its path below it
+/// (`z/y/x` nested, `z.y.x` flat); `None` for any other key (metadata, labels' own files).
+pub fn chunk_of(key: &str) -> Option<(&str, &str)> {
+    let store_end = key.find(".zarr/")? + ".zarr/".len();
+    let mut level_end = store_end;
+    loop {
+        let name_end = level_end + key[level_end..].find('/')?;
+        let name = &key[level_end..name_end];
+        level_end = name_end + 1;
+        if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+            break;
+        }
+    }
+    let chunk = &key[level_end..];
+    chunk.split('/').all(|name| chunk_index(name).is_some()).then_some((&key[..level_end], chunk))
+}
+
+/// The indices one name of a chunk path stands for (`3` nested, `1.2.3` flat), in the order
+/// they sort in (C order); `None` for a name that is no part of a chunk path.
+pub fn chunk_index(name: &str) -> Option<Vec<u64>> {
+    name.split('.').map(|n| n.bytes().all(|b| b.is_ascii_digit()).then(|| n.parse().ok()).flatten()).collect()
+}
+
+/// The indices of a chunk path (`2/1/3`, `2.1.3`), in order.
+pub fn chunk_path_indices(chunk: &str) -> Vec<u64> {
+    chunk.split('/').flat_map(|name| chunk_index(name).unwrap_or_default()).collect()
+}
+
+/// A chunk path (`2/1/3`, `2.1.3`) with its indices replaced by `indices`, in order.
+pub fn chunk_path_with(chunk: &str, indices: &[u64]) -> String {
+    let mut indices = indices.iter();
+    let names = chunk.split('/').map(|name| {
+        let numbers = name.split('.').map(|n| indices.next().map_or_else(|| n.to_owned(), u64::to_string));
+        numbers.collect::<Vec<_>>().join(".")
+    });
+    names.collect::<Vec<_>>().join("/")
+}
+
 /// The separator the chunk keys `names` (relative to their level's folder) actually use, if
 /// they show one: stores written before `dimension_separator` existed nest keys without saying so.
 pub fn separator_in<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<char> {
@@ -330,5 +369,22 @@ mod tests {
         let bad_path = br#"{"multiscales": [{"datasets": [{"path": "../x",
             "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}]}]}]}"#;
         assert!(parse_multiscales(bad_path).unwrap_err().contains("path"));
+    }
+
+    #[test]
+    fn chunk_keys_name_their_level_and_place() {
+        assert_eq!(chunk_of("10/TS_1/T/100/TS_1.zarr/0/2/1/3"), Some(("10/TS_1/T/100/TS_1.zarr/0/", "2/1/3")));
+        assert_eq!(chunk_of("a.zarr/labels/mask/1/0.0.7"), Some(("a.zarr/labels/mask/1/", "0.0.7")));
+        for key in ["a.zarr/0/.zarray", "a.zarr/.zattrs", "a.zarr/0/", "a.zarr/0/1/x", "a.mrc", "a.zarr/labels/0"] {
+            assert_eq!(chunk_of(key), None, "{key}");
+        }
+        assert_eq!(chunk_index("1.20.3"), Some(vec![1, 20, 3]));
+        assert!(chunk_index("10") > chunk_index("9"), "numbers, not names, give the order");
+        assert_eq!(chunk_index("+1"), None);
+        assert_eq!(chunk_path_indices("2/10/3"), [2, 10, 3]);
+        assert_eq!(chunk_path_with("2/10/3", &[2, 11, 0]), "2/11/0");
+        assert_eq!(chunk_path_indices("0.1.2"), [0, 1, 2]);
+        assert_eq!(chunk_path_with("0.1.2", &[0, 2, 12]), "0.2.12");
+        assert_eq!(chunk_index(""), None);
     }
 }

@@ -1,0 +1,209 @@
+//! Read-ahead across objects, for Zarr arrays: a program that reads a level's chunk objects
+//! whole, one after another (zarr-python reads a selection chunk by chunk; dask and napari
+//! workers each read their own), waits a first-byte round trip and a transfer per chunk. Once
+//! two chunks of one level have been read whole, each chunk read whole starts the fetch of the
+//! chunk the readers will want next, so that it arrives while they read this one:
+//! - after a step along the last axis (a sweep in C order, from one row into the next, or
+//!   several readers sharing one), the next chunk in C order that no reader has started and
+//!   none was fetched ahead;
+//! - after a step that left the last axis where it was (a column of chunks, every other z), the
+//!   chunk one more such step on.
+//!
+//! A program that reads one chunk fetches nothing more; one that stops fetched at most one chunk
+//! per reader too many, as does a sweep over part of each row (at each row's end).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use crate::cache::BlockCache;
+use crate::store::ObjectMeta;
+use crate::views::zarr;
+
+/// Chunk objects larger than this are not fetched ahead (the portal's are 256^3 voxels: up to
+/// 64 MiB as float32, a few MiB compressed).
+const LARGEST_CHUNK: u64 = 64 << 20;
+
+/// Chunks of one level remembered as started or fetched (most recent last).
+const REMEMBERED_CHUNKS: usize = 1024;
+
+/// Levels whose sweeps are followed at once.
+const LEVELS: usize = 64;
+
+/// How many chunks past a started one the next unstarted one is looked for.
+const LOOK_PAST: usize = 16;
+
+/// An object looked up, if there is one.
+pub type Lookup<'a> = Pin<Box<dyn Future<Output = Option<Arc<ObjectMeta>>> + Send + 'a>>;
+
+/// Where chunks lie (the namespace, which holds the listings).
+pub trait ChunkOrder: Send + Sync {
+    /// The chunk object after `key` in C order within its level, if any.
+    fn next_chunk<'a>(&'a self, key: &'a str) -> Lookup<'a>;
+    /// The object `key`, if the bucket has it.
+    fn object<'a>(&'a self, key: &'a str) -> Lookup<'a>;
+}
+
+/// Which chunk to fetch ahead.
+#[derive(Debug, PartialEq, Eq)]
+enum Guess {
+    /// The next one in C order no reader has started and none was fetched ahead.
+    Next,
+    /// This one (a reader going by a stride).
+    At(String),
+}
+
+/// What became of a chunk of a level being swept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// Fetched ahead; no reader has started it yet.
+    FetchedAhead,
+    /// A reader has started reading it whole.
+    Started,
+}
+
+/// One level's chunks read whole or fetched ahead lately.
+#[derive(Default)]
+struct LevelSweep {
+    /// Keys of the chunks started or fetched ahead, oldest first.
+    seen: VecDeque<(String, Seen)>,
+    /// Indices of the chunk started last.
+    last: Option<Vec<u64>>,
+}
+
+impl LevelSweep {
+    /// Records that `key` is `now`; false when it was that already, or had been started (a
+    /// chunk fetched ahead is started later; a started one is not fetched ahead again).
+    fn record(&mut self, key: &str, now: Seen) -> bool {
+        match self.seen.iter_mut().find(|(seen, _)| seen == key) {
+            Some((_, before)) if *before == Seen::FetchedAhead && now == Seen::Started => *before = now,
+            Some(_) => return false,
+            None => {
+                if self.seen.len() == REMEMBERED_CHUNKS {
+                    self.seen.pop_front();
+                }
+                self.seen.push_back((key.to_owned(), now));
+            }
+        }
+        true
+    }
+
+    /// A reader has started chunk `chunk` (its path in the level): which chunk to fetch ahead.
+    fn guess(&mut self, chunk: &str) -> Option<Guess> {
+        let indices = zarr::chunk_path_indices(chunk);
+        let last = self.last.replace(indices.clone()).filter(|last| last.len() == indices.len())?;
+        let step: Vec<i64> = indices.iter().zip(&last).map(|(&now, &then)| now as i64 - then as i64).collect();
+        match step.last() {
+            Some(0) if step.iter().any(|&d| d != 0) => {
+                let at: Option<Vec<u64>> = indices.iter().zip(&step).map(|(&i, &d)| i.checked_add_signed(d)).collect();
+                Some(Guess::At(zarr::chunk_path_with(chunk, &at?)))
+            }
+            Some(0) | None => None,
+            Some(_) => Some(Guess::Next),
+        }
+    }
+}
+
+/// The sweeps through Zarr levels going on in a mount.
+pub struct ChunkSweeps {
+    order: OnceLock<Weak<dyn ChunkOrder>>,
+    levels: Mutex<lru::LruCache<String, LevelSweep>>,
+}
+
+impl Default for ChunkSweeps {
+    fn default() -> Self {
+        ChunkSweeps {
+            order: OnceLock::new(),
+            levels: Mutex::new(lru::LruCache::new(LEVELS.try_into().expect("non-zero"))),
+        }
+    }
+}
+
+impl ChunkSweeps {
+    /// Follows chunk order through `order` (set once; before it, nothing is fetched ahead).
+    pub fn follow(&self, order: Weak<dyn ChunkOrder>) {
+        let _ = self.order.set(order);
+    }
+
+    /// A reader has started reading `object` whole: when it is a chunk of a level that is being
+    /// swept, fetches the chunk the readers will want next (see the module's doc), in the
+    /// background.
+    pub fn started(self: &Arc<Self>, cache: &Arc<BlockCache>, object: &ObjectMeta) {
+        let Some((level, chunk)) = zarr::chunk_of(&object.key) else { return };
+        let guess = {
+            let mut levels = self.levels.lock().expect("sweeps poisoned");
+            let sweep = levels.get_or_insert_mut(level.to_owned(), LevelSweep::default);
+            if !sweep.record(&object.key, Seen::Started) {
+                return;
+            }
+            sweep.guess(chunk)
+        };
+        let (Some(guess), Some(order)) = (guess, self.order.get().and_then(Weak::upgrade)) else { return };
+        let (sweeps, cache, level, started) = (self.clone(), cache.clone(), level.to_owned(), object.key.clone());
+        tokio::spawn(async move {
+            let fetch_ahead = |chunk: &Arc<ObjectMeta>| {
+                let fresh = (sweeps.levels.lock().expect("sweeps poisoned"))
+                    .get_or_insert_mut(level.clone(), LevelSweep::default)
+                    .record(&chunk.key, Seen::FetchedAhead);
+                if fresh && (1..=LARGEST_CHUNK).contains(&chunk.size) {
+                    tracing::debug!(after = %started, next = %chunk.key, "fetching a chunk ahead");
+                    cache.prefetch(chunk, 0..chunk.size.div_ceil(cache.block_size()));
+                }
+                fresh
+            };
+            match guess {
+                Guess::At(chunk) => _ = fetch_ahead(&order.object(&format!("{level}{chunk}")).await?),
+                Guess::Next => {
+                    let mut key = started.clone();
+                    for _ in 0..LOOK_PAST {
+                        let next = order.next_chunk(&key).await?;
+                        if fetch_ahead(&next) {
+                            break;
+                        }
+                        key = next.key.clone();
+                    }
+                }
+            }
+            Some(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_level_remembers_a_bounded_number_of_chunks_and_what_became_of_them() {
+        let mut sweep = LevelSweep::default();
+        assert!(sweep.record("a.zarr/0/0/0/0", Seen::Started));
+        assert!(!sweep.record("a.zarr/0/0/0/0", Seen::Started), "read again");
+        assert!(!sweep.record("a.zarr/0/0/0/0", Seen::FetchedAhead), "started already");
+        assert!(sweep.record("a.zarr/0/0/0/1", Seen::FetchedAhead));
+        assert!(!sweep.record("a.zarr/0/0/0/1", Seen::FetchedAhead), "fetched ahead already");
+        assert!(sweep.record("a.zarr/0/0/0/1", Seen::Started), "a chunk fetched ahead is started later");
+        (2..=REMEMBERED_CHUNKS).for_each(|i| assert!(sweep.record(&format!("a.zarr/0/0/0/{i}"), Seen::FetchedAhead)));
+        assert_eq!(sweep.seen.len(), REMEMBERED_CHUNKS);
+        assert!(sweep.record("a.zarr/0/0/0/0", Seen::Started), "the oldest was forgotten");
+    }
+
+    #[test]
+    fn a_reader_by_rows_gets_the_next_chunk_and_one_by_a_stride_the_chunk_a_stride_on() {
+        let mut rows = LevelSweep::default();
+        assert_eq!(rows.guess("0/0/0"), None, "one chunk is no sweep");
+        assert_eq!(rows.guess("0/0/1"), Some(Guess::Next));
+        assert_eq!(rows.guess("0/0/2"), Some(Guess::Next), "along the last axis: C order");
+        assert_eq!(rows.guess("0/1/0"), Some(Guess::Next), "the next row");
+        let mut column = LevelSweep::default();
+        column.guess("0/0/3");
+        assert_eq!(column.guess("0/1/3"), Some(Guess::At("0/2/3".into())), "down a column");
+        assert_eq!(column.guess("2/1/3"), Some(Guess::At("4/1/3".into())), "a new step");
+        let mut flat = LevelSweep::default();
+        flat.guess("0.9.1");
+        assert_eq!(flat.guess("2.9.1"), Some(Guess::At("4.9.1".into())));
+        let mut back = LevelSweep::default();
+        back.guess("0/2/0");
+        assert_eq!(back.guess("0/0/0"), None, "no chunk before the first");
+    }
+}
