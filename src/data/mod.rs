@@ -62,6 +62,14 @@ const STREAMED_OBJECT: u64 = crate::cache::PART_SIZE;
 /// whose entry was dropped reads one more pass past the page cache).
 const FIRST_PASSES: usize = 16384;
 
+/// An object version, as the data path's tables know it: its key and ETag.
+type Version = (String, String);
+
+/// The version `object` is.
+fn version_of(object: &ObjectMeta) -> Version {
+    (object.key.clone(), object.etag.clone())
+}
+
 /// A large object version's first pass past the page cache.
 #[derive(Default)]
 struct FirstPass {
@@ -134,15 +142,15 @@ pub struct DataPath {
     config: DataConfig,
     budget: Arc<StreamBudget>,
     /// The section layout of MRC objects seen so far (`None`: not an MRC that adds up).
-    sections: Mutex<lru::LruCache<(String, String), Option<MrcSections>>>,
+    sections: Mutex<lru::LruCache<Version, Option<MrcSections>>>,
     /// The kernel maps files that bypass its page cache (`FUSE_DIRECT_IO_ALLOW_MMAP`, Linux
     /// 6.6 and later): without it they could not be `mmap`ed shared, so none bypasses it.
     bypass_allowed: AtomicBool,
     /// Bytes served to handles that bypass the page cache, per object version, up to its size.
-    first_passes: Mutex<lru::LruCache<(String, String), FirstPass>>,
+    first_passes: Mutex<lru::LruCache<Version, FirstPass>>,
     /// The bytes recent exact reads fetched, by object version and start (see
     /// [`DataPath::read_exact`]).
-    exact_reads: moka::future::Cache<(String, String, u64), Bytes>,
+    exact_reads: moka::future::Cache<(Version, u64), Bytes>,
     /// Zarr levels whose chunks are being read whole one after another.
     sweeps: Arc<ChunkSweeps>,
 }
@@ -289,7 +297,7 @@ impl DataPath {
         }
         if file.bypasses_page_cache {
             let mut passes = self.first_passes.lock().expect("first passes poisoned");
-            let pass = passes.get_or_insert_mut((object.key.clone(), object.etag.clone()), FirstPass::default);
+            let pass = passes.get_or_insert_mut(version_of(object), FirstPass::default);
             pass.served = pass.served.saturating_add(bytes.len() as u64).min(object.size);
         }
         Ok(bytes)
@@ -299,7 +307,7 @@ impl DataPath {
     /// far). Once that is through, the first open that keeps pages lets read-ahead fetch every
     /// block again: the page cache holds nothing the pass read.
     fn in_first_pass(&self, object: &ObjectMeta) -> bool {
-        let version = (object.key.clone(), object.etag.clone());
+        let version = version_of(object);
         let mut passes = self.first_passes.lock().expect("first passes poisoned");
         let Some(pass) = passes.get_mut(&version) else { return true };
         if pass.served < object.size {
@@ -375,7 +383,7 @@ impl DataPath {
                     if parts.is_empty() {
                         first = from;
                     }
-                    let (len, key) = (range.end - from, (object.key.clone(), object.etag.clone(), from));
+                    let (len, key) = (range.end - from, (version_of(object), from));
                     let kept = self.exact_reads.get(&key).await.filter(|bytes| bytes.len() as u64 >= len);
                     let bytes = match kept {
                         Some(bytes) => bytes.slice(..len as usize),
@@ -398,7 +406,7 @@ impl DataPath {
         if !MrcSections::is_mrc(&object.key) {
             return None;
         }
-        let version = (object.key.clone(), object.etag.clone());
+        let version = version_of(object);
         let known = self.sections.lock().expect("section tables poisoned").get(&version).copied();
         let sections = match known {
             Some(sections) => sections,
@@ -416,7 +424,7 @@ impl DataPath {
         if offset != 0 || (bytes.len() as u64) < MrcSections::HEADER_LEN || !MrcSections::is_mrc(&object.key) {
             return None;
         }
-        let version = (object.key.clone(), object.etag.clone());
+        let version = version_of(object);
         let mut tables = self.sections.lock().expect("section tables poisoned");
         Some(*tables.get_or_insert(version, || MrcSections::parse(bytes, object.size)))
     }
