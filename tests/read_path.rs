@@ -30,6 +30,11 @@ const LARGE_NZ: usize = 11;
 const ZARR_LEVEL: &str = "10002/TS_3/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_3.zarr/0/";
 const ZARR_CHUNK: usize = (1 << 20) + 4321;
 
+/// A level stored with flat keys (`z.y.x`), 12 small chunks along x (fetched whole, as one block).
+const FLAT_LEVEL: &str = "10002/TS_4/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_4.zarr/1/";
+const FLAT_CHUNKS: u64 = 12;
+const FLAT_CHUNK: usize = 100_000;
+
 /// The key of chunk `z/y/x` of the level.
 fn chunk_key(z: u64, y: u64, x: u64) -> String {
     format!("{ZARR_LEVEL}{z}/{y}/{x}")
@@ -48,6 +53,9 @@ fn bucket() -> &'static (Vec<u8>, Server) {
         for (i, (z, y, x)) in (0..2).flat_map(|z| (0..3).flat_map(move |y| (0..3).map(move |x| (z, y, x)))).enumerate()
         {
             objects.insert(chunk_key(z, y, x), common::noise(100 + i as u64, ZARR_CHUNK));
+        }
+        for x in 0..FLAT_CHUNKS {
+            objects.insert(format!("{FLAT_LEVEL}0.0.{x}"), common::noise(200 + x, FLAT_CHUNK));
         }
         common::write_bucket(&root, &objects);
         let server = start_server(&root, Faults::default());
@@ -452,13 +460,14 @@ fn reads_past_the_page_cache_that_span_blocks_get_their_bytes() {
     }
 }
 
-/// The chunks of the Zarr level the server has sent bytes of since its `first`th GET, in order.
+/// The chunks of the Zarr levels the server has sent bytes of since its `first`th GET, in order.
 fn chunks_served_since(first: usize) -> Vec<String> {
     let served = bucket().1.served.lock().unwrap();
-    served[first..]
-        .iter()
-        .filter_map(|line| Some(line.split_once(ZARR_LEVEL)?.1.split_once(' ')?.0.to_owned()))
-        .collect()
+    let chunk = |line: &str| {
+        let path = line.split_once(ZARR_LEVEL).or_else(|| line.split_once(FLAT_LEVEL))?.1;
+        Some(path.split_once(' ').map_or(path, |(path, _)| path).to_owned())
+    };
+    served[first..].iter().filter_map(|line| chunk(line)).collect()
 }
 
 /// Waits (up to 10 s) until the server has sent bytes of `chunk` since its `first`th GET.
@@ -494,17 +503,12 @@ fn read_chunk_fetched_ahead(mount: &Mounted, (z, y, x): (u64, u64, u64)) {
     assert!(!chunks_served_since(before).contains(&format!("{z}/{y}/{x}")), "{z}/{y}/{x} was fetched twice");
 }
 
-/// Bytes of the server's GETs since its `first`th.
-fn bytes_served_since(first: usize) -> u64 {
-    served_since(first).iter().map(|r| r.as_ref().map_or(0, |r| r.end - r.start)).sum()
-}
-
 #[test]
 fn a_reader_going_along_a_zarr_levels_rows_gets_the_next_chunk_fetched_ahead() {
     let _serial = serial();
     let (_, server) = bucket();
     let mount = Mounted::on(server, "chunk-rows", &[]);
-    let first = server.served.lock().unwrap().len();
+    let (first, bytes) = (server.served.lock().unwrap().len(), traffic().1);
     // One chunk read is no sweep: nothing else is fetched.
     read_chunk(&mount, (0, 0, 1));
     std::thread::sleep(Duration::from_millis(500));
@@ -519,7 +523,7 @@ fn a_reader_going_along_a_zarr_levels_rows_gets_the_next_chunk_fetched_ahead() {
     let chunks = distinct_chunks_served_since(first);
     // The reader stopped: one chunk fetched ahead for nothing, no more.
     assert_eq!(chunks, ["0/0/1", "0/0/2", "0/1/0", "0/1/1"]);
-    assert_eq!(bytes_served_since(first), 4 * ZARR_CHUNK as u64, "each chunk's bytes once");
+    assert_eq!(traffic().1 - bytes, 4 * ZARR_CHUNK as u64, "each chunk's bytes once");
 }
 
 #[test]
@@ -527,7 +531,7 @@ fn a_reader_going_down_a_column_of_zarr_chunks_gets_the_chunk_one_step_on() {
     let _serial = serial();
     let (_, server) = bucket();
     let mount = Mounted::on(server, "chunk-column", &[]);
-    let first = server.served.lock().unwrap().len();
+    let (first, bytes) = (server.served.lock().unwrap().len(), traffic().1);
     read_chunk(&mount, (1, 0, 2));
     read_chunk(&mount, (1, 1, 2));
     // Down y with z and x kept: the chunk one more step on, not the next one in its row.
@@ -537,5 +541,28 @@ fn a_reader_going_down_a_column_of_zarr_chunks_gets_the_chunk_one_step_on() {
     std::thread::sleep(Duration::from_millis(500));
     let chunks = distinct_chunks_served_since(first);
     assert_eq!(chunks, ["1/0/2", "1/1/2", "1/2/2"]);
-    assert_eq!(bytes_served_since(first), 3 * ZARR_CHUNK as u64, "each chunk's bytes once");
+    assert_eq!(traffic().1 - bytes, 3 * ZARR_CHUNK as u64, "each chunk's bytes once");
+}
+
+#[test]
+fn small_chunks_with_flat_keys_are_fetched_ahead_in_the_order_of_their_numbers() {
+    let _serial = serial();
+    let (_, server) = bucket();
+    let mount = Mounted::on(server, "chunk-flat", &[]);
+    let read = |x: u64| {
+        let key = format!("{FLAT_LEVEL}0.0.{x}");
+        assert!(read_all(&mount.join(&key)) == common::noise(200 + x, FLAT_CHUNK), "{key}");
+    };
+    let (first, bytes) = (server.served.lock().unwrap().len(), traffic().1);
+    read(8);
+    read(9);
+    // By name, 0.0.10 sorts before 0.0.8 and nothing follows 0.0.9; by number 0.0.10 is next.
+    assert!(wait_until_served(first, "0.0.10"), "0.0.10 was not fetched ahead: {:?}", chunks_served_since(first));
+    let before = server.served.lock().unwrap().len();
+    read(10);
+    assert!(!chunks_served_since(before).contains(&"0.0.10".to_owned()), "0.0.10 was fetched twice");
+    assert!(wait_until_served(first, "0.0.11"), "0.0.11 was not fetched ahead: {:?}", chunks_served_since(first));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(distinct_chunks_served_since(first), ["0.0.10", "0.0.11", "0.0.8", "0.0.9"]);
+    assert_eq!(traffic().1 - bytes, 4 * FLAT_CHUNK as u64, "each chunk's bytes once");
 }

@@ -11,8 +11,8 @@
 //! A large object's first pass may bypass the kernel's page cache ([`PageCache`]): its reads then
 //! come as the program makes them, with no kernel read-ahead around them.
 //!
-//! A program reading a Zarr level's chunk objects whole, one after another, gets the chunk it
-//! will want next fetched while it reads the current one ([`sweep`]).
+//! A program reading a Zarr level's chunk objects from their starts, one after another, gets the
+//! chunk it will want next fetched while it reads the current one ([`sweep`]).
 //!
 //! MRC files are read by XY section (3dmod, napari, `mrcfile` slicing): a large random read
 //! in the voxel data fetches the whole section it falls in at once, as parallel block GETs in
@@ -170,8 +170,8 @@ impl DataPath {
         DataPath { store, cache, config, budget, sections, bypass_allowed, first_passes, exact_reads, sweeps }
     }
 
-    /// Fetches the next chunk of a Zarr level being read chunk by chunk, in the order `order`
-    /// gives (see [`sweep`]).
+    /// Lets the data path find the chunk a Zarr level's readers will want next through `order`
+    /// (see [`sweep`]); until then, no chunk is fetched ahead.
     pub fn follow_chunk_order(&self, order: Weak<dyn ChunkOrder>) {
         self.sweeps.follow(order);
     }
@@ -224,7 +224,7 @@ impl DataPath {
         let blocks = self.cache.blocks_covering(&range);
         if object.size <= self.config.small_object.min(block_size) {
             if range.start == 0 {
-                self.sweeps.started(&self.cache, object);
+                self.sweeps.started(&self.cache, object, self.config.small_object);
             }
             return self.read_blocks(object, blocks, range).await;
         }
@@ -250,9 +250,6 @@ impl DataPath {
             }
             (pattern, moved_on)
         };
-        if range.start == 0 && matches!(pattern, Pattern::Sequential { .. }) {
-            self.sweeps.started(&self.cache, object);
-        }
         let bytes = match pattern {
             Pattern::Sequential { .. } if moved_on => self.read_from_here(file, object, blocks, range.clone()).await?,
             Pattern::Sequential { window } => {
@@ -280,6 +277,11 @@ impl DataPath {
                     let requested = self.cache.prefetch(object, ahead);
                     let mut state = file.state.lock().expect("stream state poisoned");
                     state.next_unrequested = state.next_unrequested.max(requested);
+                }
+                if range.start == 0 {
+                    // A reader starting on a Zarr chunk: after its own read-ahead, the next
+                    // chunk, if it fits in a window like this stream's.
+                    self.sweeps.started(&self.cache, object, window);
                 }
                 let bytes = if past_fence {
                     // The kernel's read-ahead past a section: its own bytes, nothing around them.

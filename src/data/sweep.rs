@@ -1,21 +1,25 @@
 //! Read-ahead across objects, for Zarr arrays: a program that reads a level's chunk objects
 //! whole, one after another (zarr-python reads a selection chunk by chunk; dask and napari
 //! workers each read their own), waits a first-byte round trip and a transfer per chunk. Once
-//! two chunks of one level have been read whole, each chunk read whole starts the fetch of the
-//! chunk the readers will want next, so that it arrives while they read this one:
+//! readers have started on two chunks of one level (a read from a chunk's start: the whole chunk
+//! follows), each chunk started makes cdpfs fetch the chunk the readers will want next, so that
+//! it arrives while they read this one:
 //! - after a step along the last axis (a sweep in C order, from one row into the next, or
 //!   several readers sharing one), the next chunk in C order that no reader has started and
-//!   none was fetched ahead;
+//!   none was fetched ahead (looking at most [`LOOK_PAST`] chunks on);
 //! - after a step that left the last axis where it was (a column of chunks, every other z), the
 //!   chunk one more such step on.
 //!
-//! A program that reads one chunk fetches nothing more; one that stops fetched at most one chunk
-//! per reader too many, as does a sweep over part of each row (at each row's end).
+//! A level no reader started a chunk of for [`IDLE`] is forgotten: a program that reads one
+//! chunk of a level nobody is reading fetches nothing more. One that stops has fetched at most
+//! one chunk per reader too many, as has a sweep over part of each row at each row's end; a
+//! reader jumping between chunks at random wastes one chunk per chunk it reads.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use crate::cache::BlockCache;
 use crate::store::ObjectMeta;
@@ -25,8 +29,11 @@ use crate::views::zarr;
 /// 64 MiB as float32, a few MiB compressed).
 const LARGEST_CHUNK: u64 = 64 << 20;
 
-/// Chunks of one level remembered as started or fetched (most recent last).
+/// Chunks of one level remembered as started or fetched ahead.
 const REMEMBERED_CHUNKS: usize = 1024;
+
+/// A level with no chunk started for this long is no longer being swept.
+const IDLE: Duration = Duration::from_secs(30);
 
 /// Levels whose sweeps are followed at once.
 const LEVELS: usize = 64;
@@ -41,8 +48,8 @@ pub type Lookup<'a> = Pin<Box<dyn Future<Output = Option<Arc<ObjectMeta>>> + Sen
 pub trait ChunkOrder: Send + Sync {
     /// The chunk object after `key` in C order within its level, if any.
     fn next_chunk<'a>(&'a self, key: &'a str) -> Lookup<'a>;
-    /// The object `key`, if the bucket has it.
-    fn object<'a>(&'a self, key: &'a str) -> Lookup<'a>;
+    /// The chunk object `key`, if the bucket has it.
+    fn chunk<'a>(&'a self, key: &'a str) -> Lookup<'a>;
 }
 
 /// Which chunk to fetch ahead.
@@ -63,33 +70,53 @@ enum Seen {
     Started,
 }
 
-/// One level's chunks read whole or fetched ahead lately.
-#[derive(Default)]
+/// One level's chunks started or fetched ahead lately.
 struct LevelSweep {
-    /// Keys of the chunks started or fetched ahead, oldest first.
+    /// Paths (in the level) of the chunks started or fetched ahead, in the order first seen.
     seen: VecDeque<(String, Seen)>,
     /// Indices of the chunk started last.
     last: Option<Vec<u64>>,
+    /// When a chunk was last started.
+    active: Instant,
+}
+
+impl Default for LevelSweep {
+    fn default() -> Self {
+        LevelSweep { seen: VecDeque::new(), last: None, active: Instant::now() }
+    }
 }
 
 impl LevelSweep {
-    /// Records that `key` is `now`; false when it was that already, or had been started (a
-    /// chunk fetched ahead is started later; a started one is not fetched ahead again).
-    fn record(&mut self, key: &str, now: Seen) -> bool {
-        match self.seen.iter_mut().find(|(seen, _)| seen == key) {
+    /// Records that chunk `chunk` is `now`; false when it was that already, or had been
+    /// started (a chunk fetched ahead is started later; a started one is not fetched ahead).
+    fn record(&mut self, chunk: &str, now: Seen) -> bool {
+        match self.seen.iter_mut().find(|(seen, _)| seen == chunk) {
             Some((_, before)) if *before == Seen::FetchedAhead && now == Seen::Started => *before = now,
             Some(_) => return false,
             None => {
                 if self.seen.len() == REMEMBERED_CHUNKS {
                     self.seen.pop_front();
                 }
-                self.seen.push_back((key.to_owned(), now));
+                self.seen.push_back((chunk.to_owned(), now));
             }
         }
         true
     }
 
-    /// A reader has started chunk `chunk` (its path in the level): which chunk to fetch ahead.
+    /// A reader has started chunk `chunk` (its path in the level): which chunk to fetch ahead,
+    /// if any.
+    fn start(&mut self, chunk: &str) -> Option<Guess> {
+        if self.active.elapsed() > IDLE {
+            *self = LevelSweep::default();
+        }
+        self.active = Instant::now();
+        match self.record(chunk, Seen::Started) {
+            true => self.guess(chunk),
+            false => None,
+        }
+    }
+
+    /// Which chunk to fetch ahead now that chunk `chunk` was started.
     fn guess(&mut self, chunk: &str) -> Option<Guess> {
         let indices = zarr::chunk_path_indices(chunk);
         let last = self.last.replace(indices.clone()).filter(|last| last.len() == indices.len())?;
@@ -126,34 +153,33 @@ impl ChunkSweeps {
         let _ = self.order.set(order);
     }
 
-    /// A reader has started reading `object` whole: when it is a chunk of a level that is being
-    /// swept, fetches the chunk the readers will want next (see the module's doc), in the
-    /// background.
-    pub fn started(self: &Arc<Self>, cache: &Arc<BlockCache>, object: &ObjectMeta) {
+    /// A reader has started reading `object` from its start: when it is a chunk of a level
+    /// that is being swept, fetches the chunk the readers will want next (see the module's
+    /// doc) in the background, if it is no larger than `limit` (the reader's read-ahead).
+    pub fn started(self: &Arc<Self>, cache: &Arc<BlockCache>, object: &ObjectMeta, limit: u64) {
         let Some((level, chunk)) = zarr::chunk_of(&object.key) else { return };
-        let guess = {
-            let mut levels = self.levels.lock().expect("sweeps poisoned");
-            let sweep = levels.get_or_insert_mut(level.to_owned(), LevelSweep::default);
-            if !sweep.record(&object.key, Seen::Started) {
-                return;
-            }
-            sweep.guess(chunk)
-        };
+        let guess = self
+            .levels
+            .lock()
+            .expect("sweeps poisoned")
+            .get_or_insert_mut(level.to_owned(), LevelSweep::default)
+            .start(chunk);
         let (Some(guess), Some(order)) = (guess, self.order.get().and_then(Weak::upgrade)) else { return };
         let (sweeps, cache, level, started) = (self.clone(), cache.clone(), level.to_owned(), object.key.clone());
         tokio::spawn(async move {
             let fetch_ahead = |chunk: &Arc<ObjectMeta>| {
+                let path = chunk.key.strip_prefix(level.as_str()).unwrap_or(&chunk.key);
                 let fresh = (sweeps.levels.lock().expect("sweeps poisoned"))
                     .get_or_insert_mut(level.clone(), LevelSweep::default)
-                    .record(&chunk.key, Seen::FetchedAhead);
-                if fresh && (1..=LARGEST_CHUNK).contains(&chunk.size) {
+                    .record(path, Seen::FetchedAhead);
+                if fresh && (1..=LARGEST_CHUNK.min(limit)).contains(&chunk.size) {
                     tracing::debug!(after = %started, next = %chunk.key, "fetching a chunk ahead");
                     cache.prefetch(chunk, 0..chunk.size.div_ceil(cache.block_size()));
                 }
                 fresh
             };
             match guess {
-                Guess::At(chunk) => _ = fetch_ahead(&order.object(&format!("{level}{chunk}")).await?),
+                Guess::At(chunk) => _ = fetch_ahead(&order.chunk(&format!("{level}{chunk}")).await?),
                 Guess::Next => {
                     let mut key = started.clone();
                     for _ in 0..LOOK_PAST {
@@ -177,15 +203,15 @@ mod tests {
     #[test]
     fn a_level_remembers_a_bounded_number_of_chunks_and_what_became_of_them() {
         let mut sweep = LevelSweep::default();
-        assert!(sweep.record("a.zarr/0/0/0/0", Seen::Started));
-        assert!(!sweep.record("a.zarr/0/0/0/0", Seen::Started), "read again");
-        assert!(!sweep.record("a.zarr/0/0/0/0", Seen::FetchedAhead), "started already");
-        assert!(sweep.record("a.zarr/0/0/0/1", Seen::FetchedAhead));
-        assert!(!sweep.record("a.zarr/0/0/0/1", Seen::FetchedAhead), "fetched ahead already");
-        assert!(sweep.record("a.zarr/0/0/0/1", Seen::Started), "a chunk fetched ahead is started later");
-        (2..=REMEMBERED_CHUNKS).for_each(|i| assert!(sweep.record(&format!("a.zarr/0/0/0/{i}"), Seen::FetchedAhead)));
+        assert!(sweep.record("0/0/0", Seen::Started));
+        assert!(!sweep.record("0/0/0", Seen::Started), "read again");
+        assert!(!sweep.record("0/0/0", Seen::FetchedAhead), "started already");
+        assert!(sweep.record("0/0/1", Seen::FetchedAhead));
+        assert!(!sweep.record("0/0/1", Seen::FetchedAhead), "fetched ahead already");
+        assert!(sweep.record("0/0/1", Seen::Started), "a chunk fetched ahead is started later");
+        (2..=REMEMBERED_CHUNKS).for_each(|i| assert!(sweep.record(&format!("0/0/{i}"), Seen::FetchedAhead)));
         assert_eq!(sweep.seen.len(), REMEMBERED_CHUNKS);
-        assert!(sweep.record("a.zarr/0/0/0/0", Seen::Started), "the oldest was forgotten");
+        assert!(sweep.record("0/0/0", Seen::Started), "the oldest was forgotten");
     }
 
     #[test]
@@ -205,5 +231,16 @@ mod tests {
         let mut back = LevelSweep::default();
         back.guess("0/2/0");
         assert_eq!(back.guess("0/0/0"), None, "no chunk before the first");
+    }
+
+    #[test]
+    fn a_chunk_started_again_guesses_nothing_and_an_idle_level_starts_over() {
+        let mut sweep = LevelSweep::default();
+        assert_eq!(sweep.start("0/0/0"), None);
+        assert_eq!(sweep.start("0/0/1"), Some(Guess::Next));
+        assert_eq!(sweep.start("0/0/1"), None, "the same chunk again");
+        sweep.active = Instant::now() - IDLE - Duration::from_secs(1);
+        assert_eq!(sweep.start("0/0/2"), None, "a level idle for a while is no sweep any more");
+        assert_eq!(sweep.start("0/0/0"), Some(Guess::Next), "nor are its chunks started any more");
     }
 }

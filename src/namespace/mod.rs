@@ -260,12 +260,8 @@ impl ChunkOrder for Namespace {
         Box::pin(Namespace::next_chunk(self, key))
     }
 
-    fn object<'a>(&'a self, key: &'a str) -> Lookup<'a> {
-        Box::pin(async move {
-            let (folder, name) = key.rsplit_once('/')?;
-            let listing = self.listing(&format!("{folder}/")).await.ok()?;
-            listing.find(name)?.node.file().cloned()
-        })
+    fn chunk<'a>(&'a self, key: &'a str) -> Lookup<'a> {
+        Box::pin(Namespace::chunk(self, key))
     }
 }
 
@@ -390,9 +386,10 @@ impl Namespace {
 
     /// The chunk object after `key` in C order within its Zarr level ([`zarr::chunk_of`]): the
     /// next in its folder, else the first of the next folder, listing folders as needed; `None`
-    /// past the level's last chunk, for a key that is no chunk, or when a listing fails.
+    /// past the level's last chunk, for a key that is no chunk or whose level is not below the
+    /// mount's root, or when a listing fails.
     pub async fn next_chunk(&self, key: &str) -> Option<Arc<ObjectMeta>> {
-        let (level, chunk) = zarr::chunk_of(key)?;
+        let (level, chunk) = self.chunk_in_mount(key)?;
         let names: Vec<&str> = chunk.split('/').collect();
         for depth in (0..names.len()).rev() {
             let folder: String = std::iter::once(level).chain(names[..depth].iter().flat_map(|n| [*n, "/"])).collect();
@@ -406,9 +403,27 @@ impl Namespace {
         None
     }
 
-    /// The first chunk object `levels` folders below `entry` (`entry` itself when 0).
-    async fn first_chunk_in(&self, mut entry: Entry, levels: usize) -> Option<Arc<ObjectMeta>> {
-        for _ in 0..levels {
+    /// The chunk object `key` of a Zarr level below the mount's root, if there is one: looked up
+    /// from the level's folder down, so that only folders a listing showed are listed.
+    pub async fn chunk(&self, key: &str) -> Option<Arc<ObjectMeta>> {
+        let (level, chunk) = self.chunk_in_mount(key)?;
+        let mut entry = Entry { name: String::new(), ino: 0, node: Node::Dir { prefix: level.to_owned() } };
+        for name in chunk.split('/') {
+            let Node::Dir { prefix } = &entry.node else { return None };
+            entry = self.listing(prefix).await.ok()?.find(name)?.clone();
+        }
+        entry.node.file().cloned()
+    }
+
+    /// The level and chunk path of chunk `key` ([`zarr::chunk_of`]), when its level is below the
+    /// mount's root.
+    fn chunk_in_mount<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        zarr::chunk_of(key).filter(|(level, _)| level.starts_with(&self.root_prefix))
+    }
+
+    /// The first chunk object `depth` folders below `entry` (`entry` itself when 0).
+    async fn first_chunk_in(&self, mut entry: Entry, depth: usize) -> Option<Arc<ObjectMeta>> {
+        for _ in 0..depth {
             let Node::Dir { prefix } = &entry.node else { return None };
             let listing = self.listing(prefix).await.ok()?;
             entry = chunk_entries(&listing).min_by(|a, b| a.0.cmp(&b.0))?.1.clone();
@@ -644,12 +659,12 @@ impl Namespace {
     }
 }
 
-/// Whether `node` is an OME-Zarr store (`*.zarr/`) or a folder inside one.
 /// The entries of a folder of chunk paths, with the indices they stand for.
 fn chunk_entries(listing: &Directory) -> impl Iterator<Item = (Vec<u64>, &Entry)> {
     listing.entries.iter().filter_map(|entry| Some((zarr::chunk_index(&entry.name)?, entry)))
 }
 
+/// Whether `node` is an OME-Zarr store (`*.zarr/`) or a folder inside one.
 fn in_zarr(node: &Node) -> bool {
     matches!(node, Node::Dir { prefix } if prefix.split('/').any(|segment| segment.ends_with(".zarr")))
 }
@@ -738,6 +753,40 @@ mod tests {
         assert!(matches!(ns.lookup(run.ino, "missing").await, Err(NamespaceError::NotFound)));
         assert!(matches!(ns.directory(file.ino).await, Err(NamespaceError::NotDir)));
         assert!(matches!(ns.node(999_999), Err(NamespaceError::Stale)));
+    }
+
+    #[tokio::test]
+    async fn the_next_chunk_goes_by_numbers_across_folders_and_stays_in_the_level_and_the_mount() {
+        let store = Arc::new(MemoryStore::default());
+        // Level 0: z/y/x with a chunk missing (0/1/1) and x up to 10; level 1: flat keys.
+        for key in ["0/0/9", "0/0/10", "0/0/2", "0/1/0", "0/1/2", "1/0/0", ".zarray"] {
+            store.put(&format!("d/a.zarr/0/{key}"), "\"1\"");
+        }
+        for key in ["0.0.9", "0.0.10", "0.1.0"] {
+            store.put(&format!("d/a.zarr/1/{key}"), "\"1\"");
+        }
+        store.put("d/a.zarr/2/0/0/0", "\"1\"");
+        let ns = Namespace::new(store.clone(), "", Duration::from_secs(60), None, 0);
+        let next = |key: &'static str| {
+            let ns = &ns;
+            async move { ns.next_chunk(&format!("d/a.zarr/{key}")).await.map(|o| o.key.clone()) }
+        };
+        assert_eq!(next("0/0/0/2").await.as_deref(), Some("d/a.zarr/0/0/0/9"));
+        assert_eq!(next("0/0/0/9").await.as_deref(), Some("d/a.zarr/0/0/0/10"), "numbers, not names");
+        assert_eq!(next("0/0/0/10").await.as_deref(), Some("d/a.zarr/0/0/1/0"), "into the next row");
+        assert_eq!(next("0/0/1/0").await.as_deref(), Some("d/a.zarr/0/0/1/2"), "past a missing chunk");
+        assert_eq!(next("0/0/1/2").await.as_deref(), Some("d/a.zarr/0/1/0/0"), "into the next z");
+        assert_eq!(next("0/1/0/0").await, None, "the level's last chunk: not into level 1");
+        assert_eq!(next("1/0.0.9").await.as_deref(), Some("d/a.zarr/1/0.0.10"));
+        assert_eq!(next("1/0.0.10").await.as_deref(), Some("d/a.zarr/1/0.1.0"));
+        assert_eq!(next("0/.zarray").await, None, "not a chunk");
+        let found = ns.chunk("d/a.zarr/0/0/1/2").await.map(|o| o.key.clone());
+        assert_eq!(found.as_deref(), Some("d/a.zarr/0/0/1/2"));
+        let lists = store.lists.load(Ordering::SeqCst);
+        assert_eq!(ns.chunk("d/a.zarr/0/0/7/2").await, None, "off the grid");
+        assert_eq!(store.lists.load(Ordering::SeqCst), lists, "a folder no listing showed is not listed");
+        let scoped = Namespace::new(store.clone(), "d/a.zarr/0/0/", Duration::from_secs(60), None, 0);
+        assert_eq!(scoped.next_chunk("d/a.zarr/0/0/0/2").await, None, "the level is above the mount's root");
     }
 
     #[tokio::test]

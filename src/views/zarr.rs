@@ -213,7 +213,10 @@ pub fn chunk_of(key: &str) -> Option<(&str, &str)> {
 /// The indices one name of a chunk path stands for (`3` nested, `1.2.3` flat), in the order
 /// they sort in (C order); `None` for a name that is no part of a chunk path.
 pub fn chunk_index(name: &str) -> Option<Vec<u64>> {
-    name.split('.').map(|n| n.bytes().all(|b| b.is_ascii_digit()).then(|| n.parse().ok()).flatten()).collect()
+    // No grid has 2^32 chunks along an axis: steps between indices fit an i64.
+    let number =
+        |n: &str| n.bytes().all(|b| b.is_ascii_digit()).then(|| n.parse::<u32>().ok().map(u64::from)).flatten();
+    name.split('.').map(number).collect()
 }
 
 /// The indices of a chunk path (`2/1/3`, `2.1.3`), in order.
@@ -386,5 +389,6 @@ mod tests {
         assert_eq!(chunk_path_indices("0.1.2"), [0, 1, 2]);
         assert_eq!(chunk_path_with("0.1.2", &[0, 2, 12]), "0.2.12");
         assert_eq!(chunk_index(""), None);
+        assert_eq!(chunk_index("10000000000000000000"), None, "no index of 2^32 or more");
     }
 }
