@@ -600,8 +600,13 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
             s.read_p99_ms
         );
         println!(
-            "  cache:  {} memory hits, {} disk hits ({} misses), {} shared-cache hits, {} fetched blocks",
-            s.cache_memory_hits, s.cache_disk_hits, s.cache_disk_misses, s.cache_shared_hits, s.cache_fetches
+            "  cache:  {} memory hits, {} disk hits ({} misses), {} shared-cache hits, {} fetched blocks, {} Zarr chunks fetched ahead",
+            s.cache_memory_hits,
+            s.cache_disk_hits,
+            s.cache_disk_misses,
+            s.cache_shared_hits,
+            s.cache_fetches,
+            s.zarr_chunks_fetched_ahead
         );
         println!(
             "  disk:   {} blocks written, {} not written (write queue full), {} queued, {} slow reads skipped, {} cache-dir operations",

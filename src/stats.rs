@@ -93,6 +93,7 @@ pub struct Snapshot {
     pub cache_disk_misses: u64,
     pub cache_shared_hits: u64,
     pub cache_fetches: u64,
+    pub zarr_chunks_fetched_ahead: u64,
     pub cache_memory_bytes: u64,
     pub cache_disk_writes: u64,
     pub cache_disk_writes_dropped: u64,
@@ -129,6 +130,7 @@ impl Stats {
             cache_disk_misses: load(&cache.stats.disk_misses),
             cache_shared_hits: load(&cache.stats.shared_hits),
             cache_fetches: load(&cache.stats.fetches),
+            zarr_chunks_fetched_ahead: load(&cache.stats.chunks_fetched_ahead),
             cache_memory_bytes: cache.memory_bytes(),
             cache_disk_writes: cache.disk().map_or(0, |d| load(&d.writes().written)),
             cache_disk_writes_dropped: cache.disk().map_or(0, |d| load(&d.writes().dropped)),
@@ -165,6 +167,11 @@ impl Snapshot {
                 self.cache_shared_hits as f64,
             ),
             ("cdpfs_cache_fetches_total", "Blocks fetched from S3", self.cache_fetches as f64),
+            (
+                "cdpfs_zarr_chunks_fetched_ahead_total",
+                "Zarr chunk objects fetched ahead of the readers going through their level",
+                self.zarr_chunks_fetched_ahead as f64,
+            ),
             ("cdpfs_cache_disk_writes_total", "Blocks written to the disk cache", self.cache_disk_writes as f64),
             (
                 "cdpfs_cache_disk_writes_dropped_total",

@@ -523,6 +523,7 @@ fn a_reader_going_along_a_zarr_levels_rows_gets_the_next_chunk_fetched_ahead() {
     let chunks = distinct_chunks_served_since(first);
     // The reader stopped: one chunk fetched ahead for nothing, no more.
     assert_eq!(chunks, ["0/0/1", "0/0/2", "0/1/0", "0/1/1"]);
+    assert_eq!(stat(&mount, "zarr_chunks_fetched_ahead"), 2);
     assert_eq!(traffic().1 - bytes, 4 * ZARR_CHUNK as u64, "each chunk's bytes once");
 }
 

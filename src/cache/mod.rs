@@ -162,6 +162,8 @@ pub struct CacheStats {
     pub shared_hits: AtomicU64,
     /// Blocks fetched from the object store.
     pub fetches: AtomicU64,
+    /// Zarr chunk objects fetched ahead of their readers (see [`crate::data::sweep`]).
+    pub chunks_fetched_ahead: AtomicU64,
 }
 
 /// A disk tier as the block cache uses it: the files, the write-behind stage, the reads.

@@ -174,6 +174,7 @@ impl ChunkSweeps {
                     .record(path, Seen::FetchedAhead);
                 if fresh && (1..=LARGEST_CHUNK.min(limit)).contains(&chunk.size) {
                     tracing::debug!(after = %started, next = %chunk.key, "fetching a chunk ahead");
+                    cache.stats.chunks_fetched_ahead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     cache.prefetch(chunk, 0..chunk.size.div_ceil(cache.block_size()));
                 }
                 fresh
