@@ -10,10 +10,14 @@
 //! - after a step that left the last axis where it was (a column of chunks, every other z), the
 //!   chunk one more such step on.
 //!
+//! Once more than [`DEEP_AFTER`] chunks of the level have been started, the next two chunks are
+//! fetched: a lone reader copies a chunk out faster than its parts arrive.
+//!
 //! A level no reader started a chunk of for [`IDLE`] is forgotten: a program that reads one
 //! chunk of a level nobody is reading fetches nothing more. One that stops has fetched at most
-//! one chunk per reader too many, as has a sweep over part of each row at each row's end; a
-//! reader jumping between chunks at random wastes one chunk per chunk it reads.
+//! two chunks per reader too many (one in its first chunks), as has a sweep over part of each row
+//! at each row's end; a reader jumping between chunks at random wastes one or two chunks per
+//! chunk it reads.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -38,6 +42,9 @@ const IDLE: Duration = Duration::from_secs(30);
 /// Levels whose sweeps are followed at once.
 const LEVELS: usize = 64;
 
+/// Chunks of a level started before its readers get two chunks fetched ahead instead of one.
+const DEEP_AFTER: u32 = 4;
+
 /// How many chunks past a started one the next unstarted one is looked for.
 const LOOK_PAST: usize = 16;
 
@@ -55,10 +62,10 @@ pub trait ChunkOrder: Send + Sync {
 /// Which chunk to fetch ahead.
 #[derive(Debug, PartialEq, Eq)]
 enum Guess {
-    /// The next one in C order no reader has started and none was fetched ahead.
-    Next,
-    /// This one (a reader going by a stride).
-    At(String),
+    /// The next this many in C order no reader has started and none was fetched ahead.
+    Next(usize),
+    /// These, in order (a reader going by a stride).
+    At(Vec<String>),
 }
 
 /// What became of a chunk of a level being swept.
@@ -78,11 +85,13 @@ struct LevelSweep {
     last: Option<Vec<u64>>,
     /// When a chunk was last started.
     active: Instant,
+    /// Chunks started since the level was last idle.
+    started: u32,
 }
 
 impl Default for LevelSweep {
     fn default() -> Self {
-        LevelSweep { seen: VecDeque::new(), last: None, active: Instant::now() }
+        LevelSweep { seen: VecDeque::new(), last: None, active: Instant::now(), started: 0 }
     }
 }
 
@@ -99,6 +108,9 @@ impl LevelSweep {
                 }
                 self.seen.push_back((chunk.to_owned(), now));
             }
+        }
+        if now == Seen::Started {
+            self.started += 1;
         }
         true
     }
@@ -121,13 +133,19 @@ impl LevelSweep {
         let indices = zarr::chunk_path_indices(chunk);
         let last = self.last.replace(indices.clone()).filter(|last| last.len() == indices.len())?;
         let step: Vec<i64> = indices.iter().zip(&last).map(|(&now, &then)| now as i64 - then as i64).collect();
+        let depth = if self.started > DEEP_AFTER { 2 } else { 1 };
         match step.last() {
             Some(0) if step.iter().any(|&d| d != 0) => {
-                let at: Option<Vec<u64>> = indices.iter().zip(&step).map(|(&i, &d)| i.checked_add_signed(d)).collect();
-                Some(Guess::At(zarr::chunk_path_with(chunk, &at?)))
+                let steps_on = |k: i64| -> Option<String> {
+                    let at: Option<Vec<u64>> =
+                        indices.iter().zip(&step).map(|(&i, &d)| i.checked_add_signed(d * k)).collect();
+                    Some(zarr::chunk_path_with(chunk, &at?))
+                };
+                let at: Vec<String> = (1..=depth as i64).map_while(steps_on).collect();
+                (!at.is_empty()).then_some(Guess::At(at))
             }
             Some(0) | None => None,
-            Some(_) => Some(Guess::Next),
+            Some(_) => Some(Guess::Next(depth)),
         }
     }
 }
@@ -180,12 +198,17 @@ impl ChunkSweeps {
                 fresh
             };
             match guess {
-                Guess::At(chunk) => _ = fetch_ahead(&order.chunk(&format!("{level}{chunk}")).await?),
-                Guess::Next => {
+                Guess::At(chunks) => {
+                    for chunk in chunks {
+                        fetch_ahead(&order.chunk(&format!("{level}{chunk}")).await?);
+                    }
+                }
+                Guess::Next(mut wanted) => {
                     let mut key = started.clone();
                     for _ in 0..LOOK_PAST {
                         let next = order.next_chunk(&key).await?;
-                        if fetch_ahead(&next) {
+                        wanted -= usize::from(fetch_ahead(&next));
+                        if wanted == 0 {
                             break;
                         }
                         key = next.key.clone();
@@ -219,16 +242,16 @@ mod tests {
     fn a_reader_by_rows_gets_the_next_chunk_and_one_by_a_stride_the_chunk_a_stride_on() {
         let mut rows = LevelSweep::default();
         assert_eq!(rows.guess("0/0/0"), None, "one chunk is no sweep");
-        assert_eq!(rows.guess("0/0/1"), Some(Guess::Next));
-        assert_eq!(rows.guess("0/0/2"), Some(Guess::Next), "along the last axis: C order");
-        assert_eq!(rows.guess("0/1/0"), Some(Guess::Next), "the next row");
+        assert_eq!(rows.guess("0/0/1"), Some(Guess::Next(1)));
+        assert_eq!(rows.guess("0/0/2"), Some(Guess::Next(1)), "along the last axis: C order");
+        assert_eq!(rows.guess("0/1/0"), Some(Guess::Next(1)), "the next row");
         let mut column = LevelSweep::default();
         column.guess("0/0/3");
-        assert_eq!(column.guess("0/1/3"), Some(Guess::At("0/2/3".into())), "down a column");
-        assert_eq!(column.guess("2/1/3"), Some(Guess::At("4/1/3".into())), "a new step");
+        assert_eq!(column.guess("0/1/3"), Some(Guess::At(vec!["0/2/3".into()])), "down a column");
+        assert_eq!(column.guess("2/1/3"), Some(Guess::At(vec!["4/1/3".into()])), "a new step");
         let mut flat = LevelSweep::default();
         flat.guess("0.9.1");
-        assert_eq!(flat.guess("2.9.1"), Some(Guess::At("4.9.1".into())));
+        assert_eq!(flat.guess("2.9.1"), Some(Guess::At(vec!["4.9.1".into()])));
         let mut back = LevelSweep::default();
         back.guess("0/2/0");
         assert_eq!(back.guess("0/0/0"), None, "no chunk before the first");
@@ -238,10 +261,28 @@ mod tests {
     fn a_chunk_started_again_guesses_nothing_and_an_idle_level_starts_over() {
         let mut sweep = LevelSweep::default();
         assert_eq!(sweep.start("0/0/0"), None);
-        assert_eq!(sweep.start("0/0/1"), Some(Guess::Next));
+        assert_eq!(sweep.start("0/0/1"), Some(Guess::Next(1)));
         assert_eq!(sweep.start("0/0/1"), None, "the same chunk again");
         sweep.active = Instant::now() - IDLE - Duration::from_secs(1);
         assert_eq!(sweep.start("0/0/2"), None, "a level idle for a while is no sweep any more");
-        assert_eq!(sweep.start("0/0/0"), Some(Guess::Next), "nor are its chunks started any more");
+        assert_eq!(sweep.start("0/0/0"), Some(Guess::Next(1)), "nor are its chunks started any more");
+    }
+
+    #[test]
+    fn a_long_sweep_gets_two_chunks_ahead() {
+        let mut rows = LevelSweep::default();
+        let guesses: Vec<_> = (0..7).map(|x| rows.start(&format!("0/0/{x}"))).collect();
+        assert_eq!(guesses[1..=3], [Some(Guess::Next(1)), Some(Guess::Next(1)), Some(Guess::Next(1))]);
+        assert_eq!(
+            guesses[4..],
+            [Some(Guess::Next(2)), Some(Guess::Next(2)), Some(Guess::Next(2))],
+            "from the fifth on"
+        );
+        let mut column = LevelSweep::default();
+        (0..5).for_each(|z| _ = column.start(&format!("{z}/0/0")));
+        assert_eq!(column.start("5/0/0"), Some(Guess::At(vec!["6/0/0".into(), "7/0/0".into()])));
+        let mut back = LevelSweep::default();
+        (0..4).for_each(|z| _ = back.start(&format!("{}/0/0", 5 - z)));
+        assert_eq!(back.start("1/0/0"), Some(Guess::At(vec!["0/0/0".into()])), "not past the first");
     }
 }
