@@ -43,7 +43,7 @@ const IDLE: Duration = Duration::from_secs(30);
 const LEVELS: usize = 64;
 
 /// Chunks of a level started before its readers get two chunks fetched ahead instead of one.
-const DEEP_AFTER: u32 = 4;
+const DEEP_AFTER: usize = 4;
 
 /// How many chunks past a started one the next unstarted one is looked for.
 const LOOK_PAST: usize = 16;
@@ -85,13 +85,11 @@ struct LevelSweep {
     last: Option<Vec<u64>>,
     /// When a chunk was last started.
     active: Instant,
-    /// Chunks started since the level was last idle.
-    started: u32,
 }
 
 impl Default for LevelSweep {
     fn default() -> Self {
-        LevelSweep { seen: VecDeque::new(), last: None, active: Instant::now(), started: 0 }
+        LevelSweep { seen: VecDeque::new(), last: None, active: Instant::now() }
     }
 }
 
@@ -108,9 +106,6 @@ impl LevelSweep {
                 }
                 self.seen.push_back((chunk.to_owned(), now));
             }
-        }
-        if now == Seen::Started {
-            self.started += 1;
         }
         true
     }
@@ -133,7 +128,8 @@ impl LevelSweep {
         let indices = zarr::chunk_path_indices(chunk);
         let last = self.last.replace(indices.clone()).filter(|last| last.len() == indices.len())?;
         let step: Vec<i64> = indices.iter().zip(&last).map(|(&now, &then)| now as i64 - then as i64).collect();
-        let depth = if self.started > DEEP_AFTER { 2 } else { 1 };
+        let started = self.seen.iter().filter(|(_, seen)| *seen == Seen::Started).count();
+        let depth = if started > DEEP_AFTER { 2 } else { 1 };
         match step.last() {
             Some(0) if step.iter().any(|&d| d != 0) => {
                 let steps_on = |k: i64| -> Option<String> {
