@@ -35,9 +35,20 @@ const FLAT_LEVEL: &str = "10002/TS_4/Reconstructions/VoxelSpacing10.000/Tomogram
 const FLAT_CHUNKS: u64 = 12;
 const FLAT_CHUNK: usize = 100_000;
 
-/// The key of chunk `z/y/x` of the level.
-fn chunk_key(z: u64, y: u64, x: u64) -> String {
-    format!("{ZARR_LEVEL}{z}/{y}/{x}")
+/// The paths of the test levels' chunks: `z/y/x` in the nested level, `0.0.x` in the flat one.
+fn chunk_paths() -> impl Iterator<Item = String> {
+    let nested = (0..2).flat_map(|z| (0..3).flat_map(move |y| (0..3).map(move |x| format!("{z}/{y}/{x}"))));
+    nested.chain((0..FLAT_CHUNKS).map(|x| format!("0.0.{x}")))
+}
+
+/// The key and bytes of chunk `path` of the test levels.
+fn chunk_source(path: &str) -> (String, Vec<u8>) {
+    let [z, y, x]: [u64; 3] =
+        path.split(['/', '.']).map(|n| n.parse().unwrap()).collect::<Vec<_>>().try_into().unwrap();
+    match path.contains('/') {
+        true => (format!("{ZARR_LEVEL}{path}"), common::noise(100 + z * 9 + y * 3 + x, ZARR_CHUNK)),
+        false => (format!("{FLAT_LEVEL}{path}"), common::noise(200 + x, FLAT_CHUNK)),
+    }
 }
 
 /// The tomogram's bytes and the server holding it (one per test binary).
@@ -50,13 +61,7 @@ fn bucket() -> &'static (Vec<u8>, Server) {
             (LARGE_KEY.to_owned(), large_source().clone()),
         ]);
         let mut objects = objects;
-        for (i, (z, y, x)) in (0..2).flat_map(|z| (0..3).flat_map(move |y| (0..3).map(move |x| (z, y, x)))).enumerate()
-        {
-            objects.insert(chunk_key(z, y, x), common::noise(100 + i as u64, ZARR_CHUNK));
-        }
-        for x in 0..FLAT_CHUNKS {
-            objects.insert(format!("{FLAT_LEVEL}0.0.{x}"), common::noise(200 + x, FLAT_CHUNK));
-        }
+        objects.extend(chunk_paths().map(|path| chunk_source(&path)));
         common::write_bucket(&root, &objects);
         let server = start_server(&root, Faults::default());
         (objects[KEY].clone(), server)
@@ -482,10 +487,20 @@ fn wait_until_served(first: usize, chunk: &str) -> bool {
     true
 }
 
-/// Reads chunk `z/y/x` through `mount` and checks its bytes.
-fn read_chunk(mount: &Mounted, (z, y, x): (u64, u64, u64)) {
-    let key = chunk_key(z, y, x);
-    assert!(read_all(&mount.join(&key)) == common::noise(100 + z * 9 + y * 3 + x, ZARR_CHUNK), "{key}");
+/// Reads chunk `path` of the test levels through `mount` and checks its bytes.
+fn read_chunk(mount: &Mounted, path: &str) {
+    let (key, bytes) = chunk_source(path);
+    assert!(read_all(&mount.join(&key)) == bytes, "{key}");
+}
+
+/// A fresh mount called `name` for a chunk read-ahead test (holding the traffic lock), and the
+/// server's GETs and body bytes so far.
+fn chunk_test_mount(name: &str) -> (MutexGuard<'static, ()>, Mounted, usize, u64) {
+    let serial = serial();
+    let server = &bucket().1;
+    let mount = Mounted::on(server, name, &[]);
+    let (first, bytes) = (server.served.lock().unwrap().len(), traffic().1);
+    (serial, mount, first, bytes)
 }
 
 /// The distinct chunks the server has sent bytes of since its `first`th GET, sorted.
@@ -496,28 +511,25 @@ fn distinct_chunks_served_since(first: usize) -> Vec<String> {
     chunks
 }
 
-/// Reads chunk `chunk` (fetched ahead) and checks that that took no GET of it.
-fn read_chunk_fetched_ahead(mount: &Mounted, (z, y, x): (u64, u64, u64)) {
+/// Reads chunk `path` (fetched ahead) and checks that that took no GET of it.
+fn read_chunk_fetched_ahead(mount: &Mounted, path: &str) {
     let before = bucket().1.served.lock().unwrap().len();
-    read_chunk(mount, (z, y, x));
-    assert!(!chunks_served_since(before).contains(&format!("{z}/{y}/{x}")), "{z}/{y}/{x} was fetched twice");
+    read_chunk(mount, path);
+    assert!(!chunks_served_since(before).iter().any(|c| c == path), "{path} was fetched twice");
 }
 
 #[test]
 fn a_reader_going_along_a_zarr_levels_rows_gets_the_next_chunk_fetched_ahead() {
-    let _serial = serial();
-    let (_, server) = bucket();
-    let mount = Mounted::on(server, "chunk-rows", &[]);
-    let (first, bytes) = (server.served.lock().unwrap().len(), traffic().1);
+    let (_serial, mount, first, bytes) = chunk_test_mount("chunk-rows");
     // One chunk read is no sweep: nothing else is fetched.
-    read_chunk(&mount, (0, 0, 1));
+    read_chunk(&mount, "0/0/1");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(distinct_chunks_served_since(first), ["0/0/1"]);
     // A second along the row: the next in C order (the next row's first, here) comes before
     // anyone opens it, and is then read from memory.
-    read_chunk(&mount, (0, 0, 2));
+    read_chunk(&mount, "0/0/2");
     assert!(wait_until_served(first, "0/1/0"), "0/1/0 was not fetched ahead: {:?}", chunks_served_since(first));
-    read_chunk_fetched_ahead(&mount, (0, 1, 0));
+    read_chunk_fetched_ahead(&mount, "0/1/0");
     assert!(wait_until_served(first, "0/1/1"), "0/1/1 was not fetched ahead: {:?}", chunks_served_since(first));
     std::thread::sleep(Duration::from_millis(300));
     let chunks = distinct_chunks_served_since(first);
@@ -529,15 +541,12 @@ fn a_reader_going_along_a_zarr_levels_rows_gets_the_next_chunk_fetched_ahead() {
 
 #[test]
 fn a_reader_going_down_a_column_of_zarr_chunks_gets_the_chunk_one_step_on() {
-    let _serial = serial();
-    let (_, server) = bucket();
-    let mount = Mounted::on(server, "chunk-column", &[]);
-    let (first, bytes) = (server.served.lock().unwrap().len(), traffic().1);
-    read_chunk(&mount, (1, 0, 2));
-    read_chunk(&mount, (1, 1, 2));
+    let (_serial, mount, first, bytes) = chunk_test_mount("chunk-column");
+    read_chunk(&mount, "1/0/2");
+    read_chunk(&mount, "1/1/2");
     // Down y with z and x kept: the chunk one more step on, not the next one in its row.
     assert!(wait_until_served(first, "1/2/2"), "1/2/2 was not fetched ahead: {:?}", chunks_served_since(first));
-    read_chunk_fetched_ahead(&mount, (1, 2, 2));
+    read_chunk_fetched_ahead(&mount, "1/2/2");
     // One more step is off the grid: nothing is fetched.
     std::thread::sleep(Duration::from_millis(500));
     let chunks = distinct_chunks_served_since(first);
@@ -547,21 +556,12 @@ fn a_reader_going_down_a_column_of_zarr_chunks_gets_the_chunk_one_step_on() {
 
 #[test]
 fn small_chunks_with_flat_keys_are_fetched_ahead_in_the_order_of_their_numbers() {
-    let _serial = serial();
-    let (_, server) = bucket();
-    let mount = Mounted::on(server, "chunk-flat", &[]);
-    let read = |x: u64| {
-        let key = format!("{FLAT_LEVEL}0.0.{x}");
-        assert!(read_all(&mount.join(&key)) == common::noise(200 + x, FLAT_CHUNK), "{key}");
-    };
-    let (first, bytes) = (server.served.lock().unwrap().len(), traffic().1);
-    read(8);
-    read(9);
+    let (_serial, mount, first, bytes) = chunk_test_mount("chunk-flat");
+    read_chunk(&mount, "0.0.8");
+    read_chunk(&mount, "0.0.9");
     // By name, 0.0.10 sorts before 0.0.8 and nothing follows 0.0.9; by number 0.0.10 is next.
     assert!(wait_until_served(first, "0.0.10"), "0.0.10 was not fetched ahead: {:?}", chunks_served_since(first));
-    let before = server.served.lock().unwrap().len();
-    read(10);
-    assert!(!chunks_served_since(before).contains(&"0.0.10".to_owned()), "0.0.10 was fetched twice");
+    read_chunk_fetched_ahead(&mount, "0.0.10");
     assert!(wait_until_served(first, "0.0.11"), "0.0.11 was not fetched ahead: {:?}", chunks_served_since(first));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(distinct_chunks_served_since(first), ["0.0.10", "0.0.11", "0.0.8", "0.0.9"]);
