@@ -395,8 +395,7 @@ impl Namespace {
             let folder: String = std::iter::once(level).chain(names[..depth].iter().flat_map(|n| [*n, "/"])).collect();
             let listing = self.listing(&folder).await.ok()?;
             let after = zarr::chunk_index(names[depth])?;
-            let next = chunk_entries(&listing).filter(|(index, _)| *index > after).min_by(|a, b| a.0.cmp(&b.0));
-            if let Some((_, entry)) = next {
+            if let Some(entry) = first_chunk_entry(&listing, Some(&after)) {
                 return self.first_chunk_in(entry.clone(), names.len() - 1 - depth).await;
             }
         }
@@ -426,7 +425,7 @@ impl Namespace {
         for _ in 0..depth {
             let Node::Dir { prefix } = &entry.node else { return None };
             let listing = self.listing(prefix).await.ok()?;
-            entry = chunk_entries(&listing).min_by(|a, b| a.0.cmp(&b.0))?.1.clone();
+            entry = first_chunk_entry(&listing, None)?.clone();
         }
         match entry.node {
             Node::File(object) => Some(object),
@@ -659,9 +658,14 @@ impl Namespace {
     }
 }
 
-/// The entries of a folder of chunk paths, with the indices they stand for.
-fn chunk_entries(listing: &Directory) -> impl Iterator<Item = (Vec<u64>, &Entry)> {
-    listing.entries.iter().filter_map(|entry| Some((zarr::chunk_index(&entry.name)?, entry)))
+/// The first entry of a folder of chunk paths in the order of the indices they stand for
+/// (numbers, not names), after `after` when given.
+fn first_chunk_entry<'a>(listing: &'a Directory, after: Option<&[u64]>) -> Option<&'a Entry> {
+    let entries = listing.entries.iter().filter_map(|entry| Some((zarr::chunk_index(&entry.name)?, entry)));
+    entries
+        .filter(|(index, _)| after.is_none_or(|after| index.as_slice() > after))
+        .min_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, e)| e)
 }
 
 /// Whether `node` is an OME-Zarr store (`*.zarr/`) or a folder inside one.
