@@ -3,8 +3,10 @@
 //! It owns listing a "directory" (one `/`-delimited ListObjectsV2, all pages) or a whole subtree, and ranged,
 //! ETag-pinned GETs, with the timeouts and retries that make them safe to call from a
 //! filesystem. [`ObjectStore`] is the seam the rest of cdpfs uses; [`s3::S3Store`] is the real
-//! implementation, [`synthetic::SyntheticStore`] a generated one for measuring cdpfs alone.
+//! implementation (its HTTP client, `http`, reads the bodies of data GETs from the socket
+//! straight into the block buffers the cache keeps), [`synthetic::SyntheticStore`] a generated one for measuring cdpfs alone.
 
+mod http;
 pub mod offline;
 pub mod s3;
 pub mod snapshot;

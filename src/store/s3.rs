@@ -19,6 +19,7 @@ use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
 
+use super::http::{PieceClient, PieceSize};
 use super::{ObjectMeta, ObjectStore, PieceSink, PrefixListing, StoreCounters, StoreError, StoreFuture};
 
 /// Where the bucket is and how to talk to it.
@@ -75,6 +76,9 @@ enum AttemptError {
     NoConnection(String),
 }
 
+/// How long opening a connection to the endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// S3 client for one bucket.
 pub struct S3Store {
     client: Client,
@@ -86,8 +90,7 @@ pub struct S3Store {
 impl S3Store {
     /// Builds a client. Only reads local configuration; sends nothing.
     pub async fn new(config: &S3Config) -> S3Store {
-        let timeouts =
-            aws_sdk_s3::config::timeout::TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).build();
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).build();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
@@ -99,7 +102,13 @@ impl S3Store {
             loader = loader.endpoint_url(url);
         }
         let shared = loader.load().await;
+        let sdk_client = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .build_https();
         let s3_config = aws_sdk_s3::config::Builder::from(&shared)
+            .http_client(PieceClient::new(sdk_client, CONNECT_TIMEOUT, config.retry.stall_timeout))
             .force_path_style(config.endpoint_url.is_some())
             // Our own attempt timeout covers stalled bodies, and unlike the SDK's stall
             // protection its failures are retried.
@@ -291,7 +300,13 @@ impl S3Store {
         if let Some(etag) = etag {
             request = request.if_match(etag);
         }
-        let out = request.send().await.map_err(|e| classify(&self.bucket, &object.key, e))?;
+        // The body is then read straight into buffers of one piece each (see `http`).
+        let out = request
+            .customize()
+            .mutate_request(move |request| request.add_extension(PieceSize(piece)))
+            .send()
+            .await
+            .map_err(|e| classify(&self.bucket, &object.key, e))?;
         let changed = || AttemptError::Final(StoreError::Changed(object.key.clone()));
         match (etag, out.e_tag()) {
             (Some(listed), Some(answered)) if answered != listed => return Err(changed()),
@@ -344,7 +359,7 @@ impl S3Store {
                 Ok(Some(Err(e))) => return Err(AttemptError::Transient(format!("body of {}: {e}", object.key))),
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            if !body.push(&chunk) {
+            if !body.push(chunk) {
                 return Err(AttemptError::Transient(format!("body of {} is longer than {expected} bytes", object.key)));
             }
         }
@@ -360,8 +375,9 @@ impl S3Store {
     }
 }
 
-/// A response body being received into pieces of a fixed size, each a buffer of its own,
-/// handed on as each one fills.
+/// A response body being received as pieces of a fixed size, each a buffer of its own, handed
+/// on as each one fills. A chunk that is exactly the next piece (as the receive path in `http`
+/// reads them) is handed on as it is; other chunks are copied into a piece's buffer.
 struct Pieces<'a> {
     sink: PieceSink<'a>,
     done: usize,
@@ -373,29 +389,39 @@ struct Pieces<'a> {
 
 impl<'a> Pieces<'a> {
     fn new(expected: u64, piece: u64, sink: PieceSink<'a>) -> Pieces<'a> {
-        let piece = piece.max(1);
-        let current = BytesMut::with_capacity(piece.min(expected) as usize);
-        Pieces { sink, done: 0, current, piece, expected, received: 0 }
+        Pieces { sink, done: 0, current: BytesMut::new(), piece: piece.max(1), expected, received: 0 }
     }
 
     /// Appends `chunk`; false when the body would be longer than expected.
-    fn push(&mut self, mut chunk: &[u8]) -> bool {
+    fn push(&mut self, mut chunk: Bytes) -> bool {
         if self.received + chunk.len() as u64 > self.expected {
             return false;
         }
-        self.received += chunk.len() as u64;
         while !chunk.is_empty() {
-            let take = chunk.len().min(self.current.capacity() - self.current.len());
-            self.current.extend_from_slice(&chunk[..take]);
-            chunk = &chunk[take..];
-            if self.current.len() == self.current.capacity() {
-                let left = self.expected - self.received + chunk.len() as u64;
-                let next = BytesMut::with_capacity(self.piece.min(left) as usize);
-                (self.sink)(self.done, std::mem::replace(&mut self.current, next).freeze());
-                self.done += 1;
+            // The length of the piece being received.
+            let whole = self.piece.min(self.expected - self.received + self.current.len() as u64) as usize;
+            if self.current.is_empty() && chunk.len() == whole {
+                self.received += whole as u64;
+                self.hand_on(chunk);
+                return true;
+            }
+            if self.current.capacity() == 0 {
+                self.current.reserve(whole);
+            }
+            let take = chunk.len().min(whole - self.current.len());
+            self.current.extend_from_slice(&chunk.split_to(take));
+            self.received += take as u64;
+            if self.current.len() == whole {
+                let piece = std::mem::take(&mut self.current).freeze();
+                self.hand_on(piece);
             }
         }
         true
+    }
+
+    fn hand_on(&mut self, piece: Bytes) {
+        (self.sink)(self.done, piece);
+        self.done += 1;
     }
 }
 
@@ -593,9 +619,9 @@ mod tests {
             let sink = |number, bytes| handed.lock().unwrap().push((number, bytes));
             let mut pieces = Pieces::new(len as u64, piece, &sink);
             for pair in cuts.windows(2) {
-                proptest::prop_assert!(pieces.push(&body[pair[0]..pair[1]]));
+                proptest::prop_assert!(pieces.push(Bytes::copy_from_slice(&body[pair[0]..pair[1]])));
             }
-            proptest::prop_assert!(!pieces.push(b"x"), "one byte too many");
+            proptest::prop_assert!(!pieces.push(Bytes::from_static(b"x")), "one byte too many");
             proptest::prop_assert_eq!(pieces.received, len as u64);
             let handed = handed.into_inner().unwrap();
             proptest::prop_assert!(handed.iter().enumerate().all(|(i, (number, _))| i == *number));
@@ -603,6 +629,24 @@ mod tests {
             proptest::prop_assert!(handed.iter().rev().skip(1).all(|(_, p)| p.len() == piece as usize));
             proptest::prop_assert_eq!(handed.into_iter().flat_map(|(_, p)| p).collect::<Vec<u8>>(), body);
         }
+    }
+
+    /// A chunk that is exactly the next piece (the receive path in `http` reads them so) is
+    /// handed on as it is; after a chunk that was not, the pieces line up again.
+    #[test]
+    fn a_chunk_that_is_exactly_the_next_piece_is_handed_on_without_a_copy() {
+        let chunks: Vec<Bytes> = [300, 700, 1000, 500].into_iter().map(|n| Bytes::from(vec![7u8; n])).collect();
+        let handed = std::sync::Mutex::new(Vec::new());
+        let sink = |_, bytes: Bytes| handed.lock().unwrap().push(bytes);
+        let mut pieces = Pieces::new(2500, 1000, &sink);
+        for chunk in &chunks {
+            assert!(pieces.push(chunk.clone()));
+        }
+        let handed = handed.into_inner().unwrap();
+        assert_eq!(handed.iter().map(Bytes::len).collect::<Vec<_>>(), [1000, 1000, 500]);
+        assert_ne!(handed[0].as_ptr(), chunks[0].as_ptr(), "two chunks made the first piece: copied");
+        assert_eq!(handed[1].as_ptr(), chunks[2].as_ptr(), "not copied");
+        assert_eq!(handed[2].as_ptr(), chunks[3].as_ptr(), "not copied");
     }
 
     #[test]
