@@ -335,11 +335,13 @@ struct PieceBody {
 }
 
 impl PieceBody {
-    /// Hands over what the buffer holds (all of its piece, or part of it when late).
+    /// Hands over what the buffer holds: all of its piece, as a buffer of its own, or part of
+    /// it when late (the rest of the piece then fills the rest of the buffer).
     fn hand_over(&mut self) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.piece_left -= self.filling.len();
         self.late = None;
-        Poll::Ready(Some(Ok(Frame::data(self.filling.split().freeze()))))
+        let handed = if self.piece_left == 0 { std::mem::take(&mut self.filling) } else { self.filling.split() };
+        Poll::Ready(Some(Ok(Frame::data(handed.freeze()))))
     }
 }
 
@@ -538,6 +540,7 @@ mod tests {
             let (status, frames) = get(&direct, addr, 1000, &sdk).await.unwrap();
             assert_eq!(status, 206);
             assert_eq!(lengths(&frames), [1000, 1000, 1000, 1000, 500], "one frame per piece, aligned");
+            assert!(frames.iter().all(|(_, frame)| frame.is_unique()), "each piece a buffer of its own");
             assert_eq!(joined(&frames), wanted);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the second GET went over the kept connection");

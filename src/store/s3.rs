@@ -376,8 +376,9 @@ impl S3Store {
 }
 
 /// A response body being received as pieces of a fixed size, each a buffer of its own, handed
-/// on as each one fills. A chunk that is exactly the next piece (as the receive path in `http`
-/// reads them) is handed on as it is; other chunks are copied into a piece's buffer.
+/// on as each one fills. A chunk that is exactly the next piece and a buffer of its own (as the
+/// receive path in `http` reads them) is handed on as it is; other chunks are copied into a
+/// piece's buffer, so that no piece keeps memory the cache does not count.
 struct Pieces<'a> {
     sink: PieceSink<'a>,
     done: usize,
@@ -400,7 +401,8 @@ impl<'a> Pieces<'a> {
         while !chunk.is_empty() {
             // The length of the piece being received.
             let whole = self.piece.min(self.expected - self.received + self.current.len() as u64) as usize;
-            if self.current.is_empty() && chunk.len() == whole {
+            // A buffer of its own (hyper's chunks share its read buffer), exactly the piece.
+            if self.current.is_empty() && chunk.len() == whole && chunk.is_unique() {
                 self.received += whole as u64;
                 self.hand_on(chunk);
                 return true;
@@ -635,18 +637,23 @@ mod tests {
     /// handed on as it is; after a chunk that was not, the pieces line up again.
     #[test]
     fn a_chunk_that_is_exactly_the_next_piece_is_handed_on_without_a_copy() {
-        let chunks: Vec<Bytes> = [300, 700, 1000, 500].into_iter().map(|n| Bytes::from(vec![7u8; n])).collect();
+        let own = |n| Bytes::from(vec![7u8; n]);
+        // The fourth: a piece-long slice of a larger buffer someone else holds (as hyper's are).
+        let shared = own(1500);
+        let chunks = [own(300), own(700), own(1000), shared.slice(..1000), own(500)];
+        let pointers: Vec<_> = chunks.iter().map(|c| c.as_ptr()).collect();
         let handed = std::sync::Mutex::new(Vec::new());
         let sink = |_, bytes: Bytes| handed.lock().unwrap().push(bytes);
-        let mut pieces = Pieces::new(2500, 1000, &sink);
-        for chunk in &chunks {
-            assert!(pieces.push(chunk.clone()));
+        let mut pieces = Pieces::new(3500, 1000, &sink);
+        for chunk in chunks {
+            assert!(pieces.push(chunk));
         }
         let handed = handed.into_inner().unwrap();
-        assert_eq!(handed.iter().map(Bytes::len).collect::<Vec<_>>(), [1000, 1000, 500]);
-        assert_ne!(handed[0].as_ptr(), chunks[0].as_ptr(), "two chunks made the first piece: copied");
-        assert_eq!(handed[1].as_ptr(), chunks[2].as_ptr(), "not copied");
-        assert_eq!(handed[2].as_ptr(), chunks[3].as_ptr(), "not copied");
+        assert_eq!(handed.iter().map(Bytes::len).collect::<Vec<_>>(), [1000, 1000, 1000, 500]);
+        assert_ne!(handed[0].as_ptr(), pointers[0], "two chunks made the first piece: copied");
+        assert_eq!(handed[1].as_ptr(), pointers[2], "not copied");
+        assert_ne!(handed[2].as_ptr(), pointers[3], "a slice of a shared buffer is copied");
+        assert_eq!(handed[3].as_ptr(), pointers[4], "not copied");
     }
 
     #[test]
