@@ -349,8 +349,9 @@ impl AsyncRead for Throttled {
     }
 }
 
-impl AsyncWrite for Throttled {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+impl Throttled {
+    /// Ready when the pace allows the next write.
+    fn poll_pace(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let now = Instant::now();
         let allowed_at = self.epoch + Duration::from_secs_f64(self.sent / self.bytes_per_sec);
         if allowed_at + Duration::from_millis(20) < now {
@@ -364,10 +365,46 @@ impl AsyncWrite for Throttled {
                 return Poll::Pending;
             }
         }
-        let max = buf.len().min(64 << 10);
+        Poll::Ready(())
+    }
+}
+
+/// At most this much goes out in one write (the pace's granularity).
+const WRITE_MAX: usize = 64 << 10;
+
+impl AsyncWrite for Throttled {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_pace(cx));
+        let max = buf.len().min(WRITE_MAX);
         let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[..max]))?;
         self.sent += written as f64;
         Poll::Ready(Ok(written))
+    }
+
+    /// Vectored, so that hyper sends body chunks as they are instead of copying them into
+    /// its own buffer first.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_pace(cx));
+        let mut room = WRITE_MAX;
+        let slices: Vec<std::io::IoSlice<'_>> = bufs
+            .iter()
+            .map_while(|buf| {
+                let take = buf.len().min(room);
+                room -= take;
+                (take > 0).then(|| std::io::IoSlice::new(&buf[..take]))
+            })
+            .collect();
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &slices))?;
+        self.sent += written as f64;
+        Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
