@@ -1,21 +1,21 @@
 //! The HTTP client under the S3 SDK, with a receive path of cdpfs's own for data GETs.
 //!
-//! A request that names the size of the pieces its caller keeps the body in ([`PieceSize`]:
+//! A GET that names the size of the pieces its caller keeps the body in ([`PieceSize`]:
 //! [`super::s3::S3Store`] sets it on every ranged GET) is sent over this module's own HTTP/1.1
-//! connections, and its body is read from the socket straight into buffers of exactly one
-//! piece each, aligned with the start of the body. The data path keeps those buffers as its
-//! cached blocks, so a block's bytes are copied once on their way from the socket to the
-//! cache, not twice (into hyper's read buffer, then out of it). Everything else (listings, an
-//! answer whose body is not framed by a Content-Length, every request when an HTTP proxy is
-//! configured) goes through the SDK's own client. Requests reach this module built and signed
-//! by the SDK, and their answers go back to it to be checked and parsed, so signing, endpoint
-//! resolution and error parsing stay the SDK's.
+//! connections, and a body framed by a Content-Length is read from the socket straight into
+//! buffers of exactly one piece each, aligned with the start of the body. The data path keeps
+//! those buffers as its cached blocks, so a block's bytes are copied once on their way from the
+//! socket to the cache, not twice (into hyper's read buffer, then out of it). A chunked or
+//! close-delimited body (error answers, some mirrors) is read whole into one buffer. Everything
+//! else (listings, every request when an HTTP proxy is configured) goes through the SDK's own
+//! client. Requests reach this module built and signed by the SDK, and their answers go back
+//! to it to be checked and parsed, so signing, endpoint resolution and error parsing stay the
+//! SDK's.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -27,12 +27,12 @@ use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
 use aws_smithy_runtime_api::client::result::ConnectorError;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
@@ -48,8 +48,12 @@ type Connection = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 const MAX_IDLE: usize = 64;
 /// How long an idle connection is kept (servers close theirs after a while; S3 after ~20 s).
 const IDLE_FOR: Duration = Duration::from_secs(15);
-/// The largest response head accepted.
+/// The largest response head accepted, and the most headers in it.
 const MAX_HEAD: usize = 64 << 10;
+const MAX_HEADERS: usize = 256;
+/// The largest body not framed by a Content-Length that is read (into memory, whole): more
+/// than any GET cdpfs sends asks for.
+const MAX_UNFRAMED: usize = 64 << 20;
 
 /// The SDK's HTTP client, with [`PieceSize`] GETs taken over (see the module comment).
 #[derive(Debug)]
@@ -60,8 +64,8 @@ pub struct PieceClient {
 
 impl PieceClient {
     /// Wraps the SDK's client `sdk`. `connect_timeout` bounds opening a connection (TLS
-    /// included); a body that is slow to fill a piece hands over what it has every half
-    /// `stall_timeout`, so the caller's stall watch sees it moving.
+    /// included); `stall_timeout` is the caller's: a piece slow to fill is handed over in parts
+    /// so that the caller sees data within half of it whenever some arrived.
     pub fn new(sdk: SharedHttpClient, connect_timeout: Duration, stall_timeout: Duration) -> PieceClient {
         let direct = match Direct::new(connect_timeout, stall_timeout) {
             _ if proxy_configured() => {
@@ -75,6 +79,12 @@ impl PieceClient {
             }
         };
         PieceClient { sdk, direct }
+    }
+
+    /// Whether data GETs come in buffers of their own, one per piece (else in hyper's chunks,
+    /// which share its read buffers and must be copied before they are kept).
+    pub fn reads_into_pieces(&self) -> bool {
+        self.direct.is_some()
     }
 }
 
@@ -96,10 +106,11 @@ struct PieceConnector {
 
 impl HttpConnector for PieceConnector {
     fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+        let bodiless_get = request.method() == "GET" && request.body().bytes().is_some_and(<[u8]>::is_empty);
         match request.extension::<PieceSize>() {
-            Some(&PieceSize(piece)) if !self.direct.unframed.load(Ordering::Relaxed) => {
-                let (sdk, direct) = (self.sdk.clone(), self.direct.clone());
-                HttpConnectorFuture::new(async move { direct.get(request, piece, sdk).await })
+            Some(&PieceSize(piece)) if bodiless_get => {
+                let direct = self.direct.clone();
+                HttpConnectorFuture::new(async move { direct.get(request, piece).await })
             }
             _ => self.sdk.call(request),
         }
@@ -112,9 +123,6 @@ struct Direct {
     connect_timeout: Duration,
     stall_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
-    /// The endpoint answered a data GET with a body not framed by a Content-Length: from then
-    /// on the SDK's client (which reads every framing) takes them all.
-    unframed: AtomicBool,
 }
 
 struct Idle {
@@ -125,16 +133,22 @@ struct Idle {
 
 impl fmt::Debug for Direct {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Direct").field("unframed", &self.unframed).finish_non_exhaustive()
+        f.debug_struct("Direct").field("stall_timeout", &self.stall_timeout).finish_non_exhaustive()
     }
+}
+
+/// How a response body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    UntilClose,
 }
 
 /// The parts of a response head the receive path needs.
 struct Head {
     response: http::response::Builder,
-    status: u16,
-    content_length: Option<u64>,
-    chunked: bool,
+    framing: Framing,
     keep_alive: bool,
     /// Bytes read past the head: the body's start.
     rest: BytesMut,
@@ -157,30 +171,18 @@ impl Direct {
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
-        Ok(Direct {
-            connector,
-            connect_timeout,
-            stall_timeout,
-            idle: Mutex::default(),
-            unframed: AtomicBool::new(false),
-        })
+        Ok(Direct { connector, connect_timeout, stall_timeout, idle: Mutex::default() })
     }
 
-    /// Sends `request` and answers with its head and a body read in pieces of `piece` bytes;
-    /// an answer this path cannot frame is asked for again through `sdk`.
-    async fn get(
-        self: Arc<Self>,
-        request: HttpRequest,
-        piece: u64,
-        sdk: SharedHttpConnector,
-    ) -> Result<HttpResponse, ConnectorError> {
+    /// Sends `request` and answers with its head and its body: read in pieces of `piece`
+    /// bytes when framed by a Content-Length, else whole.
+    async fn get(self: Arc<Self>, request: HttpRequest, piece: u64) -> Result<HttpResponse, ConnectorError> {
         let uri: http::Uri = request.uri().parse().map_err(|e| ConnectorError::user(Box::new(e)))?;
-        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        let Some((origin, host)) = origin_of(&uri) else {
             return Err(ConnectorError::user(format!("not an absolute URL: {uri}").into()));
         };
-        let origin = format!("{scheme}://{authority}");
-        let head = request_head(&request, &uri);
-        let (connection, head) = loop {
+        let head = request_head(&request, &uri, &host);
+        let (mut connection, head) = loop {
             let (mut connection, reused) = match self.take_idle(&origin) {
                 Some(connection) => (connection, true),
                 None => (self.connect(&uri).await?, false),
@@ -192,31 +194,37 @@ impl Direct {
                 Err(failed) => return Err(ConnectorError::io(Box::new(failed.error))),
             }
         };
-        let no_body = matches!(head.status, 100..=199 | 204 | 304);
-        let length = if no_body { Some(0) } else { head.content_length.filter(|_| !head.chunked) };
-        let Some(length) = length else {
-            if (200..300).contains(&head.status) && !self.unframed.swap(true, Ordering::Relaxed) {
-                info!(%origin, "the endpoint sends data without a Content-Length: data GETs go through the AWS SDK's client");
+        let keep_alive = head.keep_alive;
+        let body = match head.framing {
+            Framing::Length(length) => {
+                // Bytes past the body's end mean the connection is out of step: not kept.
+                let in_step = head.rest.len() as u64 <= length;
+                let mut rest = head.rest;
+                rest.truncate(length.min(rest.len() as u64) as usize);
+                SdkBody::from_body_1_x(PieceBody {
+                    connection: Some(connection),
+                    give_back: (keep_alive && in_step).then(|| (self.clone(), origin)),
+                    left: length - rest.len() as u64,
+                    rest: rest.freeze(),
+                    piece: piece.max(1),
+                    piece_left: 0,
+                    filling: BytesMut::new(),
+                    late: None,
+                    stall_timeout: self.stall_timeout,
+                })
             }
-            return sdk.call(request).await;
+            framing => {
+                let mut rest = head.rest;
+                let whole = read_unframed(&mut connection, &mut rest, framing, self.stall_timeout)
+                    .await
+                    .map_err(|e| ConnectorError::io(Box::new(e)))?;
+                if keep_alive && framing == Framing::Chunked && rest.is_empty() {
+                    self.give_back(origin, connection);
+                }
+                SdkBody::from(whole)
+            }
         };
-        // Bytes past the body's end mean the connection is out of step: not kept.
-        let keep_alive = head.keep_alive && head.rest.len() as u64 <= length;
-        let mut rest = head.rest;
-        rest.truncate(length.min(rest.len() as u64) as usize);
-        let body = PieceBody {
-            connection: Some(connection),
-            give_back: keep_alive.then(|| (self.clone(), origin)),
-            left: length - rest.len() as u64,
-            rest: rest.freeze(),
-            piece: piece.max(1),
-            piece_left: 0,
-            filling: BytesMut::new(),
-            late: None,
-            stall_timeout: self.stall_timeout,
-        };
-        let response =
-            head.response.body(SdkBody::from_body_1_x(body)).map_err(|e| ConnectorError::other(e.into(), None))?;
+        let response = head.response.body(body).map_err(|e| ConnectorError::other(e.into(), None))?;
         HttpResponse::try_from(response).map_err(|e| ConnectorError::other(e.into(), None))
     }
 
@@ -234,12 +242,18 @@ impl Direct {
         }
     }
 
-    /// The most recently used idle connection to `origin` (dropping those idle too long).
+    /// The most recently used idle connection to `origin` that is still open and quiet
+    /// (dropping those idle too long, closed by the server, or with bytes nobody asked for).
     fn take_idle(&self, origin: &str) -> Option<Connection> {
         let mut idle = self.idle.lock().expect("idle connections poisoned");
         idle.retain(|kept| kept.since.elapsed() < IDLE_FOR);
-        let at = idle.iter().rposition(|kept| kept.origin == origin)?;
-        Some(idle.remove(at).connection)
+        while let Some(at) = idle.iter().rposition(|kept| kept.origin == origin) {
+            let mut connection = idle.remove(at).connection;
+            if quiet(&mut connection) {
+                return Some(connection);
+            }
+        }
+        None
     }
 
     fn give_back(&self, origin: String, connection: Connection) {
@@ -250,12 +264,31 @@ impl Direct {
     }
 }
 
+/// The origin (`scheme://host[:port]`) of an absolute URL and its Host header, named as hyper
+/// and the SigV4 signature name it: without the scheme's default port.
+fn origin_of(uri: &http::Uri) -> Option<(String, String)> {
+    let (scheme, host) = (uri.scheme_str()?, uri.host()?);
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let host = match uri.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    Some((format!("{scheme}://{host}"), host))
+}
+
+/// Whether an idle connection has nothing to read: not closed, no bytes, no error.
+fn quiet(connection: &mut Connection) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+    Pin::new(connection).poll_read(&mut cx, &mut ReadBuf::uninit(&mut byte)).is_pending()
+}
+
 /// The request's head as HTTP/1.1 text: its method, path and headers, and a Host header.
-fn request_head(request: &HttpRequest, uri: &http::Uri) -> Vec<u8> {
+fn request_head(request: &HttpRequest, uri: &http::Uri, host: &str) -> Vec<u8> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut head = format!("{} {path} HTTP/1.1\r\n", request.method());
     if !request.headers().contains_key("host") {
-        head += &format!("host: {}\r\n", uri.authority().map_or("", |a| a.as_str()));
+        head += &format!("host: {host}\r\n");
     }
     for (name, value) in request.headers() {
         head += &format!("{name}: {value}\r\n");
@@ -264,72 +297,174 @@ fn request_head(request: &HttpRequest, uri: &http::Uri) -> Vec<u8> {
     head.into_bytes()
 }
 
-/// Writes the request head and reads the response head.
+/// Writes the request head and reads the response head (past any interim 1xx answer).
 async fn exchange(connection: &mut Connection, request: &[u8]) -> Result<Head, Failed> {
     let unanswered = |error| Failed { error, answered: false };
     connection.write_all(request).await.map_err(unanswered)?;
     connection.flush().await.map_err(unanswered)?;
     let mut read = BytesMut::with_capacity(16 << 10);
+    let mut answered = false;
     loop {
-        let answered = !read.is_empty();
-        let failed = |error| Failed { error, answered };
-        if read.len() >= MAX_HEAD {
-            return Err(failed(io::Error::new(io::ErrorKind::InvalidData, "response head too long")));
+        let failed = |message: String| Failed { error: io::Error::new(io::ErrorKind::InvalidData, message), answered };
+        if !read.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut headers);
+            match parsed.parse(&read) {
+                Ok(httparse::Status::Complete(end)) => match parsed.code {
+                    Some(101) => return Err(failed("the server switched protocols".into())),
+                    Some(100..=199) => {
+                        read.advance(end);
+                        continue;
+                    }
+                    _ => {
+                        let mut head = head_of(&parsed).map_err(failed)?;
+                        head.rest = read.split_off(end);
+                        return Ok(head);
+                    }
+                },
+                Ok(httparse::Status::Partial) if read.len() >= MAX_HEAD => {
+                    return Err(failed("response head too long".into()))
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => return Err(failed(format!("bad response head: {e}"))),
+            }
         }
         if read.capacity() == read.len() {
             read.reserve(16 << 10);
         }
-        if connection.read_buf(&mut read).await.map_err(failed)? == 0 {
-            return Err(failed(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the answer")));
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Response::new(&mut headers);
-        let end = match parsed.parse(&read) {
-            Ok(httparse::Status::Complete(end)) => end,
-            Ok(httparse::Status::Partial) => continue,
-            Err(e) => {
-                return Err(failed(io::Error::new(io::ErrorKind::InvalidData, format!("bad response head: {e}"))))
+        match connection.read_buf(&mut read).await {
+            Ok(0) => {
+                let error = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the answer");
+                return Err(Failed { error, answered });
             }
-        };
-        let status = parsed.code.unwrap_or(0);
-        let mut head = Head {
-            response: http::Response::builder().status(status),
-            status,
-            content_length: None,
-            chunked: false,
-            keep_alive: parsed.version == Some(1),
-            rest: BytesMut::new(),
-        };
-        for header in parsed.headers.iter() {
-            let value = String::from_utf8_lossy(header.value);
-            if header.name.eq_ignore_ascii_case("content-length") {
-                head.content_length = value.trim().parse().ok();
-            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-                head.chunked = true;
-            } else if header.name.eq_ignore_ascii_case("connection") {
-                head.keep_alive &= !value.to_ascii_lowercase().contains("close");
-            }
-            head.response = head.response.header(header.name, header.value);
+            Ok(_) => answered = true,
+            Err(error) => return Err(Failed { error, answered }),
         }
-        head.rest = read.split_off(end);
-        return Ok(head);
+    }
+}
+
+/// The head of a final answer: its status and headers for the SDK, and how its body is framed.
+fn head_of(parsed: &httparse::Response<'_, '_>) -> Result<Head, String> {
+    let status = parsed.code.unwrap_or(0);
+    let mut response = http::Response::builder().status(status);
+    let (mut length, mut chunked) = (None, false);
+    let mut keep_alive = parsed.version == Some(1);
+    for header in parsed.headers.iter() {
+        let value = std::str::from_utf8(header.value).unwrap_or("");
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let parsed = value.trim().parse::<u64>().ok().filter(|_| value.trim().bytes().all(|b| b.is_ascii_digit()));
+            if parsed.is_none() || length.is_some_and(|known| Some(known) != parsed) {
+                return Err(format!("invalid Content-Length {value:?}"));
+            }
+            length = parsed;
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            keep_alive &= !value.split(',').any(|token| token.trim().eq_ignore_ascii_case("close"));
+        }
+        response = response.header(header.name, header.value);
+    }
+    let framing = match (status, chunked, length) {
+        (204 | 304, ..) => Framing::Length(0),
+        (_, true, _) => Framing::Chunked,
+        (_, false, Some(length)) => Framing::Length(length),
+        (_, false, None) => Framing::UntilClose,
+    };
+    keep_alive &= framing != Framing::UntilClose;
+    Ok(Head { response, framing, keep_alive, rest: BytesMut::new() })
+}
+
+/// A body framed by chunked transfer coding or by the connection's end, read whole (`read`
+/// holds what came with the head; what is left in it afterwards came after the body).
+async fn read_unframed(
+    connection: &mut Connection,
+    read: &mut BytesMut,
+    framing: Framing,
+    stall_timeout: Duration,
+) -> io::Result<Bytes> {
+    let invalid = |message: &str| io::Error::new(io::ErrorKind::InvalidData, message.to_owned());
+    let mut body = Vec::new();
+    if framing == Framing::UntilClose {
+        loop {
+            body.extend_from_slice(&read.split());
+            if body.len() > MAX_UNFRAMED {
+                return Err(invalid("body too long"));
+            }
+            if !read_more(connection, read, stall_timeout).await? {
+                break;
+            }
+        }
+    } else {
+        loop {
+            let size_line = read_line(connection, read, stall_timeout).await?;
+            let size = size_line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size, 16).map_err(|_| invalid("bad chunk size"))?;
+            if size == 0 {
+                // Trailers, then an empty line.
+                while !read_line(connection, read, stall_timeout).await?.is_empty() {}
+                break;
+            }
+            if body.len() + size > MAX_UNFRAMED {
+                return Err(invalid("body too long"));
+            }
+            while read.len() < size + 2 {
+                if !read_more(connection, read, stall_timeout).await? {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            body.extend_from_slice(&read[..size]);
+            if &read[size..size + 2] != b"\r\n" {
+                return Err(invalid("chunk not followed by CRLF"));
+            }
+            read.advance(size + 2);
+        }
+    }
+    body.shrink_to_fit();
+    Ok(Bytes::from(body))
+}
+
+/// Reads more of the answer into `read`; false at the connection's end.
+async fn read_more(connection: &mut Connection, read: &mut BytesMut, stall_timeout: Duration) -> io::Result<bool> {
+    read.reserve(16 << 10);
+    match tokio::time::timeout(stall_timeout, connection.read_buf(read)).await {
+        Ok(result) => Ok(result? > 0),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no data for {stall_timeout:?}"))),
+    }
+}
+
+/// One CRLF-terminated line of a chunked body (without the CRLF).
+async fn read_line(connection: &mut Connection, read: &mut BytesMut, stall_timeout: Duration) -> io::Result<String> {
+    loop {
+        if let Some(end) = read.windows(2).position(|pair| pair == b"\r\n") {
+            let line = String::from_utf8_lossy(&read[..end]).into_owned();
+            read.advance(end + 2);
+            return Ok(line);
+        }
+        if read.len() > 4096 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk line too long"));
+        }
+        if !read_more(connection, read, stall_timeout).await? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
     }
 }
 
 /// A response body read from its connection in buffers of one piece each (see the module
-/// comment); a piece slow to fill is handed over in parts, every half stall timeout.
+/// comment). When the caller has waited half the stall timeout for a piece, what has arrived
+/// of it is handed over (its rest follows as another part), so the caller sees data move.
 struct PieceBody {
     connection: Option<Connection>,
     /// Where the connection goes when the whole body was read.
     give_back: Option<(Arc<Direct>, String)>,
     /// Body bytes that came with the head.
     rest: Bytes,
-    /// Body bytes not yet in a buffer.
+    /// Body bytes still to come from the connection.
     left: u64,
     piece: u64,
     /// Bytes until the end of the piece being filled.
     piece_left: usize,
     filling: BytesMut,
+    /// Half a stall timeout from when the caller began waiting for the next frame.
     late: Option<Pin<Box<tokio::time::Sleep>>>,
     stall_timeout: Duration,
 }
@@ -351,6 +486,8 @@ impl http_body::Body for PieceBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        let half_stall = this.stall_timeout / 2;
+        this.late.get_or_insert_with(|| Box::pin(tokio::time::sleep(half_stall)));
         loop {
             if this.piece_left == 0 {
                 // (The last piece was handed over whole: nothing is being filled.)
@@ -381,8 +518,7 @@ impl http_body::Body for PieceBody {
                     Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
                     Poll::Pending if this.filling.is_empty() => return Poll::Pending,
                     Poll::Pending => {
-                        let half_stall = this.stall_timeout / 2;
-                        let late = this.late.get_or_insert_with(|| Box::pin(tokio::time::sleep(half_stall)));
+                        let late = this.late.as_mut().expect("set above");
                         return match late.as_mut().poll(cx) {
                             Poll::Ready(()) => this.hand_over(),
                             Poll::Pending => Poll::Pending,
@@ -390,7 +526,8 @@ impl http_body::Body for PieceBody {
                     }
                 }
             }
-            if this.filling.len() == this.piece_left {
+            let overdue = this.late.as_ref().is_some_and(|late| late.deadline() <= tokio::time::Instant::now());
+            if this.filling.len() == this.piece_left || overdue {
                 return this.hand_over();
             }
         }
@@ -409,7 +546,7 @@ fn proxy_configured() -> bool {
 mod tests {
     use std::collections::VecDeque;
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::BodyExt;
     use tokio::net::TcpListener;
@@ -481,36 +618,16 @@ mod tests {
         Answer { writes, close }
     }
 
-    /// The SDK's client in the tests: answers 200 "from the SDK" and counts its calls.
-    #[derive(Clone, Debug, Default)]
-    struct SdkStandIn(Arc<AtomicUsize>);
-
-    impl HttpConnector for SdkStandIn {
-        fn call(&self, _: HttpRequest) -> HttpConnectorFuture {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            HttpConnectorFuture::ready(Ok(HttpResponse::new(200.try_into().unwrap(), SdkBody::from("from the SDK"))))
-        }
-    }
-
     fn direct(stall_timeout: Duration) -> Arc<Direct> {
         Arc::new(Direct::new(Duration::from_secs(1), stall_timeout).unwrap())
     }
 
     /// GETs `/key` from `addr` through `direct` in pieces of `piece` bytes: the status and the
     /// body's frames, each with the time it arrived after the request.
-    async fn get(
-        direct: &Arc<Direct>,
-        addr: SocketAddr,
-        piece: u64,
-        sdk: &SdkStandIn,
-    ) -> Result<(u16, Vec<(Duration, Bytes)>), String> {
+    async fn get(direct: &Arc<Direct>, addr: SocketAddr, piece: u64) -> Result<(u16, Vec<(Duration, Bytes)>), String> {
         let started = Instant::now();
         let request = HttpRequest::get(format!("http://{addr}/bucket/key")).unwrap();
-        let response = direct
-            .clone()
-            .get(request, piece, SharedHttpConnector::new(sdk.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
+        let response = direct.clone().get(request, piece).await.map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
         let mut body = response.into_body();
         let mut frames = Vec::new();
@@ -535,25 +652,24 @@ mod tests {
         // Cut inside the head, just after it (with body bytes), and at odd places in the body.
         let (addr, accepted) =
             serve(vec![answer(&wanted, &[20, 60, 999, 1001, 2500, 4000], false), answer(&wanted, &[], false)]).await;
-        let (direct, sdk) = (direct(Duration::from_secs(5)), SdkStandIn::default());
+        let direct = direct(Duration::from_secs(5));
         for _ in 0..2 {
-            let (status, frames) = get(&direct, addr, 1000, &sdk).await.unwrap();
+            let (status, frames) = get(&direct, addr, 1000).await.unwrap();
             assert_eq!(status, 206);
             assert_eq!(lengths(&frames), [1000, 1000, 1000, 1000, 500], "one frame per piece, aligned");
             assert!(frames.iter().all(|(_, frame)| frame.is_unique()), "each piece a buffer of its own");
             assert_eq!(joined(&frames), wanted);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the second GET went over the kept connection");
-        assert_eq!(sdk.0.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
     async fn a_kept_connection_the_server_closed_is_replaced_without_an_error() {
         let wanted = body(3000);
         let (addr, accepted) = serve(vec![answer(&wanted, &[], true), answer(&wanted, &[], true)]).await;
-        let (direct, sdk) = (direct(Duration::from_secs(5)), SdkStandIn::default());
+        let direct = direct(Duration::from_secs(5));
         for _ in 0..2 {
-            let (_, frames) = get(&direct, addr, 1024, &sdk).await.unwrap();
+            let (_, frames) = get(&direct, addr, 1024).await.unwrap();
             assert_eq!(joined(&frames), wanted);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -566,8 +682,8 @@ mod tests {
         let mut slow = answer(&wanted, &[200], false);
         slow.writes[1].0 = Duration::from_millis(800);
         let (addr, _) = serve(vec![slow]).await;
-        let (direct, sdk) = (direct(Duration::from_millis(200)), SdkStandIn::default());
-        let (_, frames) = get(&direct, addr, 2000, &sdk).await.unwrap();
+        let direct = direct(Duration::from_millis(200));
+        let (_, frames) = get(&direct, addr, 2000).await.unwrap();
         assert!(frames.len() >= 2, "{:?}", lengths(&frames));
         assert!(frames[0].0 < Duration::from_millis(500), "the first part came after {:?}", frames[0].0);
         assert_eq!(joined(&frames), wanted);
@@ -579,19 +695,62 @@ mod tests {
         let mut cut = answer(&wanted, &[], true);
         cut.writes[0].1.truncate(2000);
         let (addr, _) = serve(vec![cut]).await;
-        let (direct, sdk) = (direct(Duration::from_secs(5)), SdkStandIn::default());
-        let error = get(&direct, addr, 1000, &sdk).await.unwrap_err();
+        let direct = direct(Duration::from_secs(5));
+        let error = get(&direct, addr, 1000).await.unwrap_err();
         assert!(error.contains("before the body's end"), "{error}");
     }
 
     #[tokio::test]
-    async fn an_answer_without_a_content_length_is_asked_for_again_through_the_sdks_client() {
-        let chunked = b"HTTP/1.1 206 Partial Content\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-        let (addr, _) = serve(vec![Answer { writes: vec![(Duration::ZERO, chunked.to_vec())], close: false }]).await;
-        let (direct, sdk) = (direct(Duration::from_secs(5)), SdkStandIn::default());
-        let (status, frames) = get(&direct, addr, 1000, &sdk).await.unwrap();
-        assert_eq!((status, joined(&frames)), (200, b"from the SDK".to_vec()));
-        assert_eq!(sdk.0.load(Ordering::SeqCst), 1);
-        assert!(direct.unframed.load(Ordering::SeqCst), "later data GETs go to the SDK's client");
+    async fn chunked_and_close_delimited_bodies_are_read_whole_and_a_chunked_answers_connection_is_kept() {
+        let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nz: 1\r\n\r\n";
+        let close = b"HTTP/1.1 200 OK\r\n\r\nuntil the end";
+        let (addr, accepted) = serve(vec![
+            Answer {
+                writes: vec![
+                    (Duration::ZERO, chunked[..50].to_vec()),
+                    (Duration::from_millis(5), chunked[50..].to_vec()),
+                ],
+                close: false,
+            },
+            Answer { writes: vec![(Duration::ZERO, close.to_vec())], close: true },
+        ])
+        .await;
+        let direct = direct(Duration::from_secs(5));
+        let (status, frames) = get(&direct, addr, 4).await.unwrap();
+        assert_eq!((status, joined(&frames)), (404, b"hello, world".to_vec()));
+        let (status, frames) = get(&direct, addr, 4).await.unwrap();
+        assert_eq!((status, joined(&frames)), (200, b"until the end".to_vec()));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the second GET went over the chunked answer's connection");
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_a_connection_with_unasked_bytes_is_not_reused() {
+        let wanted = body(1500);
+        let mut first = answer(&wanted, &[], false);
+        first.writes.insert(0, (Duration::ZERO, b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n".to_vec()));
+        // After the answer, the server says something nobody asked for (and keeps the connection).
+        first
+            .writes
+            .push((Duration::from_millis(10), b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n".to_vec()));
+        let (addr, accepted) = serve(vec![first, answer(&wanted, &[], false)]).await;
+        let direct = direct(Duration::from_secs(5));
+        for _ in 0..2 {
+            let (status, frames) = get(&direct, addr, 1000).await.unwrap();
+            assert_eq!((status, joined(&frames)), (206, wanted.clone()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_host_is_named_without_the_schemes_default_port() {
+        let origin = |url: &str| origin_of(&url.parse().unwrap()).unwrap();
+        assert_eq!(
+            origin("https://b.s3.amazonaws.com:443/k"),
+            ("https://b.s3.amazonaws.com".into(), "b.s3.amazonaws.com".into())
+        );
+        assert_eq!(origin("http://mirror:80/b/k"), ("http://mirror".into(), "mirror".into()));
+        assert_eq!(origin("http://127.0.0.1:9000/b/k"), ("http://127.0.0.1:9000".into(), "127.0.0.1:9000".into()));
+        assert_eq!(origin("https://mirror:80/b/k").1, "mirror:80");
     }
 }

@@ -85,6 +85,8 @@ pub struct S3Store {
     bucket: String,
     retry: RetryPolicy,
     counters: Arc<StoreCounters>,
+    /// Whether GET bodies arrive in buffers of their own, one per piece ([`PieceClient`]).
+    own_pieces: bool,
 }
 
 impl S3Store {
@@ -107,8 +109,10 @@ impl S3Store {
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
             ))
             .build_https();
+        let http_client = PieceClient::new(sdk_client, CONNECT_TIMEOUT, config.retry.stall_timeout);
+        let own_pieces = http_client.reads_into_pieces();
         let s3_config = aws_sdk_s3::config::Builder::from(&shared)
-            .http_client(PieceClient::new(sdk_client, CONNECT_TIMEOUT, config.retry.stall_timeout))
+            .http_client(http_client)
             .force_path_style(config.endpoint_url.is_some())
             // Our own attempt timeout covers stalled bodies, and unlike the SDK's stall
             // protection its failures are retried.
@@ -119,6 +123,7 @@ impl S3Store {
             bucket: config.bucket.clone(),
             retry: config.retry,
             counters: Arc::default(),
+            own_pieces,
         }
     }
 
@@ -336,17 +341,20 @@ impl S3Store {
                     range.end - 1
                 )));
             }
-        } else if range.start != 0
-            || expected != object.size
-            || u64::try_from(out.content_length().unwrap_or(-1)).ok() != Some(expected)
-        {
+        } else if range.start != 0 || expected != object.size {
             // Only a whole object may come without a Content-Range (a server ignoring Range).
             return Err(AttemptError::Transient("the answer has no Content-Range for a part of the object".into()));
+        }
+        // (A chunked answer has none; its length is checked as it arrives.)
+        if let Some(length) = out.content_length().filter(|&length| u64::try_from(length).ok() != Some(expected)) {
+            return Err(AttemptError::Transient(format!(
+                "the answer's Content-Length is {length}, not the {expected} bytes asked for"
+            )));
         }
         // Read the body chunk by chunk: a connection that goes quiet for the stall timeout is
         // abandoned and the attempt retried, instead of waiting for the whole attempt timeout.
         let mut stream = out.body;
-        let mut body = Pieces::new(expected, piece, sink);
+        let mut body = Pieces::new(expected, piece, sink, self.own_pieces);
         loop {
             let chunk = match tokio::time::timeout(self.retry.stall_timeout, stream.next()).await {
                 Err(_) => {
@@ -376,11 +384,13 @@ impl S3Store {
 }
 
 /// A response body being received as pieces of a fixed size, each a buffer of its own, handed
-/// on as each one fills. A chunk that is exactly the next piece and a buffer of its own (as the
-/// receive path in `http` reads them) is handed on as it is; other chunks are copied into a
-/// piece's buffer, so that no piece keeps memory the cache does not count.
+/// on as each one fills. When the chunks come from the receive path in `http` (buffers of their
+/// own), one that is exactly the next piece is handed on as it is; other chunks are copied into
+/// a piece's buffer, so that no piece keeps memory the cache does not count.
 struct Pieces<'a> {
     sink: PieceSink<'a>,
+    /// Whether chunks may be buffers of their own (else they are always copied).
+    own_chunks: bool,
     done: usize,
     current: BytesMut,
     piece: u64,
@@ -389,8 +399,8 @@ struct Pieces<'a> {
 }
 
 impl<'a> Pieces<'a> {
-    fn new(expected: u64, piece: u64, sink: PieceSink<'a>) -> Pieces<'a> {
-        Pieces { sink, done: 0, current: BytesMut::new(), piece: piece.max(1), expected, received: 0 }
+    fn new(expected: u64, piece: u64, sink: PieceSink<'a>, own_chunks: bool) -> Pieces<'a> {
+        Pieces { sink, own_chunks, done: 0, current: BytesMut::new(), piece: piece.max(1), expected, received: 0 }
     }
 
     /// Appends `chunk`; false when the body would be longer than expected.
@@ -401,8 +411,8 @@ impl<'a> Pieces<'a> {
         while !chunk.is_empty() {
             // The length of the piece being received.
             let whole = self.piece.min(self.expected - self.received + self.current.len() as u64) as usize;
-            // A buffer of its own (hyper's chunks share its read buffer), exactly the piece.
-            if self.current.is_empty() && chunk.len() == whole && chunk.is_unique() {
+            // A buffer of its own, exactly the piece (hyper's chunks are parts of its read buffers).
+            if self.own_chunks && self.current.is_empty() && chunk.len() == whole && chunk.is_unique() {
                 self.received += whole as u64;
                 self.hand_on(chunk);
                 return true;
@@ -613,13 +623,13 @@ mod tests {
     proptest::proptest! {
         /// However the body arrives, it is handed on in whole pieces of their own, in order.
         #[test]
-        fn a_body_is_cut_into_pieces(len in 1usize..5000, piece in 1u64..1500, cuts in proptest::collection::vec(0usize..5000, 0..12)) {
+        fn a_body_is_cut_into_pieces(len in 1usize..5000, piece in 1u64..1500, cuts in proptest::collection::vec(0usize..5000, 0..12), own: bool) {
             let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % len).chain([0, len]).collect();
             cuts.sort_unstable();
             let handed = std::sync::Mutex::new(Vec::new());
             let sink = |number, bytes| handed.lock().unwrap().push((number, bytes));
-            let mut pieces = Pieces::new(len as u64, piece, &sink);
+            let mut pieces = Pieces::new(len as u64, piece, &sink, own);
             for pair in cuts.windows(2) {
                 proptest::prop_assert!(pieces.push(Bytes::copy_from_slice(&body[pair[0]..pair[1]])));
             }
@@ -644,7 +654,7 @@ mod tests {
         let pointers: Vec<_> = chunks.iter().map(|c| c.as_ptr()).collect();
         let handed = std::sync::Mutex::new(Vec::new());
         let sink = |_, bytes: Bytes| handed.lock().unwrap().push(bytes);
-        let mut pieces = Pieces::new(3500, 1000, &sink);
+        let mut pieces = Pieces::new(3500, 1000, &sink, true);
         for chunk in chunks {
             assert!(pieces.push(chunk));
         }
