@@ -196,6 +196,12 @@ struct ServerState {
 
 /// Starts s3s-fs serving `root` on 127.0.0.1 in a background thread, injecting `faults`.
 pub fn start_server(root: &Path, faults: Faults) -> Server {
+    start_server_with(root, faults, None)
+}
+
+/// The same, checking the SigV4 signature of every signed request against one access key and
+/// secret (`credentials`).
+pub fn start_server_with(root: &Path, faults: Faults, credentials: Option<(&'static str, &'static str)>) -> Server {
     let root = root.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
     let state = ServerState {
@@ -218,7 +224,11 @@ pub fn start_server(root: &Path, faults: Faults) -> Server {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
             let fs = s3s_fs::FileSystem::new(root).unwrap();
-            let service = s3s::service::S3ServiceBuilder::new(fs).build();
+            let mut service = s3s::service::S3ServiceBuilder::new(fs);
+            if let Some((key, secret)) = credentials {
+                service.set_auth(s3s::auth::SimpleAuth::from_single(key, secret));
+            }
+            let service = service.build();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
             loop {
