@@ -51,9 +51,9 @@ const IDLE_FOR: Duration = Duration::from_secs(15);
 /// The largest response head accepted, and the most headers in it.
 const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 256;
-/// The largest body not framed by a Content-Length that is read (into memory, whole): more
-/// than any GET cdpfs sends asks for.
-const MAX_UNFRAMED: usize = 64 << 20;
+/// The largest body read whole (an error answer's, or one not framed by a Content-Length): as
+/// much as any GET cdpfs sends asks for.
+const MAX_WHOLE: usize = 64 << 20;
 
 /// The SDK's HTTP client, with [`PieceSize`] GETs taken over (see the module comment).
 #[derive(Debug)]
@@ -150,6 +150,8 @@ struct Head {
     response: http::response::Builder,
     framing: Framing,
     keep_alive: bool,
+    /// A 2xx status.
+    success: bool,
     /// Bytes read past the head: the body's start.
     rest: BytesMut,
 }
@@ -196,7 +198,9 @@ impl Direct {
         };
         let keep_alive = head.keep_alive;
         let body = match head.framing {
-            Framing::Length(length) => {
+            // A data answer, read in pieces (its length was asked for: `S3Store` checks it
+            // before reading the body). Error answers are read whole, within a bound.
+            Framing::Length(length) if head.success => {
                 // Bytes past the body's end mean the connection is out of step: not kept.
                 let in_step = head.rest.len() as u64 <= length;
                 let mut rest = head.rest;
@@ -215,13 +219,17 @@ impl Direct {
             }
             framing => {
                 let mut rest = head.rest;
-                let whole = read_unframed(&mut connection, &mut rest, framing, self.stall_timeout)
-                    .await
-                    .map_err(|e| ConnectorError::io(Box::new(e)))?;
-                if keep_alive && framing == Framing::Chunked && rest.is_empty() {
-                    self.give_back(origin, connection);
+                match read_whole(&mut connection, &mut rest, framing, self.stall_timeout).await {
+                    Ok(whole) => {
+                        if keep_alive && framing != Framing::UntilClose && rest.is_empty() {
+                            self.give_back(origin, connection);
+                        }
+                        SdkBody::from(whole)
+                    }
+                    // The server answered: its status stands, and the body's failure is the
+                    // caller's to classify (retried like a cut-short body), not "no answer".
+                    Err(e) => SdkBody::from_body_1_x(Failing(Some(e))),
                 }
-                SdkBody::from(whole)
             }
         };
         let response = head.response.body(body).map_err(|e| ConnectorError::other(e.into(), None))?;
@@ -278,9 +286,14 @@ fn origin_of(uri: &http::Uri) -> Option<(String, String)> {
 
 /// Whether an idle connection has nothing to read: not closed, no bytes, no error.
 fn quiet(connection: &mut Connection) -> bool {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
     let mut byte = [std::mem::MaybeUninit::uninit(); 1];
-    Pin::new(connection).poll_read(&mut cx, &mut ReadBuf::uninit(&mut byte)).is_pending()
+    let mut buf = ReadBuf::uninit(&mut byte);
+    // Outside tokio's cooperative budget, which would answer Pending without looking.
+    let peek = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+        Poll::Ready(Pin::new(&mut *connection).poll_read(cx, &mut buf).is_pending())
+    }));
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    matches!(std::pin::pin!(peek).poll(&mut cx), Poll::Ready(true))
 }
 
 /// The request's head as HTTP/1.1 text: its method, path and headers, and a Host header.
@@ -347,7 +360,7 @@ async fn exchange(connection: &mut Connection, request: &[u8]) -> Result<Head, F
 fn head_of(parsed: &httparse::Response<'_, '_>) -> Result<Head, String> {
     let status = parsed.code.unwrap_or(0);
     let mut response = http::Response::builder().status(status);
-    let (mut length, mut chunked) = (None, false);
+    let (mut length, mut coded) = (None, None);
     let mut keep_alive = parsed.version == Some(1);
     for header in parsed.headers.iter() {
         let value = std::str::from_utf8(header.value).unwrap_or("");
@@ -358,25 +371,28 @@ fn head_of(parsed: &httparse::Response<'_, '_>) -> Result<Head, String> {
             }
             length = parsed;
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = true;
+            // Chunked when that is the last coding; any other ends at the connection's end.
+            let last = value.rsplit(',').next().unwrap_or("").trim();
+            coded = Some(last.eq_ignore_ascii_case("chunked"));
         } else if header.name.eq_ignore_ascii_case("connection") {
             keep_alive &= !value.split(',').any(|token| token.trim().eq_ignore_ascii_case("close"));
         }
         response = response.header(header.name, header.value);
     }
-    let framing = match (status, chunked, length) {
+    let framing = match (status, coded, length) {
         (204 | 304, ..) => Framing::Length(0),
-        (_, true, _) => Framing::Chunked,
-        (_, false, Some(length)) => Framing::Length(length),
-        (_, false, None) => Framing::UntilClose,
+        (_, Some(true), _) => Framing::Chunked,
+        (_, Some(false), _) | (_, None, None) => Framing::UntilClose,
+        (_, None, Some(length)) => Framing::Length(length),
     };
     keep_alive &= framing != Framing::UntilClose;
-    Ok(Head { response, framing, keep_alive, rest: BytesMut::new() })
+    Ok(Head { response, framing, keep_alive, success: (200..300).contains(&status), rest: BytesMut::new() })
 }
 
-/// A body framed by chunked transfer coding or by the connection's end, read whole (`read`
-/// holds what came with the head; what is left in it afterwards came after the body).
-async fn read_unframed(
+/// A body read whole: an error answer's, or one framed by chunked transfer coding or by the
+/// connection's end (`read` holds what came with the head; what is left in it afterwards came
+/// after the body). At most [`MAX_WHOLE`] bytes.
+async fn read_whole(
     connection: &mut Connection,
     read: &mut BytesMut,
     framing: Framing,
@@ -384,27 +400,40 @@ async fn read_unframed(
 ) -> io::Result<Bytes> {
     let invalid = |message: &str| io::Error::new(io::ErrorKind::InvalidData, message.to_owned());
     let mut body = Vec::new();
-    if framing == Framing::UntilClose {
-        loop {
+    match framing {
+        Framing::Length(length) => {
+            let length =
+                usize::try_from(length).ok().filter(|&n| n <= MAX_WHOLE).ok_or_else(|| invalid("body too long"))?;
+            while read.len() < length {
+                if !read_more(connection, read, stall_timeout).await? {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            body.extend_from_slice(&read.split_to(length));
+        }
+        Framing::UntilClose => loop {
             body.extend_from_slice(&read.split());
-            if body.len() > MAX_UNFRAMED {
+            if body.len() > MAX_WHOLE {
                 return Err(invalid("body too long"));
             }
             if !read_more(connection, read, stall_timeout).await? {
                 break;
             }
-        }
-    } else {
-        loop {
+        },
+        Framing::Chunked => loop {
             let size_line = read_line(connection, read, stall_timeout).await?;
             let size = size_line.split(';').next().unwrap_or("").trim();
             let size = usize::from_str_radix(size, 16).map_err(|_| invalid("bad chunk size"))?;
             if size == 0 {
                 // Trailers, then an empty line.
-                while !read_line(connection, read, stall_timeout).await?.is_empty() {}
+                for _ in 0..MAX_HEADERS {
+                    if read_line(connection, read, stall_timeout).await?.is_empty() {
+                        break;
+                    }
+                }
                 break;
             }
-            if body.len() + size > MAX_UNFRAMED {
+            if size > MAX_WHOLE - body.len() {
                 return Err(invalid("body too long"));
             }
             while read.len() < size + 2 {
@@ -417,10 +446,22 @@ async fn read_unframed(
                 return Err(invalid("chunk not followed by CRLF"));
             }
             read.advance(size + 2);
-        }
+        },
     }
     body.shrink_to_fit();
     Ok(Bytes::from(body))
+}
+
+/// A body that fails with the error that cut it short.
+struct Failing(Option<io::Error>);
+
+impl http_body::Body for Failing {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Poll::Ready(self.get_mut().0.take().map(Err))
+    }
 }
 
 /// Reads more of the answer into `read`; false at the connection's end.
@@ -470,6 +511,13 @@ struct PieceBody {
 }
 
 impl PieceBody {
+    /// The whole body was read from the connection: it goes back to the pool if it may.
+    fn release(&mut self) {
+        if let (Some((direct, origin)), Some(connection)) = (self.give_back.take(), self.connection.take()) {
+            direct.give_back(origin, connection);
+        }
+    }
+
     /// Hands over what the buffer holds: all of its piece, as a buffer of its own, or part of
     /// it when late (the rest of the piece then fills the rest of the buffer).
     fn hand_over(&mut self) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
@@ -493,10 +541,7 @@ impl http_body::Body for PieceBody {
                 // (The last piece was handed over whole: nothing is being filled.)
                 let body_left = this.left + this.rest.len() as u64;
                 if body_left == 0 {
-                    if let (Some((direct, origin)), Some(connection)) = (this.give_back.take(), this.connection.take())
-                    {
-                        direct.give_back(origin, connection);
-                    }
+                    this.release();
                     return Poll::Ready(None);
                 }
                 this.piece_left = this.piece.min(body_left) as usize;
@@ -514,7 +559,12 @@ impl http_body::Body for PieceBody {
                         let cut = format!("the connection closed {} bytes before the body's end", this.left);
                         return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, cut))));
                     }
-                    Poll::Ready(Ok(n)) => this.left -= n as u64,
+                    Poll::Ready(Ok(n)) => {
+                        this.left -= n as u64;
+                        if this.left == 0 {
+                            this.release();
+                        }
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
                     Poll::Pending if this.filling.is_empty() => return Poll::Pending,
                     Poll::Pending => {
@@ -740,6 +790,27 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn what_a_broken_or_hostile_server_sends_is_an_error_not_a_crash() {
+        let answers = [
+            // An error answer announcing 100 GB: not allocated, read within the bound.
+            &b"HTTP/1.1 503 Slow Down\r\ncontent-length: 100000000000\r\n\r\n<Error>"[..],
+            // A chunk size that would overflow the body's length.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\nffffffffffffffff\r\n",
+            // A coding other than chunked: the body ends with the connection.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nnot chunked",
+        ];
+        let script = |bytes: &[u8]| Answer { writes: vec![(Duration::ZERO, bytes.to_vec())], close: true };
+        let (addr, _) = serve(answers.iter().map(|a| script(a)).collect()).await;
+        let direct = direct(Duration::from_secs(5));
+        let huge = get(&direct, addr, u64::MAX).await.unwrap_err();
+        assert!(huge.contains("body too long"), "{huge}");
+        let overflow = get(&direct, addr, u64::MAX).await.unwrap_err();
+        assert!(overflow.contains("body too long"), "{overflow}");
+        let (status, frames) = get(&direct, addr, u64::MAX).await.unwrap();
+        assert_eq!((status, joined(&frames)), (200, b"not chunked".to_vec()));
     }
 
     #[test]
