@@ -10,14 +10,16 @@
 //! - after a step that left the last axis where it was (a column of chunks, every other z), the
 //!   chunk one more such step on.
 //!
-//! Once more than [`DEEP_AFTER`] chunks of the level have been started, the next two chunks are
-//! fetched: a lone reader copies a chunk out faster than its parts arrive.
+//! Once more than [`DEEP_AFTER`] chunks of the level have been started, each chunk started
+//! fetches two chunks not fetched yet: a lone reader copies a chunk out faster than its parts
+//! arrive, so a long sweep runs ahead by one more chunk per chunk read, up to [`LOOK_PAST`]
+//! (and no more than the cache's fetch slots hold: a quarter of `--max-memory`).
 //!
 //! A level no reader started a chunk of for [`IDLE`] is forgotten: a program that reads one
-//! chunk of a level nobody is reading fetches nothing more. One that stops has fetched at most
-//! two chunks per reader too many (one in its first chunks), as has a sweep over part of each row
-//! at each row's end; a reader jumping between chunks at random wastes one or two chunks per
-//! chunk it reads.
+//! chunk of a level nobody is reading fetches nothing more. One that stops in its first chunks
+//! has fetched one chunk too many, after a long sweep up to [`LOOK_PAST`], as has a long sweep
+//! over part of each row at each row's end; a reader jumping between chunks at random wastes one
+//! or two chunks per chunk it reads.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -42,7 +44,7 @@ const IDLE: Duration = Duration::from_secs(30);
 /// Levels whose sweeps are followed at once.
 const LEVELS: usize = 64;
 
-/// Chunks of a level started before its readers get two chunks fetched ahead instead of one.
+/// Chunks of a level started before each chunk started fetches two chunks ahead instead of one.
 const DEEP_AFTER: usize = 4;
 
 /// How many chunks past a started one the next unstarted one is looked for.
