@@ -537,6 +537,32 @@ fn a_mount_over_https_lists_and_reads_the_right_bytes() {
     assert!(counters().0 - before > 4, "the data did not come from the origin through the TLS proxy");
 }
 
+/// An HPC node that reaches S3 only through an HTTP proxy (`HTTP_PROXY`): the endpoint's name
+/// does not even resolve, so every request, listings and data GETs alike, must go through the
+/// proxy (nginx in front of the test server).
+#[test]
+fn a_mount_behind_an_http_proxy_sends_every_request_through_it() {
+    let _serial = serial();
+    let (fixture, server) = shared();
+    let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    let mountpoint = common::scratch_dir("mnt-behind-proxy");
+    let out = common::cdpfs()
+        .env("HTTP_PROXY", &nginx.url)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .args(["mount", mountpoint.to_str().unwrap(), "--bucket", common::BUCKET])
+        .args(["--endpoint-url", "http://cdpfs-only-through-the-proxy.invalid", "--no-disk-cache"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mount = Mounted { path: mountpoint };
+    let key = mrc_key();
+    let before = counters().0;
+    assert!(fs::read_dir(mount.join(TOMO_DIR)).unwrap().count() > 0);
+    assert!(read_all(&mount.join(&key)) == fixture.objects[&key], "wrong bytes through the proxy");
+    assert!(counters().0 - before > 4, "the data did not come from the origin through the proxy");
+}
+
 #[test]
 fn two_mounts_behind_a_caching_proxy_cost_the_origin_one_fetch_per_range() {
     let _serial = serial();

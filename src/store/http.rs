@@ -63,10 +63,11 @@ pub struct PieceClient {
 }
 
 impl PieceClient {
-    /// Wraps the SDK's client `sdk`. `connect_timeout` bounds opening a connection (TLS
+    /// The SDK's default client, wrapped. `connect_timeout` bounds opening a connection (TLS
     /// included); `stall_timeout` is the caller's: a piece slow to fill is handed over in parts
     /// so that the caller sees data within half of it whenever some arrived.
-    pub fn new(sdk: SharedHttpClient, connect_timeout: Duration, stall_timeout: Duration) -> PieceClient {
+    pub fn new(connect_timeout: Duration, stall_timeout: Duration) -> PieceClient {
+        let sdk = sdk_default_client();
         let direct = match Direct::new(connect_timeout, stall_timeout) {
             _ if proxy_configured() => {
                 info!("an HTTP proxy is configured: data GETs go through the AWS SDK's client (and the proxy)");
@@ -582,6 +583,23 @@ impl http_body::Body for PieceBody {
             }
         }
     }
+}
+
+/// The client the SDK builds when given none: hyper with rustls (aws-lc), and the proxies the
+/// environment names (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`, ...). Built here because a client
+/// of our own replaces it; `aws_smithy_http_client::Builder::build_https` alone sets no proxy.
+fn sdk_default_client() -> SharedHttpClient {
+    use aws_smithy_http_client::{proxy::ProxyConfig, tls, Builder, ConnectorBuilder};
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector =
+            ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
 }
 
 /// Whether an HTTP proxy is set in the environment (the SDK's client honours it; this

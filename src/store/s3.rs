@@ -104,12 +104,7 @@ impl S3Store {
             loader = loader.endpoint_url(url);
         }
         let shared = loader.load().await;
-        let sdk_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
-            ))
-            .build_https();
-        let http_client = PieceClient::new(sdk_client, CONNECT_TIMEOUT, config.retry.stall_timeout);
+        let http_client = PieceClient::new(CONNECT_TIMEOUT, config.retry.stall_timeout);
         let own_pieces = http_client.reads_into_pieces();
         let s3_config = aws_sdk_s3::config::Builder::from(&shared)
             .http_client(http_client)
