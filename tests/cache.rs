@@ -517,9 +517,8 @@ fn a_mount_over_https_lists_and_reads_the_right_bytes() {
     let Some(nginx) = Nginx::start_with(&server.addr_url(), Some((&cert, &key))) else { return };
     let mountpoint = common::scratch_dir("mnt-tls");
     let mount_with = |trust: &Path| {
-        common::cdpfs()
+        common::mount_command(&mountpoint, &nginx.url)
             .env("SSL_CERT_FILE", trust)
-            .args(["mount", mountpoint.to_str().unwrap(), "--bucket", common::BUCKET, "--endpoint-url", &nginx.url])
             .args(["--no-disk-cache", "--request-timeout", "3s"])
             .output()
             .unwrap()
@@ -546,12 +545,11 @@ fn a_mount_behind_an_http_proxy_sends_every_request_through_it() {
     let (fixture, server) = shared();
     let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
     let mountpoint = common::scratch_dir("mnt-behind-proxy");
-    let out = common::cdpfs()
+    let out = common::mount_command(&mountpoint, "http://cdpfs-only-through-the-proxy.invalid")
         .env("HTTP_PROXY", &nginx.url)
         .env_remove("NO_PROXY")
         .env_remove("no_proxy")
-        .args(["mount", mountpoint.to_str().unwrap(), "--bucket", common::BUCKET])
-        .args(["--endpoint-url", "http://cdpfs-only-through-the-proxy.invalid", "--no-disk-cache"])
+        .arg("--no-disk-cache")
         .output()
         .unwrap();
     assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -363,13 +363,11 @@ fn a_private_bucket_reads_with_signed_requests_and_a_wrong_secret_is_refused() {
     let server =
         common::start_server_with(&root, common::Faults::default(), Some(("CDPFSTESTKEY", "cdpfs-test-secret")));
     let mount_with = |secret: &str, mountpoint: &Path| {
-        common::cdpfs()
+        common::mount_command(mountpoint, &server.addr_url())
             .env("AWS_ACCESS_KEY_ID", "CDPFSTESTKEY")
             .env("AWS_SECRET_ACCESS_KEY", secret)
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
-            .args(["mount", mountpoint.to_str().unwrap(), "--bucket", common::BUCKET, "--endpoint-url"])
-            .arg(server.addr_url())
             .args(["--sign-requests", "--no-disk-cache", "--request-timeout", "3s"])
             .output()
             .unwrap()

@@ -475,16 +475,18 @@ fn chunks_served_since(first: usize) -> Vec<String> {
     served[first..].iter().filter_map(|line| chunk(line)).collect()
 }
 
-/// Waits (up to 10 s) until the server has sent bytes of `chunk` since its `first`th GET.
-fn wait_until_served(first: usize, chunk: &str) -> bool {
+/// Fails unless the server sends bytes of `chunk` (after its `first`th GET) within 10 s: the
+/// chunk was fetched before any reader opened it.
+fn assert_fetched_ahead(first: usize, chunk: &str) {
     let started = Instant::now();
     while !chunks_served_since(first).iter().any(|c| c == chunk) {
-        if started.elapsed() > Duration::from_secs(10) {
-            return false;
-        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{chunk} was not fetched ahead: {:?}",
+            chunks_served_since(first)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    true
 }
 
 /// Reads chunk `path` of the test levels through `mount` and checks its bytes.
@@ -528,9 +530,9 @@ fn a_reader_going_along_a_zarr_levels_rows_gets_the_next_chunk_fetched_ahead() {
     // A second along the row: the next in C order (the next row's first, here) comes before
     // anyone opens it, and is then read from memory.
     read_chunk(&mount, "0/0/2");
-    assert!(wait_until_served(first, "0/1/0"), "0/1/0 was not fetched ahead: {:?}", chunks_served_since(first));
+    assert_fetched_ahead(first, "0/1/0");
     read_chunk_fetched_ahead(&mount, "0/1/0");
-    assert!(wait_until_served(first, "0/1/1"), "0/1/1 was not fetched ahead: {:?}", chunks_served_since(first));
+    assert_fetched_ahead(first, "0/1/1");
     std::thread::sleep(Duration::from_millis(300));
     let chunks = distinct_chunks_served_since(first);
     // The reader stopped: one chunk fetched ahead for nothing, no more.
@@ -545,7 +547,7 @@ fn a_reader_going_down_a_column_of_zarr_chunks_gets_the_chunk_one_step_on() {
     read_chunk(&mount, "1/0/2");
     read_chunk(&mount, "1/1/2");
     // Down y with z and x kept: the chunk one more step on, not the next one in its row.
-    assert!(wait_until_served(first, "1/2/2"), "1/2/2 was not fetched ahead: {:?}", chunks_served_since(first));
+    assert_fetched_ahead(first, "1/2/2");
     read_chunk_fetched_ahead(&mount, "1/2/2");
     // One more step is off the grid: nothing is fetched.
     std::thread::sleep(Duration::from_millis(500));
@@ -560,9 +562,9 @@ fn small_chunks_with_flat_keys_are_fetched_ahead_in_the_order_of_their_numbers()
     read_chunk(&mount, "0.0.8");
     read_chunk(&mount, "0.0.9");
     // By name, 0.0.10 sorts before 0.0.8 and nothing follows 0.0.9; by number 0.0.10 is next.
-    assert!(wait_until_served(first, "0.0.10"), "0.0.10 was not fetched ahead: {:?}", chunks_served_since(first));
+    assert_fetched_ahead(first, "0.0.10");
     read_chunk_fetched_ahead(&mount, "0.0.10");
-    assert!(wait_until_served(first, "0.0.11"), "0.0.11 was not fetched ahead: {:?}", chunks_served_since(first));
+    assert_fetched_ahead(first, "0.0.11");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(distinct_chunks_served_since(first), ["0.0.10", "0.0.11", "0.0.8", "0.0.9"]);
     assert_eq!(traffic().1 - bytes, 4 * FLAT_CHUNK as u64, "each chunk's bytes once");

@@ -673,6 +673,14 @@ pub fn cdpfs() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cdpfs"))
 }
 
+/// `cdpfs mount MOUNTPOINT --bucket BUCKET --endpoint-url ENDPOINT`, for a test to add options
+/// and an environment to ([`Mounted::on`] mounts with neither).
+pub fn mount_command(mountpoint: &Path, endpoint: &str) -> Command {
+    let mut command = cdpfs();
+    command.arg("mount").arg(mountpoint).args(["--bucket", BUCKET, "--endpoint-url", endpoint]);
+    command
+}
+
 /// Runs `cdpfs` with `args` and returns its output, failing the test if it takes over `limit`.
 pub fn run_cdpfs(args: &[&str], limit: Duration) -> Output {
     let mut child =
