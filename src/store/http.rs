@@ -68,11 +68,11 @@ impl PieceClient {
     /// so that the caller sees data within half of it whenever some arrived.
     pub fn new(connect_timeout: Duration, stall_timeout: Duration) -> PieceClient {
         let sdk = sdk_default_client();
+        if proxy_configured() {
+            info!("an HTTP proxy is configured: data GETs go through the AWS SDK's client (and the proxy)");
+            return PieceClient { sdk, direct: None };
+        }
         let direct = match Direct::new(connect_timeout, stall_timeout) {
-            _ if proxy_configured() => {
-                info!("an HTTP proxy is configured: data GETs go through the AWS SDK's client (and the proxy)");
-                None
-            }
             Ok(direct) => Some(Arc::new(direct)),
             Err(e) => {
                 warn!("cannot load the system's TLS roots ({e}): data GETs go through the AWS SDK's client");
