@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{Mounted, Server, TOMO_DIR};
@@ -292,6 +292,103 @@ fn ids_resolve_to_their_places_once_per_id_and_are_shared_through_the_cache_dir(
     check_ids(&second);
     assert_eq!(api.requests(), before + 1, "a second mount on the same cache dir asked the API");
     eprintln!("{} ids resolved by two mounts with {} API requests", IDS.len() + 2, api.requests());
+}
+
+/// An HTTP proxy on loopback that sends every connection on to the API server, whatever host
+/// it names, and keeps the first request line of each: a forwarded request (absolute form) is
+/// relayed, a CONNECT is answered and closed (the API server speaks no TLS).
+struct Proxy {
+    port: u16,
+    first_lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    fn start(api_port: u16) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let first_lines = Arc::new(Mutex::new(Vec::new()));
+        let lines = first_lines.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let lines = lines.clone();
+                std::thread::spawn(move || Self::relay(client, api_port, &lines));
+            }
+        });
+        Proxy { port, first_lines }
+    }
+
+    fn relay(mut client: std::net::TcpStream, api_port: u16, lines: &Mutex<Vec<String>>) {
+        let mut head = Vec::new();
+        let mut byte = [0u8];
+        while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        lines.lock().unwrap().push(text.lines().next().unwrap_or_default().to_owned());
+        if text.starts_with("CONNECT ") {
+            let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+            return;
+        }
+        let Ok(mut api) = std::net::TcpStream::connect(("127.0.0.1", api_port)) else { return };
+        let _ = api.write_all(&head);
+        let (mut from_api, mut to_client) = (api.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_api, &mut to_client);
+            let _ = to_client.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut client, &mut api);
+        let _ = api.shutdown(std::net::Shutdown::Write);
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn first_lines(&self) -> Vec<String> {
+        self.first_lines.lock().unwrap().clone()
+    }
+}
+
+/// Mounts the bucket (reached directly) with `api_url`, behind `proxy` (in the environment).
+fn mount_behind(proxy: &Proxy, name: &str, api_url: &str) -> Mounted {
+    let mountpoint = common::scratch_dir(&format!("mnt-{name}"));
+    let cache = common::scratch_dir(&format!("cache-{name}"));
+    let out = common::mount_command(&mountpoint, &bucket().1.addr_url())
+        .args(["--api-url", api_url, "--cache-dir", cache.to_str().unwrap(), "--metadata-ttl", "1s"])
+        .env("HTTP_PROXY", proxy.url())
+        .env("HTTPS_PROXY", proxy.url())
+        .env("NO_PROXY", "127.0.0.1")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+    Mounted { path: mountpoint }
+}
+
+#[test]
+fn behind_an_http_proxy_the_api_is_reached_through_it() {
+    let Some(api) = Api::start() else { return };
+    let proxy = Proxy::start(api.port);
+    // The API's host resolves nowhere: only through the proxy can a lookup reach it.
+    let api_url = format!("http://portal-api.invalid:{}/graphql", api.port);
+    let mount = mount_behind(&proxy, "api-behind-proxy", &api_url);
+    check_ids(&mount);
+    assert_eq!(api.requests(), IDS.len() as u64, "one request per API id");
+    let forwarded = proxy.first_lines();
+    assert!(!forwarded.is_empty(), "no request went through the proxy");
+    for line in &forwarded {
+        assert!(line.starts_with(&format!("POST {api_url} HTTP/1.1")), "not a forwarded API request: {line:?}");
+    }
+    drop(mount);
+
+    // An https API is reached through a CONNECT tunnel (whose TLS this proxy does not speak).
+    let mount = mount_behind(&proxy, "https-api-behind-proxy", "https://portal-api.invalid/graphql");
+    let _ = fs::symlink_metadata(mount.join("RN-241"));
+    let tunnels: Vec<String> = proxy.first_lines().into_iter().skip(forwarded.len()).collect();
+    assert!(!tunnels.is_empty(), "the https API was not asked through the proxy");
+    for line in &tunnels {
+        assert_eq!(line, "CONNECT portal-api.invalid:443 HTTP/1.1");
+    }
 }
 
 #[test]

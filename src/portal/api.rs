@@ -3,20 +3,29 @@
 //! [`MAX_IN_FLIGHT`] requests at a time, transient failures retried with backoff, and every call
 //! bounded by one timeout so a slow or absent API costs a lookup seconds, never a hang. After a
 //! call finds the API down (no answer in time, or no connection), calls fail at once for
-//! [`REST`], so a dead API costs one timeout, not one per lookup.
+//! [`REST`], so a dead API costs one timeout, not one per lookup. Behind an HTTP proxy named in
+//! the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`), as the S3 client
+//! is, calls go through it: a CONNECT tunnel to an https API, absolute-form requests to an http one.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::header::HeaderValue;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::ids::{folder_of, key_of_url, Kind};
 
@@ -71,12 +80,120 @@ impl ApiError {
     }
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<ApiConnector>, Full<Bytes>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How connections to the API are made: straight, or through the HTTP proxy the environment
+/// names for its URL.
+#[derive(Clone)]
+enum ApiConnector {
+    Direct(HttpConnector),
+    /// To an https API: a CONNECT tunnel through the proxy (TLS then runs inside it).
+    Tunnel(Tunnel<HttpConnector>),
+    /// To an http API: a connection to the proxy, which takes requests in absolute form.
+    Forward {
+        proxy: hyper::Uri,
+        http: HttpConnector,
+    },
+}
+
+impl ApiConnector {
+    /// The connector for `api`, and the `Proxy-Authorization` its requests carry (forwarded
+    /// through a proxy with credentials in its URL).
+    fn for_api(api: &hyper::Uri) -> (ApiConnector, Option<HeaderValue>) {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let Some(intercept) = Matcher::from_env().intercept(api) else { return (ApiConnector::Direct(http), None) };
+        let proxy = intercept.uri().clone();
+        if proxy.scheme_str() != Some("http") {
+            warn!(%proxy, "the portal API's proxy is not an http:// proxy, which is all cdpfs speaks to: connecting directly");
+            return (ApiConnector::Direct(http), None);
+        }
+        info!(%proxy, "reaching the portal API through the proxy");
+        let auth = intercept.basic_auth().cloned();
+        if api.scheme_str() == Some("https") {
+            let tunnel = match auth {
+                Some(auth) => Tunnel::new(proxy, http).with_auth(auth),
+                None => Tunnel::new(proxy, http),
+            };
+            (ApiConnector::Tunnel(tunnel), None)
+        } else {
+            (ApiConnector::Forward { proxy, http }, auth)
+        }
+    }
+}
+
+impl tower_service::Service<hyper::Uri> for ApiConnector {
+    type Response = ApiStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<ApiStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: hyper::Uri) -> Self::Future {
+        let stream = |io, forwarded| Ok(ApiStream { io, forwarded });
+        match self {
+            ApiConnector::Direct(http) => {
+                let connecting = http.call(dst);
+                Box::pin(async move { stream(connecting.await?, false) })
+            }
+            ApiConnector::Tunnel(tunnel) => {
+                let connecting = tunnel.call(dst);
+                Box::pin(async move { stream(connecting.await?, false) })
+            }
+            ApiConnector::Forward { proxy, http } => {
+                let connecting = http.call(proxy.clone());
+                Box::pin(async move { stream(connecting.await?, true) })
+            }
+        }
+    }
+}
+
+/// A connection to the API (or to the proxy that forwards to it).
+struct ApiStream {
+    io: TokioIo<tokio::net::TcpStream>,
+    /// A connection to a forwarding proxy: requests go in absolute form.
+    forwarded: bool,
+}
+
+impl Connection for ApiStream {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.forwarded)
+    }
+}
+
+impl hyper::rt::Read for ApiStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for ApiStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
 
 /// A client of one GraphQL endpoint.
 pub struct PortalApi {
     url: hyper::Uri,
     client: HttpsClient,
+    /// `Proxy-Authorization` of each request (to an http API through a proxy with credentials).
+    proxy_authorization: Option<HeaderValue>,
     gate: Semaphore,
     timeout: Duration,
     /// Until when calls fail at once, after the API was found down.
@@ -113,16 +230,18 @@ impl PortalApi {
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             anyhow::bail!("invalid --api-url {url:?}: expected an http:// or https:// URL");
         }
+        let (connector, proxy_authorization) = ApiConnector::for_api(&uri);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .map_err(|e| anyhow::anyhow!("loading the system's TLS roots: {e}"))?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(connector);
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         Ok(PortalApi {
             url: uri,
             client,
+            proxy_authorization,
             gate: Semaphore::new(MAX_IN_FLIGHT),
             timeout,
             resting_until: Mutex::default(),
@@ -161,7 +280,11 @@ impl PortalApi {
     }
 
     async fn post(&self, body: Bytes) -> Result<Value, ApiError> {
-        let request = hyper::Request::post(self.url.clone())
+        let mut request = hyper::Request::post(self.url.clone());
+        if let Some(authorization) = &self.proxy_authorization {
+            request = request.header(hyper::header::PROXY_AUTHORIZATION, authorization);
+        }
+        let request = request
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::ACCEPT, "application/json")
             .header(hyper::header::USER_AGENT, concat!("cdpfs/", env!("CARGO_PKG_VERSION")))
