@@ -2,8 +2,10 @@
 //! that use it, bounded in size, checked on every read.
 //!
 //! Each block is one file `blocks/<xx>/<object-hash>-<index>` holding a header (magic, key,
-//! ETag, index, block size, offset, length, CRC32C over data + key + ETag + index + block size)
-//! and the data, so a block written with another block size never passes for this one. A block
+//! ETag, index, block size, offset, length, where the data starts, CRC32C over data + key +
+//! ETag + index + block size) and the data, so a block written with another block size never
+//! passes for this one. The data of a block of a page or more starts on a page boundary (the
+//! header is padded), so a whole block's file is written `O_DIRECT` in one piece. A block
 //! is written to a temp file next to its target, named uniquely across hosts and created
 //! exclusively, then renamed into place, so a reader (in this process, another process, or
 //! another node sharing the directory) sees a whole block or none; anything that fails the
@@ -28,12 +30,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::bound::{replace_file, replace_file_with, unique_suffix, Grant, Reservation, Space};
 use super::BlockKey;
 
-const MAGIC: &[u8; 8] = b"CDPFSB02";
+const MAGIC: &[u8; 8] = b"CDPFSB03";
+/// The format before: no data start in the header, the data right after it. Still read, so a
+/// cache directory (a shared one filled by `cdpfs prefetch` above all) keeps serving across an
+/// upgrade; blocks are written in the current format.
+const MAGIC_UNPADDED: &[u8; 8] = b"CDPFSB02";
+/// The start of the magic of every version of the format (a block of another version is a miss
+/// like a damaged one, but not worth a warning).
+const MAGIC_FAMILY: &[u8; 6] = b"CDPFSB";
 
 /// How long writes stop after the directory said it is full, out of quota or read-only.
 pub const PAUSE: Duration = Duration::from_secs(30);
@@ -224,7 +233,7 @@ impl DiskCache {
             }
         };
         match decode(&raw, key, self.block_size) {
-            Some(range) => {
+            Ok(range) => {
                 self.remember(key, true);
                 if !self.read_only && mtime.elapsed().is_ok_and(|age| age > TOUCH_EVERY) {
                     if let Ok(file) = fs::File::options().write(true).open(&path) {
@@ -233,8 +242,13 @@ impl DiskCache {
                 }
                 Some(Bytes::from(raw).slice(range))
             }
-            None => {
-                warn!(path = %path.display(), "cached block failed its check; discarding it");
+            Err(unusable) => {
+                match unusable {
+                    Unusable::Invalid => warn!(path = %path.display(), "cached block failed its check; discarding it"),
+                    Unusable::OtherFormat => {
+                        debug!(path = %path.display(), "cached block written by another version of cdpfs; replacing it")
+                    }
+                }
                 if !self.read_only {
                     let _ = fs::remove_file(&path);
                 }
@@ -256,8 +270,7 @@ impl DiskCache {
             self.remember(key, true);
             return true;
         }
-        let header = encode_header(key, data, self.block_size);
-        let size = (header.len() + data.len()) as u64;
+        let size = block_file_len(key, data.len()) as u64;
         if let Err(e) = self.reserve(size) {
             if let Some(e) = e {
                 self.fail(&e);
@@ -266,7 +279,7 @@ impl DiskCache {
         }
         let mut attempt = 0;
         loop {
-            match self.write_file(&target, &header, data) {
+            match self.write_file(&target, key, data) {
                 Ok(()) => {
                     self.remember(key, true);
                     return true;
@@ -327,18 +340,31 @@ impl DiskCache {
         }
     }
 
-    fn write_file(&self, target: &Path, header: &[u8], data: &[u8]) -> std::io::Result<()> {
-        fs::create_dir_all(target.parent().expect("block path has a parent"))?;
-        if self.direct.load(Ordering::Relaxed) {
-            match replace_file_with(target, |temp| write_direct(temp, &[header, data])) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct.store(false, Ordering::Relaxed);
-                    info!(dir = %self.dir.display(), "the cache directory's file system takes no O_DIRECT writes: writing blocks through the page cache");
-                }
-                written => return written,
+    /// Writes the block's file (laid out by [`with_block_file`]) as `target`, creating its shard
+    /// directory when it is missing.
+    fn write_file(&self, target: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
+        match self.write_laid_out(target, key, data) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(target.parent().expect("block path has a parent"))?;
+                self.write_laid_out(target, key, data)
             }
+            written => written,
         }
-        replace_file(target, &[header, data])
+    }
+
+    fn write_laid_out(&self, target: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
+        with_block_file(key, data, self.block_size, |parts| {
+            if self.direct.load(Ordering::Relaxed) {
+                match replace_file_with(target, |temp| write_direct(temp, parts)) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.direct.store(false, Ordering::Relaxed);
+                        info!(dir = %self.dir.display(), "the cache directory's file system takes no O_DIRECT writes: writing blocks through the page cache");
+                    }
+                    written => return written,
+                }
+            }
+            replace_file(target, parts)
+        })
     }
 
     fn paused(&self) -> bool {
@@ -418,45 +444,83 @@ fn inode_flags(handle: &fs::File) -> Option<libc::c_long> {
 /// device's logical block).
 const DIRECT_ALIGN: usize = 4096;
 
-/// Writes `parts` as the new file `path` with `O_DIRECT`: the bytes go from one aligned buffer
-/// (kept per writer thread, one block in size) to the device, without a copy into the page
-/// cache, whose fresh pages and later write-back would take memory and CPU from the reads the
-/// block is cached for. Only whole alignment units can go direct: the tail (less than one)
-/// follows through the page cache, which spares cutting back a padded write (the file system
-/// would read the last unit back from the device to zero it).
-fn write_direct(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
+/// Lays out the block file of `data` as block `key` and hands it to `write` as parts that start
+/// on a page boundary, all but the last a whole number of pages, so they can be written
+/// `O_DIRECT`. The header (and its padding) is put in a buffer kept per writer thread; so is the
+/// data unless it starts on a page boundary itself (the receive path reads whole blocks into
+/// such buffers): then it is written from where it is, and read once, for its checksum. A copy
+/// is checksummed in pieces right after each piece's copy, while it is in the CPU's cache.
+fn with_block_file<T>(key: &BlockKey, data: &[u8], block_size: u64, write: impl FnOnce(&[&[u8]]) -> T) -> T {
+    /// Bytes copied and then checksummed at a time (fits in the L2 cache).
+    const PIECE: usize = 64 << 10;
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let len = parts.iter().map(|part| part.len()).sum::<usize>();
-    let direct = len / DIRECT_ALIGN * DIRECT_ALIGN;
+    let (header_len, data_start) = header_layout(key, data.len());
+    let in_place = data.len() >= DIRECT_ALIGN && data.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+    let len = if in_place { data_start } else { data_start + data.len() };
     BUFFER.with_borrow_mut(|buffer| {
         buffer.resize(len + DIRECT_ALIGN, 0);
         let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        let aligned = &mut buffer[start..start + len];
-        let mut at = 0;
-        for part in parts {
-            aligned[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path)?;
-        file.write_all(&aligned[..direct])?;
-        if direct < len {
-            // SAFETY: the fd is open for both calls; F_GETFL and F_SETFL take plain flag words.
-            let cleared = unsafe {
-                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-                flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_DIRECT) == 0
-            };
-            if !cleared {
-                return Err(std::io::Error::last_os_error());
+        let file = &mut buffer[start..start + len];
+        let crc = if in_place {
+            crc32c::crc32c(data)
+        } else {
+            let mut crc = 0;
+            for (to, from) in file[data_start..].chunks_mut(PIECE).zip(data.chunks(PIECE)) {
+                to.copy_from_slice(from);
+                crc = crc32c::crc32c_append(crc, to);
             }
-            file.write_all(&aligned[direct..])?;
+            crc
+        };
+        let header = encode_header(key, block_size, data.len(), data_start, seal(crc, key, block_size));
+        debug_assert_eq!(header.len(), header_len);
+        file[..header_len].copy_from_slice(&header);
+        file[header_len..data_start].fill(0);
+        match in_place {
+            true => write(&[file, data]),
+            false => write(&[file]),
         }
-        Ok(())
     })
+}
+
+/// Writes `parts` (as [`with_block_file`] gives them) as the new file `path` with `O_DIRECT`:
+/// the bytes go from memory to the device, without a copy into the page cache, whose fresh
+/// pages and later write-back would take memory and CPU from the reads the block is cached
+/// for. Only whole alignment units can go direct: a tail (less than one, as an object's last
+/// block may leave) follows through the page cache, which spares cutting back a padded write
+/// (the file system would read the last unit back from the device to zero it).
+fn write_direct(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (last, whole) = parts.split_last().expect("a file has a part");
+    debug_assert!(parts.iter().all(|part| part.as_ptr().align_offset(DIRECT_ALIGN) == 0));
+    debug_assert!(whole.iter().all(|part| part.len().is_multiple_of(DIRECT_ALIGN)));
+    let (last_direct, tail) = last.split_at(last.len() / DIRECT_ALIGN * DIRECT_ALIGN);
+    let mut slices: Vec<IoSlice> = whole.iter().chain([&last_direct]).map(|part| IoSlice::new(part)).collect();
+    let mut slices = &mut slices[..];
+    let mut handle = fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path)?;
+    while slices.iter().any(|slice| !slice.is_empty()) {
+        match handle.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut slices, written),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !tail.is_empty() {
+        // SAFETY: the fd is open for both calls; F_GETFL and F_SETFL take plain flag words.
+        let cleared = unsafe {
+            let flags = libc::fcntl(handle.as_raw_fd(), libc::F_GETFL);
+            flags >= 0 && libc::fcntl(handle.as_raw_fd(), libc::F_SETFL, flags & !libc::O_DIRECT) == 0
+        };
+        if !cleared {
+            return Err(std::io::Error::last_os_error());
+        }
+        handle.write_all(tail)?;
+    }
+    Ok(())
 }
 
 /// Whether `error` says the directory takes no more data for now.
@@ -523,15 +587,32 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
     (u64::from_str_radix(shard_name, 16).ok()? == shard(hash, index)).then_some((hash, index))
 }
 
-fn checksum(key: &BlockKey, data: &[u8], block_size: u64) -> u32 {
-    let mut crc = crc32c::crc32c(data);
-    crc = crc32c::crc32c_append(crc, key.object.key.as_bytes());
+/// The block's CRC32C: `data_crc` (of its data) extended over what names the block.
+fn seal(data_crc: u32, key: &BlockKey, block_size: u64) -> u32 {
+    let mut crc = crc32c::crc32c_append(data_crc, key.object.key.as_bytes());
     crc = crc32c::crc32c_append(crc, key.object.etag.as_bytes());
     crc = crc32c::crc32c_append(crc, &key.index.to_le_bytes());
     crc32c::crc32c_append(crc, &block_size.to_le_bytes())
 }
 
-fn encode_header(key: &BlockKey, data: &[u8], block_size: u64) -> Vec<u8> {
+/// Bytes of the header of `key`'s block file with `data_len` bytes of data, and where the data
+/// starts: on the next page boundary when there is a page of data or more (then all of a whole
+/// block's file is written `O_DIRECT`), right after the header otherwise (a small object's
+/// block does not take a page more on disk).
+fn header_layout(key: &BlockKey, data_len: usize) -> (usize, usize) {
+    // Magic, key and ETag with their lengths, index, block size, offset, length, data start, CRC.
+    let header_len = MAGIC.len() + 4 + key.object.key.len() + 4 + key.object.etag.len() + 8 * 4 + 4 + 4;
+    let data_start = if data_len >= DIRECT_ALIGN { header_len.next_multiple_of(DIRECT_ALIGN) } else { header_len };
+    (header_len, data_start)
+}
+
+/// Bytes of `key`'s block file with `data_len` bytes of data.
+fn block_file_len(key: &BlockKey, data_len: usize) -> usize {
+    header_layout(key, data_len).1 + data_len
+}
+
+/// The header of `key`'s block file (`header_layout(key, data_len).0` bytes).
+fn encode_header(key: &BlockKey, block_size: u64, data_len: usize, data_start: usize, crc: u32) -> Vec<u8> {
     let mut header = Vec::with_capacity(64 + key.object.key.len() + key.object.etag.len());
     header.extend_from_slice(MAGIC);
     for field in [key.object.key.as_bytes(), key.object.etag.as_bytes()] {
@@ -541,14 +622,35 @@ fn encode_header(key: &BlockKey, data: &[u8], block_size: u64) -> Vec<u8> {
     header.extend_from_slice(&key.index.to_le_bytes());
     header.extend_from_slice(&block_size.to_le_bytes());
     header.extend_from_slice(&(key.index * block_size).to_le_bytes());
-    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    header.extend_from_slice(&checksum(key, data, block_size).to_le_bytes());
+    header.extend_from_slice(&(data_len as u64).to_le_bytes());
+    header.extend_from_slice(&(data_start as u32).to_le_bytes());
+    header.extend_from_slice(&crc.to_le_bytes());
     header
 }
 
+/// Why a block file is not `key`'s block.
+#[derive(Debug, PartialEq)]
+enum Unusable {
+    /// Written by a cdpfs with another layout of block files.
+    OtherFormat,
+    /// Damaged, cut short, or another block's.
+    Invalid,
+}
+
 /// The data range of `raw` if it is a complete, intact copy of exactly `key`'s block.
-fn decode(raw: &[u8], key: &BlockKey, block_size: u64) -> Option<std::ops::Range<usize>> {
-    let mut rest = raw.strip_prefix(MAGIC)?;
+fn decode(raw: &[u8], key: &BlockKey, block_size: u64) -> Result<std::ops::Range<usize>, Unusable> {
+    let padded = match raw.get(..MAGIC.len()) {
+        Some(magic) if magic == MAGIC => true,
+        Some(magic) if magic == MAGIC_UNPADDED => false,
+        _ if raw.starts_with(MAGIC_FAMILY) => return Err(Unusable::OtherFormat),
+        _ => return Err(Unusable::Invalid),
+    };
+    decode_fields(raw, key, block_size, padded).ok_or(Unusable::Invalid)
+}
+
+/// [`decode`] past the magic; `padded`: the header says where the data starts.
+fn decode_fields(raw: &[u8], key: &BlockKey, block_size: u64, padded: bool) -> Option<std::ops::Range<usize>> {
+    let mut rest = &raw[MAGIC.len()..];
     let mut take = |n: usize| -> Option<&[u8]> {
         let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
         rest = tail;
@@ -562,15 +664,22 @@ fn decode(raw: &[u8], key: &BlockKey, block_size: u64) -> Option<std::ops::Range
     let stored_block_size = u64::from_le_bytes(take(8)?.try_into().ok()?);
     let offset = u64::from_le_bytes(take(8)?.try_into().ok()?);
     let len = u64::from_le_bytes(take(8)?.try_into().ok()?) as usize;
+    let data_start = match padded {
+        true => Some(u32::from_le_bytes(take(4)?.try_into().ok()?) as usize),
+        false => None,
+    };
     let crc = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let header_end = raw.len() - rest.len();
+    let data_start = data_start.unwrap_or(header_end);
     let same_block = stored_key == key.object.key.as_bytes()
         && stored_etag == key.object.etag.as_bytes()
         && index == key.index
         && stored_block_size == block_size
         && offset == key.index * block_size
-        && len as u64 <= block_size;
-    let start = raw.len() - rest.len();
-    (same_block && rest.len() == len && checksum(key, rest, block_size) == crc).then_some(start..raw.len())
+        && len as u64 <= block_size
+        && data_start >= header_end;
+    let data = raw.get(data_start..).filter(|data| data.len() == len)?;
+    (same_block && seal(crc32c::crc32c(data), key, block_size) == crc).then_some(data_start..raw.len())
 }
 
 #[cfg(test)]
@@ -592,21 +701,88 @@ mod tests {
     fn blocks_are_written_past_the_page_cache_into_shard_directories_spread_by_the_allocator() {
         let dir = tempfile::tempdir().unwrap();
         let cache = DiskCache::open(dir.path(), Some(1 << 24), 1 << 20).unwrap();
-        // Not a multiple of the O_DIRECT alignment, as an object's last block is.
-        let data: Vec<u8> = (0..(1usize << 20) - 123).map(|i| (i * 7 % 251) as u8).collect();
-        let k = key("t.mrc", 1);
-        assert!(cache.write(&k, &data));
-        let path = block_file(dir.path(), &k);
-        // At most the partial last page (written through the page cache) is cached.
+        let data: Vec<u8> = (0..1usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+        // A whole block: its data starts on a page, and all of its file goes past the page cache.
+        let whole = key("t.mrc", 1);
+        assert!(cache.write(&whole, &data));
+        let path = block_file(dir.path(), &whole);
+        assert_eq!(resident_pages(&path), 0, "pages of a just-written block file are in the page cache");
+        assert_eq!(fs::metadata(&path).unwrap().len(), (DIRECT_ALIGN + data.len()) as u64);
+        assert_eq!(cache.read(&whole).unwrap(), &data[..]);
+        // The same from memory that starts on a page, as the receive path fills it: written from
+        // where it is.
+        let mut backing = vec![0u8; data.len() + DIRECT_ALIGN];
+        let start = backing.as_ptr().align_offset(DIRECT_ALIGN);
+        backing[start..start + data.len()].copy_from_slice(&data);
+        let in_place = key("t.mrc", 3);
+        assert!(cache.write(&in_place, &backing[start..start + data.len()]));
+        let path = block_file(dir.path(), &in_place);
+        assert_eq!(resident_pages(&path), 0, "pages of a just-written block file are in the page cache");
+        assert_eq!(fs::metadata(&path).unwrap().len(), (DIRECT_ALIGN + data.len()) as u64);
+        assert_eq!(cache.read(&in_place).unwrap(), &data[..]);
+        // Not a multiple of the O_DIRECT alignment, as an object's last block is: at most the
+        // partial last page (written through the page cache) is cached.
+        let last = key("t.mrc", 2);
+        let short = &data[..data.len() - 123];
+        assert!(cache.write(&last, short));
+        let path = block_file(dir.path(), &last);
         let resident = resident_pages(&path);
         assert!(resident <= 1, "{resident} pages of a just-written block file are in the page cache");
-        assert_eq!(cache.read(&k).unwrap(), &data[..]);
-        let header = encode_header(&k, &data, 1 << 20);
-        assert_eq!(fs::metadata(&path).unwrap().len(), (header.len() + data.len()) as u64);
+        assert_eq!(cache.read(&last).unwrap(), short);
+        // A block smaller than a page (a small object's) is not padded to one.
+        let small = key("t.json", 0);
+        assert!(cache.write(&small, b"{}"));
+        let (header_len, data_start) = header_layout(&small, 2);
+        assert_eq!(header_len, data_start);
+        assert_eq!(fs::metadata(block_file(dir.path(), &small)).unwrap().len(), (header_len + 2) as u64);
+        assert_eq!(cache.read(&small).unwrap(), &b"{}"[..]);
         // On file systems that keep the flag (ext4), the shards are spread like top directories.
         if let Some(flags) = inode_flags(&fs::File::open(dir.path().join("blocks")).unwrap()) {
             assert_ne!(flags & FS_TOPDIR_FL, 0, "blocks/ is not marked as a top directory");
         }
+    }
+
+    #[test]
+    fn blocks_of_the_unpadded_format_are_served_and_of_an_unknown_one_are_quiet_misses() {
+        let lines = LogLines::default();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(lines.clone()).with_max_level(tracing::Level::INFO).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 24), 1 << 16).unwrap();
+        let k = key("x", 1);
+        let data: Vec<u8> = (0..1 << 16).map(|i| (i % 253) as u8).collect();
+        // As the format before wrote it: the header without the data's start, the data after it.
+        let mut unpadded = MAGIC_UNPADDED.to_vec();
+        for field in [k.object.key.as_bytes(), k.object.etag.as_bytes()] {
+            unpadded.extend_from_slice(&(field.len() as u32).to_le_bytes());
+            unpadded.extend_from_slice(field);
+        }
+        for word in [k.index, 1 << 16, k.index << 16, data.len() as u64] {
+            unpadded.extend_from_slice(&word.to_le_bytes());
+        }
+        unpadded.extend_from_slice(&seal(crc32c::crc32c(&data), &k, 1 << 16).to_le_bytes());
+        unpadded.extend_from_slice(&data);
+        let path = block_file(dir.path(), &k);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, &unpadded).unwrap();
+        assert_eq!(cache.read(&k).unwrap(), &data[..], "a block of the unpadded format");
+        // Damaged, it is not served.
+        *unpadded.last_mut().unwrap() ^= 1;
+        fs::write(&path, &unpadded).unwrap();
+        assert!(cache.read(&k).is_none(), "a damaged block of the unpadded format was served");
+        assert!(lines.text().contains("WARN"), "{}", lines.text());
+        // A format this cdpfs does not know: a miss, removed, with no warning.
+        let before = lines.text().len();
+        assert!(cache.write(&k, &data));
+        let mut raw = fs::read(&path).unwrap();
+        raw[..8].copy_from_slice(b"CDPFSB99");
+        fs::write(&path, &raw).unwrap();
+        assert!(cache.read(&k).is_none(), "a block of an unknown format was served");
+        assert!(!path.exists());
+        assert!(!lines.text()[before..].contains("WARN"), "{}", lines.text());
+        assert!(cache.write(&k, &data));
+        assert_eq!(cache.read(&k).unwrap(), &data[..]);
     }
 
     /// Log output captured in memory.

@@ -546,7 +546,7 @@ impl http_body::Body for PieceBody {
                     return Poll::Ready(None);
                 }
                 this.piece_left = this.piece.min(body_left) as usize;
-                this.filling = BytesMut::with_capacity(this.piece_left);
+                this.filling = piece_buffer(this.piece_left);
             }
             if !this.rest.is_empty() {
                 let take = this.rest.len().min(this.piece_left - this.filling.len());
@@ -583,6 +583,22 @@ impl http_body::Body for PieceBody {
             }
         }
     }
+}
+
+/// An empty buffer for a piece of `len` bytes. One of whole pages (a block) starts on a page
+/// boundary, so the disk tier writes the block it becomes straight from it (`O_DIRECT` takes
+/// only aligned memory), with no copy into an aligned buffer; the page before it this may cost
+/// is given back with the block.
+fn piece_buffer(len: usize) -> BytesMut {
+    const PAGE: usize = 4096;
+    if !len.is_multiple_of(PAGE) {
+        return BytesMut::with_capacity(len);
+    }
+    let mut buffer = BytesMut::with_capacity(len + PAGE);
+    let skip = buffer.as_ptr().align_offset(PAGE);
+    buffer.resize(skip, 0);
+    drop(buffer.split_to(skip));
+    buffer
 }
 
 /// The client the SDK builds when given none: hyper with rustls (aws-lc), and the proxies the
@@ -729,6 +745,19 @@ mod tests {
             assert_eq!(joined(&frames), wanted);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the second GET went over the kept connection");
+    }
+
+    #[tokio::test]
+    async fn pieces_of_whole_pages_start_on_a_page_so_the_disk_tier_writes_them_as_they_are() {
+        let wanted = body(3 * 8192 + 100);
+        let (addr, _) = serve(vec![answer(&wanted, &[20, 5000, 9000], false)]).await;
+        let (_, frames) = get(&direct(Duration::from_secs(5)), addr, 8192).await.unwrap();
+        assert_eq!(lengths(&frames), [8192, 8192, 8192, 100]);
+        for (_, frame) in &frames[..3] {
+            assert_eq!(frame.as_ptr().align_offset(4096), 0, "a block-sized piece not on a page boundary");
+            assert!(frame.is_unique(), "the page skipped before it is not let go");
+        }
+        assert_eq!(joined(&frames), wanted);
     }
 
     #[tokio::test]
