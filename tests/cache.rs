@@ -381,103 +381,6 @@ fn stats_and_prometheus_metrics_report_the_mounts_traffic() {
     assert!(response.starts_with("HTTP/1.1 200 OK") && gets >= 4.0, "{response}");
 }
 
-/// nginx in front of the test server as a site cache, as HPC sites do for CVMFS.
-struct Nginx {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Nginx {
-    /// Starts nginx with a `proxy_cache` in front of `upstream`, or None when nginx is not
-    /// installed (CI installs it and sets CDPFS_REQUIRE_NGINX, making that a failure).
-    fn start(upstream: &str) -> Option<Nginx> {
-        Nginx::start_with(upstream, None)
-    }
-
-    /// The same, serving https (as `localhost`) with the certificate and key `tls`.
-    fn start_with(upstream: &str, tls: Option<(&Path, &Path)>) -> Option<Nginx> {
-        let binary =
-            ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists());
-        let Some(binary) = binary else {
-            assert!(std::env::var_os("CDPFS_REQUIRE_NGINX").is_none(), "nginx is required but not installed");
-            eprintln!("SKIPPED: nginx not installed");
-            return None;
-        };
-        let dir = common::scratch_dir("nginx");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let upstream = upstream.trim_start_matches("http://");
-        let d = dir.display();
-        let (ssl, certificate) = match tls {
-            Some((cert, key)) => {
-                (" ssl", format!("ssl_certificate {};\n        ssl_certificate_key {};", cert.display(), key.display()))
-            }
-            None => ("", String::new()),
-        };
-        let config = format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    proxy_cache_path {d}/cache levels=1:2 keys_zone=s3:10m max_size=1g inactive=1h use_temp_path=off;
-    map $args $is_listing {{ ~list-type 1; default 0; }}
-    server {{
-        listen 127.0.0.1:{port}{ssl};
-        {certificate}
-        location / {{
-            proxy_pass http://{upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Host $http_host;
-            proxy_set_header Range $http_range;
-            proxy_cache s3;
-            proxy_cache_key "$request_method $uri$is_args$args $http_range $http_if_match";
-            proxy_cache_valid 200 206 1h;
-            proxy_cache_lock on;
-            proxy_ignore_headers Cache-Control Expires Set-Cookie;
-            proxy_no_cache $is_listing;
-            proxy_cache_bypass $is_listing;
-        }}
-    }}
-}}
-"#
-        );
-        fs::write(dir.join("nginx.conf"), config).unwrap();
-        let child = Command::new(binary)
-            .args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()])
-            // One process (master_process off) with no inherited output: killing it leaves nothing.
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "nginx did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let url = match tls {
-            Some(_) => format!("https://localhost:{port}"),
-            None => format!("http://127.0.0.1:{port}"),
-        };
-        Some(Nginx { child, url })
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Real S3 is https: listings (the SDK's client) and data GETs (cdpfs's own receive path) both
 /// go over TLS, with the server's certificate checked against the system's roots (here
 /// `SSL_CERT_FILE`, which both honour) and the host name sent for SNI.
@@ -485,36 +388,8 @@ impl Drop for Nginx {
 fn a_mount_over_https_lists_and_reads_the_right_bytes() {
     let _serial = serial();
     let (fixture, server) = shared();
-    let dir = common::scratch_dir("tls");
-    let [ca, ca_key, cert, key] = ["ca.pem", "ca.key", "cert.pem", "key.pem"].map(|name| dir.join(name));
-    let openssl = |args: &[&str]| {
-        let made = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
-            .args(args)
-            .output()
-            .expect("openssl is needed to make the test's certificates");
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    };
-    let path = |p: &std::path::PathBuf| p.to_str().unwrap().to_owned();
-    // A CA the mount trusts, and the server's certificate for `localhost` signed by it.
-    openssl(&["-subj", "/CN=cdpfs test CA", "-keyout", &path(&ca_key), "-out", &path(&ca)]);
-    openssl(&[
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=DNS:localhost",
-        "-addext",
-        "basicConstraints=critical,CA:FALSE",
-        "-CA",
-        &path(&ca),
-        "-CAkey",
-        &path(&ca_key),
-        "-keyout",
-        &path(&key),
-        "-out",
-        &path(&cert),
-    ]);
-    let Some(nginx) = Nginx::start_with(&server.addr_url(), Some((&cert, &key))) else { return };
+    let (ca, cert, key) = common::test_certificate("localhost");
+    let Some(nginx) = common::Nginx::start_with(&server.addr_url(), Some((&cert, &key))) else { return };
     let mountpoint = common::scratch_dir("mnt-tls");
     let mount_with = |trust: &Path| {
         common::mount_command(&mountpoint, &nginx.url)
@@ -543,7 +418,7 @@ fn a_mount_over_https_lists_and_reads_the_right_bytes() {
 fn a_mount_behind_an_http_proxy_sends_every_request_through_it() {
     let _serial = serial();
     let (fixture, server) = shared();
-    let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    let Some(nginx) = common::Nginx::start(&server.addr_url()) else { return };
     let mountpoint = common::scratch_dir("mnt-behind-proxy");
     let out = common::mount_command(&mountpoint, "http://cdpfs-only-through-the-proxy.invalid")
         .env("HTTP_PROXY", &nginx.url)
@@ -565,7 +440,7 @@ fn a_mount_behind_an_http_proxy_sends_every_request_through_it() {
 fn two_mounts_behind_a_caching_proxy_cost_the_origin_one_fetch_per_range() {
     let _serial = serial();
     let (fixture, server) = shared();
-    let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    let Some(nginx) = common::Nginx::start(&server.addr_url()) else { return };
     let key = mrc_key();
     let first_request = server.served.lock().unwrap().len();
     let mut gets_per_mount = Vec::new();
@@ -592,7 +467,7 @@ fn a_replaced_object_is_read_new_through_the_site_cache() {
     let root = common::scratch_dir("bucket-proxy-replaced");
     common::put_object(&root, key, &old);
     let server = common::start_server(&root, common::Faults::default());
-    let Some(nginx) = Nginx::start(&server.addr_url()) else { return };
+    let Some(nginx) = common::Nginx::start(&server.addr_url()) else { return };
     // One node reads the file whole: the proxy holds every block-sized range of the old version.
     let first = Mounted::on(&server, "proxy-old", &["--endpoint-url", &nginx.url]);
     assert!(read_all(&first.join(key)) == old, "wrong bytes through the proxy");

@@ -294,16 +294,16 @@ fn ids_resolve_to_their_places_once_per_id_and_are_shared_through_the_cache_dir(
     eprintln!("{} ids resolved by two mounts with {} API requests", IDS.len() + 2, api.requests());
 }
 
-/// An HTTP proxy on loopback that sends every connection on to the API server, whatever host
-/// it names, and keeps the first request line of each: a forwarded request (absolute form) is
-/// relayed, a CONNECT is answered and closed (the API server speaks no TLS).
+/// An HTTP proxy on loopback that takes every connection, whatever host it names, to one
+/// server, and keeps the first request line of each: a forwarded request (absolute form) to
+/// `forward_to`, a CONNECT tunnel to `tunnel_to`.
 struct Proxy {
     port: u16,
     first_lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proxy {
-    fn start(api_port: u16) -> Proxy {
+    fn start(forward_to: u16, tunnel_to: u16) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let first_lines = Arc::new(Mutex::new(Vec::new()));
@@ -311,13 +311,13 @@ impl Proxy {
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let lines = lines.clone();
-                std::thread::spawn(move || Self::relay(client, api_port, &lines));
+                std::thread::spawn(move || Self::relay(client, forward_to, tunnel_to, &lines));
             }
         });
         Proxy { port, first_lines }
     }
 
-    fn relay(mut client: std::net::TcpStream, api_port: u16, lines: &Mutex<Vec<String>>) {
+    fn relay(mut client: std::net::TcpStream, forward_to: u16, tunnel_to: u16, lines: &Mutex<Vec<String>>) {
         let mut head = Vec::new();
         let mut byte = [0u8];
         while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).is_ok_and(|n| n == 1) {
@@ -325,19 +325,25 @@ impl Proxy {
         }
         let text = String::from_utf8_lossy(&head).into_owned();
         lines.lock().unwrap().push(text.lines().next().unwrap_or_default().to_owned());
-        if text.starts_with("CONNECT ") {
-            let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+        let tunnel = text.starts_with("CONNECT ");
+        let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", if tunnel { tunnel_to } else { forward_to }))
+        else {
+            return;
+        };
+        let sent = match tunnel {
+            true => client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+            false => server.write_all(&head),
+        };
+        if sent.is_err() {
             return;
         }
-        let Ok(mut api) = std::net::TcpStream::connect(("127.0.0.1", api_port)) else { return };
-        let _ = api.write_all(&head);
-        let (mut from_api, mut to_client) = (api.try_clone().unwrap(), client.try_clone().unwrap());
+        let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from_api, &mut to_client);
+            let _ = std::io::copy(&mut from_server, &mut to_client);
             let _ = to_client.shutdown(std::net::Shutdown::Write);
         });
-        let _ = std::io::copy(&mut client, &mut api);
-        let _ = api.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut client, &mut server);
+        let _ = server.shutdown(std::net::Shutdown::Write);
     }
 
     fn url(&self) -> String {
@@ -349,8 +355,9 @@ impl Proxy {
     }
 }
 
-/// Mounts the bucket (reached directly) with `api_url`, behind `proxy` (in the environment).
-fn mount_behind(proxy: &Proxy, name: &str, api_url: &str) -> Mounted {
+/// Mounts the bucket (reached directly) with `api_url`, behind `proxy` (in the environment),
+/// trusting the CA in `trust`.
+fn mount_behind(proxy: &Proxy, name: &str, api_url: &str, trust: &Path) -> Mounted {
     let mountpoint = common::scratch_dir(&format!("mnt-{name}"));
     let cache = common::scratch_dir(&format!("cache-{name}"));
     let out = common::mount_command(&mountpoint, &bucket().1.addr_url())
@@ -359,35 +366,48 @@ fn mount_behind(proxy: &Proxy, name: &str, api_url: &str) -> Mounted {
         .env("HTTPS_PROXY", proxy.url())
         .env("NO_PROXY", "127.0.0.1")
         .env_remove("no_proxy")
+        .env("SSL_CERT_FILE", trust)
         .output()
         .unwrap();
     assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
     Mounted { path: mountpoint }
 }
 
+/// A node behind an HTTP proxy (`HTTPS_PROXY`/`HTTP_PROXY`), where the API's host name does not
+/// even resolve: ids resolve through the proxy, by a CONNECT tunnel to the https API (as the
+/// real one is; TLS runs inside the tunnel, the certificate checked for the API's name) and by
+/// forwarded requests to an http one.
 #[test]
 fn behind_an_http_proxy_the_api_is_reached_through_it() {
     let Some(api) = Api::start() else { return };
-    let proxy = Proxy::start(api.port);
-    // The API's host resolves nowhere: only through the proxy can a lookup reach it.
-    let api_url = format!("http://portal-api.invalid:{}/graphql", api.port);
-    let mount = mount_behind(&proxy, "api-behind-proxy", &api_url);
-    check_ids(&mount);
-    assert_eq!(api.requests(), IDS.len() as u64, "one request per API id");
-    let forwarded = proxy.first_lines();
-    assert!(!forwarded.is_empty(), "no request went through the proxy");
-    for line in &forwarded {
-        assert!(line.starts_with(&format!("POST {api_url} HTTP/1.1")), "not a forwarded API request: {line:?}");
-    }
-    drop(mount);
-
-    // An https API is reached through a CONNECT tunnel (whose TLS this proxy does not speak).
-    let mount = mount_behind(&proxy, "https-api-behind-proxy", "https://portal-api.invalid/graphql");
-    let _ = fs::symlink_metadata(mount.join("RN-241"));
-    let tunnels: Vec<String> = proxy.first_lines().into_iter().skip(forwarded.len()).collect();
-    assert!(!tunnels.is_empty(), "the https API was not asked through the proxy");
-    for line in &tunnels {
-        assert_eq!(line, "CONNECT portal-api.invalid:443 HTTP/1.1");
+    const HOST: &str = "portal-api.invalid";
+    let (ca, cert, key) = common::test_certificate(HOST);
+    let Some(tls) = common::Nginx::start_with(&format!("127.0.0.1:{}", api.port), Some((&cert, &key))) else {
+        return;
+    };
+    let proxy = Proxy::start(api.port, tls.port);
+    let cases = [
+        (
+            "https-api-behind-proxy",
+            format!("https://{HOST}:{}/graphql", tls.port),
+            format!("CONNECT {HOST}:{} ", tls.port),
+        ),
+        (
+            "api-behind-proxy",
+            format!("http://{HOST}:{}/graphql", api.port),
+            format!("POST http://{HOST}:{}/graphql ", api.port),
+        ),
+    ];
+    for (name, api_url, request_line) in cases {
+        let (requests, lines) = (api.requests(), proxy.first_lines().len());
+        let mount = mount_behind(&proxy, name, &api_url, &ca);
+        check_ids(&mount);
+        assert_eq!(api.requests() - requests, IDS.len() as u64, "{name}: one request per API id");
+        let seen = &proxy.first_lines()[lines..];
+        assert!(!seen.is_empty(), "{name}: no request went through the proxy");
+        for line in seen {
+            assert!(line.starts_with(&request_line), "{name}: {line:?} at the proxy, not {request_line:?}");
+        }
     }
 }
 

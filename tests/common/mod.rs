@@ -788,3 +788,137 @@ impl Drop for Mounted {
         let _ = fs::remove_dir(&self.path);
     }
 }
+
+/// nginx in front of a test server as a site cache, as HPC sites do for CVMFS (or as a TLS
+/// front).
+pub struct Nginx {
+    child: std::process::Child,
+    /// Its URL (`https://localhost:PORT` when it serves TLS).
+    pub url: String,
+    pub port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx with a `proxy_cache` in front of `upstream`, or None when nginx is not
+    /// installed (CI installs it and sets CDPFS_REQUIRE_NGINX, making that a failure).
+    pub fn start(upstream: &str) -> Option<Nginx> {
+        Nginx::start_with(upstream, None)
+    }
+
+    /// The same, serving https (as `localhost`) with the certificate and key `tls`.
+    pub fn start_with(upstream: &str, tls: Option<(&Path, &Path)>) -> Option<Nginx> {
+        let binary =
+            ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists());
+        let Some(binary) = binary else {
+            assert!(std::env::var_os("CDPFS_REQUIRE_NGINX").is_none(), "nginx is required but not installed");
+            eprintln!("SKIPPED: nginx not installed");
+            return None;
+        };
+        let dir = scratch_dir("nginx");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let upstream = upstream.trim_start_matches("http://");
+        let d = dir.display();
+        let (ssl, certificate) = match tls {
+            Some((cert, key)) => {
+                (" ssl", format!("ssl_certificate {};\n        ssl_certificate_key {};", cert.display(), key.display()))
+            }
+            None => ("", String::new()),
+        };
+        let config = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    proxy_cache_path {d}/cache levels=1:2 keys_zone=s3:10m max_size=1g inactive=1h use_temp_path=off;
+    map $args $is_listing {{ ~list-type 1; default 0; }}
+    server {{
+        listen 127.0.0.1:{port}{ssl};
+        {certificate}
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_set_header Range $http_range;
+            proxy_cache s3;
+            proxy_cache_key "$request_method $uri$is_args$args $http_range $http_if_match";
+            proxy_cache_valid 200 206 1h;
+            proxy_cache_lock on;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
+            proxy_no_cache $is_listing;
+            proxy_cache_bypass $is_listing;
+        }}
+    }}
+}}
+"#
+        );
+        fs::write(dir.join("nginx.conf"), config).unwrap();
+        let child = Command::new(binary)
+            .args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()])
+            // One process (master_process off) with no inherited output: killing it leaves nothing.
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "nginx did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
+        Some(Nginx { child, url, port })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test CA and a certificate for `host` it signed (made with openssl): the CA's file (for
+/// `SSL_CERT_FILE`), the certificate's and its key's.
+pub fn test_certificate(host: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = scratch_dir(&format!("tls-{host}"));
+    let [ca, ca_key, cert, key] = ["ca.pem", "ca.key", "cert.pem", "key.pem"].map(|name| dir.join(name));
+    let openssl = |args: &[&str]| {
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+            .args(args)
+            .output()
+            .expect("openssl is needed to make the test's certificates");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    };
+    let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    openssl(&["-subj", "/CN=cdpfs test CA", "-keyout", &path(&ca_key), "-out", &path(&ca)]);
+    openssl(&[
+        "-subj",
+        &format!("/CN={host}"),
+        "-addext",
+        &format!("subjectAltName=DNS:{host}"),
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
+        "-CA",
+        &path(&ca),
+        "-CAkey",
+        &path(&ca_key),
+        "-keyout",
+        &path(&key),
+        "-out",
+        &path(&cert),
+    ]);
+    (ca, cert, key)
+}
