@@ -295,39 +295,40 @@ fn ids_resolve_to_their_places_once_per_id_and_are_shared_through_the_cache_dir(
 }
 
 /// An HTTP proxy on loopback that takes every connection, whatever host it names, to one
-/// server, and keeps the first request line of each: a forwarded request (absolute form) to
-/// `forward_to`, a CONNECT tunnel to `tunnel_to`.
+/// server, and keeps the request head of each: a forwarded request (absolute form) to
+/// `forward_to` (a 502 when that is down), a CONNECT tunnel to `tunnel_to`.
 struct Proxy {
     port: u16,
-    first_lines: Arc<Mutex<Vec<String>>>,
+    heads: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proxy {
     fn start(forward_to: u16, tunnel_to: u16) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let first_lines = Arc::new(Mutex::new(Vec::new()));
-        let lines = first_lines.clone();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let kept = heads.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let lines = lines.clone();
-                std::thread::spawn(move || Self::relay(client, forward_to, tunnel_to, &lines));
+                let kept = kept.clone();
+                std::thread::spawn(move || Self::relay(client, forward_to, tunnel_to, &kept));
             }
         });
-        Proxy { port, first_lines }
+        Proxy { port, heads }
     }
 
-    fn relay(mut client: std::net::TcpStream, forward_to: u16, tunnel_to: u16, lines: &Mutex<Vec<String>>) {
+    fn relay(mut client: std::net::TcpStream, forward_to: u16, tunnel_to: u16, heads: &Mutex<Vec<String>>) {
         let mut head = Vec::new();
         let mut byte = [0u8];
         while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).is_ok_and(|n| n == 1) {
             head.push(byte[0]);
         }
         let text = String::from_utf8_lossy(&head).into_owned();
-        lines.lock().unwrap().push(text.lines().next().unwrap_or_default().to_owned());
+        heads.lock().unwrap().push(text.clone());
         let tunnel = text.starts_with("CONNECT ");
         let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", if tunnel { tunnel_to } else { forward_to }))
         else {
+            let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
             return;
         };
         let sent = match tunnel {
@@ -346,68 +347,102 @@ impl Proxy {
         let _ = server.shutdown(std::net::Shutdown::Write);
     }
 
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+    /// Its URL, with `credentials` (`user:password@`) if given.
+    fn url(&self, credentials: &str) -> String {
+        format!("http://{credentials}127.0.0.1:{}", self.port)
     }
 
-    fn first_lines(&self) -> Vec<String> {
-        self.first_lines.lock().unwrap().clone()
+    /// The request heads it was sent from the `from`th on.
+    fn heads(&self, from: usize) -> Vec<String> {
+        self.heads.lock().unwrap()[from..].to_vec()
+    }
+
+    fn count(&self) -> usize {
+        self.heads.lock().unwrap().len()
     }
 }
 
-/// Mounts the bucket (reached directly) with `api_url`, behind `proxy` (in the environment),
-/// trusting the CA in `trust`.
-fn mount_behind(proxy: &Proxy, name: &str, api_url: &str, trust: &Path) -> Mounted {
+/// The API's host name in the proxy tests: it resolves nowhere, so only a proxy reaches it.
+const PROXIED_HOST: &str = "portal-api.invalid";
+
+/// Mounts the bucket (reached directly) with `api_url`, behind the proxy at `proxy_url` (in the
+/// environment, with `no_proxy`), trusting the CA in `trust`.
+fn mount_behind(proxy_url: &str, no_proxy: &str, name: &str, api_url: &str, trust: Option<&Path>) -> Mounted {
     let mountpoint = common::scratch_dir(&format!("mnt-{name}"));
     let cache = common::scratch_dir(&format!("cache-{name}"));
-    let out = common::mount_command(&mountpoint, &bucket().1.addr_url())
+    let mut command = common::mount_command(&mountpoint, &bucket().1.addr_url());
+    command
         .args(["--api-url", api_url, "--cache-dir", cache.to_str().unwrap(), "--metadata-ttl", "1s"])
-        .env("HTTP_PROXY", proxy.url())
-        .env("HTTPS_PROXY", proxy.url())
-        .env("NO_PROXY", "127.0.0.1")
-        .env_remove("no_proxy")
-        .env("SSL_CERT_FILE", trust)
-        .output()
-        .unwrap();
+        .env("HTTP_PROXY", proxy_url)
+        .env("HTTPS_PROXY", proxy_url)
+        .env("NO_PROXY", no_proxy)
+        .env_remove("no_proxy");
+    if let Some(trust) = trust {
+        command.env("SSL_CERT_FILE", trust);
+    }
+    let out = command.output().unwrap();
     assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
     Mounted { path: mountpoint }
 }
 
-/// A node behind an HTTP proxy (`HTTPS_PROXY`/`HTTP_PROXY`), where the API's host name does not
-/// even resolve: ids resolve through the proxy, by a CONNECT tunnel to the https API (as the
-/// real one is; TLS runs inside the tunnel, the certificate checked for the API's name) and by
-/// forwarded requests to an http one.
+/// A node behind an HTTP proxy (`HTTP_PROXY`/`HTTPS_PROXY`), where the API's host name does not
+/// even resolve: ids resolve through the proxy, by forwarded requests to an http API (with the
+/// proxy's credentials) and by a CONNECT tunnel to an https one (as the real one is; TLS runs
+/// inside the tunnel, the certificate checked for the API's name). A host in `NO_PROXY` is not
+/// sent to the proxy, and an API the proxy cannot reach (502) is left alone like a dead one.
 #[test]
 fn behind_an_http_proxy_the_api_is_reached_through_it() {
     let Some(api) = Api::start() else { return };
-    const HOST: &str = "portal-api.invalid";
-    let (ca, cert, key) = common::test_certificate(HOST);
+    let api_url = format!("http://{PROXIED_HOST}:{}/graphql", api.port);
+    let proxy = Proxy::start(api.port, 0);
+    let (requests, from) = (api.requests(), proxy.count());
+    let mount = mount_behind(&proxy.url("reader:s3cret@"), "127.0.0.1", "api-behind-proxy", &api_url, None);
+    check_ids(&mount);
+    assert_eq!(api.requests() - requests, IDS.len() as u64, "one request per API id");
+    let heads = proxy.heads(from);
+    assert!(!heads.is_empty(), "no request went through the proxy");
+    for head in &heads {
+        assert!(head.starts_with(&format!("POST {api_url} HTTP/1.1\r\n")), "not a forwarded API request: {head:?}");
+        let credentials = "proxy-authorization: Basic cmVhZGVyOnMzY3JldA=="; // reader:s3cret
+        assert!(head.lines().any(|line| line.eq_ignore_ascii_case(credentials)), "no credentials: {head:?}");
+    }
+    drop(mount);
+
+    // The API's host in NO_PROXY: not sent to the proxy (and, resolving nowhere, not found).
+    let from = proxy.count();
+    let mount = mount_behind(&proxy.url(""), &format!("127.0.0.1,{PROXIED_HOST}"), "api-no-proxy", &api_url, None);
+    assert!(fs::symlink_metadata(mount.join("RN-241")).is_err());
+    assert_eq!(proxy.count(), from, "a NO_PROXY host was asked through the proxy");
+    drop(mount);
+
+    // The proxy cannot reach the API (502): retried, then left alone for a while.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead = Proxy::start(dead_port, 0);
+    let dead_url = format!("http://{PROXIED_HOST}:{dead_port}/graphql");
+    let mount = mount_behind(&dead.url(""), "127.0.0.1", "api-dead-behind-proxy", &dead_url, None);
+    assert!(fs::symlink_metadata(mount.join("RN-241")).is_err());
+    let asked = dead.count();
+    assert!(asked >= 1);
+    assert!(fs::symlink_metadata(mount.join("RN-243")).is_err());
+    assert_eq!(dead.count(), asked, "the API was asked again right after the proxy said it is unreachable");
+    drop(mount);
+
+    // An https API, through a CONNECT tunnel to nginx with TLS in front of the API server.
+    let (ca, cert, key) = common::test_certificate(PROXIED_HOST);
     let Some(tls) = common::Nginx::start_with(&format!("127.0.0.1:{}", api.port), Some((&cert, &key))) else {
         return;
     };
     let proxy = Proxy::start(api.port, tls.port);
-    let cases = [
-        (
-            "https-api-behind-proxy",
-            format!("https://{HOST}:{}/graphql", tls.port),
-            format!("CONNECT {HOST}:{} ", tls.port),
-        ),
-        (
-            "api-behind-proxy",
-            format!("http://{HOST}:{}/graphql", api.port),
-            format!("POST http://{HOST}:{}/graphql ", api.port),
-        ),
-    ];
-    for (name, api_url, request_line) in cases {
-        let (requests, lines) = (api.requests(), proxy.first_lines().len());
-        let mount = mount_behind(&proxy, name, &api_url, &ca);
-        check_ids(&mount);
-        assert_eq!(api.requests() - requests, IDS.len() as u64, "{name}: one request per API id");
-        let seen = &proxy.first_lines()[lines..];
-        assert!(!seen.is_empty(), "{name}: no request went through the proxy");
-        for line in seen {
-            assert!(line.starts_with(&request_line), "{name}: {line:?} at the proxy, not {request_line:?}");
-        }
+    let https_url = format!("https://{PROXIED_HOST}:{}/graphql", tls.port);
+    let requests = api.requests();
+    let mount = mount_behind(&proxy.url(""), "127.0.0.1", "https-api-behind-proxy", &https_url, Some(&ca));
+    check_ids(&mount);
+    assert_eq!(api.requests() - requests, IDS.len() as u64, "one request per API id");
+    let heads = proxy.heads(0);
+    assert!(!heads.is_empty(), "no request went through the proxy");
+    for head in &heads {
+        let tunnel = format!("CONNECT {PROXIED_HOST}:{} HTTP/1.1\r\n", tls.port);
+        assert!(head.starts_with(&tunnel), "not a tunnel to the API: {head:?}");
     }
 }
 

@@ -460,7 +460,11 @@ fn with_block_file<T>(key: &BlockKey, data: &[u8], block_size: u64, write: impl 
     let in_place = data.len() >= DIRECT_ALIGN && data.as_ptr().align_offset(DIRECT_ALIGN) == 0;
     let len = if in_place { data_start } else { data_start + data.len() };
     BUFFER.with_borrow_mut(|buffer| {
-        buffer.resize(len + DIRECT_ALIGN, 0);
+        // Only grows (every byte used is written below): a block's header page must not shrink
+        // it for the next block that is copied.
+        if buffer.len() < len + DIRECT_ALIGN {
+            buffer.resize(len + DIRECT_ALIGN, 0);
+        }
         let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
         let file = &mut buffer[start..start + len];
         let crc = if in_place {
@@ -720,6 +724,13 @@ mod tests {
         assert_eq!(resident_pages(&path), 0, "pages of a just-written block file are in the page cache");
         assert_eq!(fs::metadata(&path).unwrap().len(), (DIRECT_ALIGN + data.len()) as u64);
         assert_eq!(cache.read(&in_place).unwrap(), &data[..]);
+        // From page-aligned memory but not whole pages (an object's last block): the pages
+        // direct, the tail through the page cache.
+        let in_place_short = key("t.mrc", 4);
+        assert!(cache.write(&in_place_short, &backing[start..start + data.len() - 123]));
+        let resident = resident_pages(&block_file(dir.path(), &in_place_short));
+        assert!(resident <= 1, "{resident} pages of a just-written block file are in the page cache");
+        assert_eq!(cache.read(&in_place_short).unwrap(), &data[..data.len() - 123]);
         // Not a multiple of the O_DIRECT alignment, as an object's last block is: at most the
         // partial last page (written through the page cache) is cached.
         let last = key("t.mrc", 2);
@@ -881,6 +892,25 @@ mod tests {
             fs::write(&path, raw).unwrap();
             assert!(cache.read(&k).is_none(), "damage {damage} was served");
             assert!(!path.exists());
+        }
+    }
+
+    #[test]
+    fn a_data_start_off_the_file_or_inside_the_header_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), Some(1 << 24), 1 << 16).unwrap();
+        let k = key("x", 0);
+        let data = vec![9u8; 1 << 16];
+        // Where the header keeps the data's start: after the magic, key, ETag and four words.
+        let at = MAGIC.len() + 4 + k.object.key.len() + 4 + k.object.etag.len() + 8 * 4;
+        for start in [u32::MAX, 8, (DIRECT_ALIGN - 1) as u32] {
+            assert!(cache.write(&k, &data));
+            let path = block_file(dir.path(), &k);
+            let mut raw = fs::read(&path).unwrap();
+            assert_eq!(raw[at..at + 4], (DIRECT_ALIGN as u32).to_le_bytes(), "the field is not where the test looks");
+            raw[at..at + 4].copy_from_slice(&start.to_le_bytes());
+            fs::write(&path, raw).unwrap();
+            assert!(cache.read(&k).is_none(), "a block whose data starts at {start} was served");
         }
     }
 
