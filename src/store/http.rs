@@ -751,10 +751,11 @@ mod tests {
 
     #[tokio::test]
     async fn pieces_of_whole_pages_start_on_a_page_so_the_disk_tier_writes_them_as_they_are() {
-        let wanted = body(3 * 8192 + 100);
-        let (addr, _) = serve(vec![answer(&wanted, &[20, 5000, 9000], false)]).await;
-        let (_, frames) = get(&direct(Duration::from_secs(5)), addr, 8192).await.unwrap();
-        assert_eq!(lengths(&frames), [8192, 8192, 8192, 100]);
+        const PIECE: usize = 64 << 10;
+        let wanted = body(3 * PIECE + 100);
+        let (addr, _) = serve(vec![answer(&wanted, &[20, 5000, 70000, 140000], false)]).await;
+        let (_, frames) = get(&direct(Duration::from_secs(5)), addr, PIECE as u64).await.unwrap();
+        assert_eq!(lengths(&frames), [PIECE, PIECE, PIECE, 100]);
         for (_, frame) in &frames[..3] {
             assert_eq!(frame.as_ptr().align_offset(4096), 0, "a block-sized piece not on a page boundary");
             assert!(frame.is_unique(), "the page skipped before it is not let go");
