@@ -401,14 +401,19 @@ fn a_mount_over_https_lists_and_reads_the_right_bytes() {
     // A certificate the system does not trust: no connection, a clear error.
     let untrusted = mount_with(Path::new("/dev/null"));
     assert!(!untrusted.status.success() && !common::is_mounted(&mountpoint), "mounted over an untrusted certificate");
-    let out = mount_with(&ca);
+    assert_lists_and_reads(mount_with(&ca), mountpoint, &fixture.objects[&mrc_key()], "through the TLS proxy");
+}
+
+/// `out` (of a `cdpfs mount` of the shared fixture at `mountpoint`) mounted it: the tomogram's
+/// folder lists and the MRC (`mrc`) reads byte-exact, its data fetched from the origin (`via`
+/// says how it got there).
+fn assert_lists_and_reads(out: std::process::Output, mountpoint: std::path::PathBuf, mrc: &[u8], via: &str) {
     assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
     let mount = Mounted { path: mountpoint };
-    let key = mrc_key();
     let before = counters().0;
     assert!(fs::read_dir(mount.join(TOMO_DIR)).unwrap().count() > 0);
-    assert!(read_all(&mount.join(&key)) == fixture.objects[&key], "wrong bytes over https");
-    assert!(counters().0 - before > 4, "the data did not come from the origin through the TLS proxy");
+    assert!(read_all(&mount.join(&mrc_key())) == mrc, "wrong bytes {via}");
+    assert!(counters().0 - before > 4, "the data did not come from the origin {via}");
 }
 
 /// An HPC node that reaches S3 only through an HTTP proxy (`HTTP_PROXY`): the endpoint's name
@@ -427,13 +432,7 @@ fn a_mount_behind_an_http_proxy_sends_every_request_through_it() {
         .arg("--no-disk-cache")
         .output()
         .unwrap();
-    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
-    let mount = Mounted { path: mountpoint };
-    let key = mrc_key();
-    let before = counters().0;
-    assert!(fs::read_dir(mount.join(TOMO_DIR)).unwrap().count() > 0);
-    assert!(read_all(&mount.join(&key)) == fixture.objects[&key], "wrong bytes through the proxy");
-    assert!(counters().0 - before > 4, "the data did not come from the origin through the proxy");
+    assert_lists_and_reads(out, mountpoint, &fixture.objects[&mrc_key()], "through the proxy");
 }
 
 #[test]
