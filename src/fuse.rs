@@ -441,6 +441,63 @@ impl Filesystem for CdpFs {
         reply.ok();
     }
 
+    // The requests below come from ordinary programs (Python asks `isatty` of every file it
+    // opens, `cp` seeks for holes, HDF5 and some pipelines `fsync` what they read): each is
+    // answered quietly, as a read-only file system of plain files would, instead of by
+    // fuser's default, which logs a warning per request.
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Nothing is ever dirty.
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Not a terminal, nor a device: no ioctl applies (`isatty` is false).
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        // SEEK_DATA and SEEK_HOLE: files have no holes, which is what the kernel's own answer
+        // (used from now on for this mount) says.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        // A regular file is always ready: the kernel's default answer (used from now on).
+        reply.error(Errno::ENOSYS);
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let namespace = self.namespace.clone();
         let handles = self.handles.clone();

@@ -242,6 +242,43 @@ fn statfs_and_root_look_sensible() {
     assert!(line.contains("fuse.cdpfs") && line.contains("ro,"), "{line}");
 }
 
+/// What ordinary programs ask of a file besides reading it - Python's `isatty` on every open,
+/// `cp`'s hole search, `fsync`, `poll` - gets a plain file's answers, and no warnings in the log
+/// (fuser's defaults logged one per Python open).
+#[test]
+fn isatty_hole_search_fsync_and_poll_answer_as_for_a_plain_file_without_warnings() {
+    let (fixture, _) = shared();
+    let log = common::scratch_dir("quiet-log").join("cdpfs.log");
+    let mount = Mounted::new("quiet", &["--log-file", log.to_str().unwrap()]);
+    let key = format!("{TOMO_DIR}/TS_026.mrc");
+    let size = fixture.objects[&key].len() as i64;
+    for _ in 0..3 {
+        let file = File::open(mount.join(&key)).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: TCGETS writes a termios into the one given.
+        let tty = unsafe { libc::ioctl(fd, libc::TCGETS, &mut termios) };
+        assert_eq!((tty, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENOTTY)), "isatty");
+        // SAFETY: plain syscalls on an open descriptor.
+        unsafe {
+            assert_eq!(libc::lseek(fd, 5, libc::SEEK_DATA), 5);
+            assert_eq!(libc::lseek(fd, 5, libc::SEEK_HOLE), size, "no holes");
+            assert_eq!(libc::lseek(fd, size, libc::SEEK_DATA), -1);
+            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENXIO));
+            assert_eq!(libc::fsync(fd), 0);
+            let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            assert_eq!(libc::poll(&mut poll, 1, 0), 1);
+            assert!(poll.revents & libc::POLLIN != 0);
+        }
+    }
+    let copy = common::scratch_dir("quiet-copy").join("TS_026.mrc");
+    let cp = std::process::Command::new("cp").arg(mount.join(&key)).arg(&copy).status().unwrap();
+    assert!(cp.success());
+    assert!(fs::read(&copy).unwrap() == fixture.objects[&key], "cp copies the bytes");
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("WARN") && !logged.contains("Not Implemented"), "{logged}");
+}
+
 #[test]
 fn prefix_option_mounts_one_dataset() {
     let (fixture, _) = shared();
