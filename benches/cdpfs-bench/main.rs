@@ -126,7 +126,7 @@ impl Bench {
 
     /// Measures `work` on `mount`, with the CPU time of its cdpfs process.
     fn on<T>(&self, mount: &Mount, wanted: u64, work: impl FnOnce() -> T) -> (Sample, T) {
-        measure(&self.origin, &|| mount.cpu_seconds(), wanted, work)
+        measure(&self.origin, Some(&|| mount.cpu_seconds()), wanted, work)
     }
 
     /// Measures `work` on a fresh mount (`extra` options) over a fresh cache directory, once
@@ -142,7 +142,7 @@ impl Bench {
 
     /// Measures `work` done by the raw client, with this process's CPU time.
     fn raw_with<T>(&self, wanted: u64, work: impl FnOnce() -> T) -> (Sample, T) {
-        measure(&self.origin, &raw::cpu_seconds, wanted, work)
+        measure(&self.origin, None, wanted, work)
     }
 
     /// The raw client sending `batches` one after the other, `parallel` GETs in flight.

@@ -7,7 +7,8 @@
 //! The child prints its port on stdout and exits when its stdin closes (the parent died) or when
 //! [`OriginProcess`] is dropped. It counts GETs, LIST pages and body bytes sent; a GET of the
 //! reserved key [`COUNTERS_KEY`] (not counted, not delayed) answers them as JSON
-//! `{"gets":N,"lists":N,"bytes":N}`, which [`OriginProcess::counters`] reads.
+//! `{"gets":N,"lists":N,"bytes":N,"cpu_us":N}` (`cpu_us`: the origin process's CPU time so far),
+//! which [`OriginProcess::counters`] reads.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -54,6 +55,8 @@ pub struct Counters {
     pub gets: u64,
     pub lists: u64,
     pub bytes: u64,
+    /// CPU seconds the origin process has used.
+    pub cpu: f64,
 }
 
 /// The origin process, from the parent's side; killed on drop.
@@ -101,7 +104,12 @@ impl OriginProcess {
         let json = &response[response.find('{').unwrap()..=response.rfind('}').unwrap()];
         let value: serde_json::Value = serde_json::from_str(json).unwrap();
         let field = |name: &str| value[name].as_u64().unwrap();
-        Counters { gets: field("gets"), lists: field("lists"), bytes: field("bytes") }
+        Counters {
+            gets: field("gets"),
+            lists: field("lists"),
+            bytes: field("bytes"),
+            cpu: field("cpu_us") as f64 / 1e6,
+        }
     }
 }
 
@@ -170,10 +178,11 @@ impl Origin {
     fn counters_json(&self) -> S3Result<S3Response<GetObjectOutput>> {
         let c = &self.counters;
         let json = format!(
-            r#"{{"gets":{},"lists":{},"bytes":{}}}"#,
+            r#"{{"gets":{},"lists":{},"bytes":{},"cpu_us":{}}}"#,
             c.gets.load(Ordering::SeqCst),
             c.lists.load(Ordering::SeqCst),
-            c.bytes.load(Ordering::SeqCst)
+            c.bytes.load(Ordering::SeqCst),
+            (crate::raw::cpu_seconds() * 1e6) as u64
         );
         let output = GetObjectOutput {
             content_length: Some(json.len() as i64),

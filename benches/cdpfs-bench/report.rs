@@ -1,11 +1,12 @@
 //! Measuring one side of a case (elapsed time, what the origin sent, CPU time) and turning the
 //! runs' samples into rows of a markdown table: medians, ratio to the raw baseline, bytes
-//! fetched / bytes wanted, CPU seconds per GB.
+//! fetched / bytes wanted, CPU seconds per GB (of the measured process, and of all taking part).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::origin::OriginProcess;
+use crate::raw;
 
 /// One measurement of cdpfs or of the raw baseline.
 #[derive(Clone, Debug, Default)]
@@ -22,6 +23,10 @@ pub struct Sample {
     pub lists: u64,
     /// CPU seconds of the measured process (cdpfs, or the bench process for raw GETs).
     pub cpu: f64,
+    /// CPU seconds of every process taking part: the origin, the measured process and, when
+    /// that is cdpfs, the bench process reading through the mount. The machine's cores are
+    /// shared by all three, so when they are all busy this bounds the throughput.
+    pub machine_cpu: f64,
     /// Which variant this was (e.g. the raw setting that won).
     pub note: String,
 }
@@ -34,18 +39,28 @@ impl Sample {
 
 /// Runs `work`, and measures it: elapsed time, the origin's GETs and bytes, and the CPU time
 /// `cpu` reports (a process's total so far) over it.
-pub fn measure<T>(origin: &OriginProcess, cpu: &dyn Fn() -> f64, wanted: u64, work: impl FnOnce() -> T) -> (Sample, T) {
-    let (counters, cpu_before, started) = (origin.counters(), cpu(), Instant::now());
+pub fn measure<T>(
+    origin: &OriginProcess,
+    cpu: Option<&dyn Fn() -> f64>,
+    wanted: u64,
+    work: impl FnOnce() -> T,
+) -> (Sample, T) {
+    // The measured process: another one (cdpfs), or this one (`None`: the raw client).
+    let measured = || cpu.map_or(0.0, |cpu| cpu());
+    let (counters, cpu_before, own_before, started) =
+        (origin.counters(), measured(), raw::cpu_seconds(), Instant::now());
     let out = work();
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu_after, after) = (cpu(), origin.counters());
+    let (cpu_after, own_after, after) = (measured(), raw::cpu_seconds(), origin.counters());
+    let own = own_after - own_before;
     let sample = Sample {
         seconds,
         wanted,
         fetched: after.bytes - counters.bytes,
         gets: after.gets - counters.gets,
         lists: after.lists - counters.lists,
-        cpu: cpu_after - cpu_before,
+        cpu: if cpu.is_some() { cpu_after - cpu_before } else { own },
+        machine_cpu: (after.cpu - counters.cpu) + (cpu_after - cpu_before) + own,
         note: String::new(),
     };
     (sample, out)
@@ -93,9 +108,14 @@ fn median_of(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
     median(samples.iter().map(f).collect())
 }
 
-/// CPU seconds per GB wanted.
+/// CPU seconds of the measured process per GB wanted.
 fn cpu_per_gb(sample: &Sample) -> f64 {
     sample.cpu / (sample.wanted as f64 / 1e9)
+}
+
+/// CPU seconds of all processes taking part per GB wanted.
+fn machine_cpu_per_gb(sample: &Sample) -> f64 {
+    sample.machine_cpu / (sample.wanted as f64 / 1e9)
 }
 
 /// `value` with `digits` decimals and `suffix`, or "-" when it is not a number (nothing
@@ -140,6 +160,7 @@ pub struct Row {
     fetched: String,
     cpu: String,
     raw_cpu: String,
+    machine_cpu: String,
     target: String,
 }
 
@@ -163,6 +184,10 @@ impl Row {
             fetched: shown(median_of(cdpfs, |s| s.fetched as f64 / s.wanted as f64), 2, ""),
             cpu: shown(median_of(cdpfs, cpu_per_gb), 2, ""),
             raw_cpu: shown(median_of(raw, cpu_per_gb), 2, ""),
+            machine_cpu: match (median_of(cdpfs, machine_cpu_per_gb), median_of(raw, machine_cpu_per_gb)) {
+                (c, r) if c.is_finite() || r.is_finite() => format!("{} / {}", shown(c, 2, ""), shown(r, 2, "")),
+                _ => "-".into(),
+            },
             target: target.into(),
         }
     }
@@ -184,6 +209,7 @@ impl Row {
             fetched: "-".into(),
             cpu: "-".into(),
             raw_cpu: "-".into(),
+            machine_cpu: "-".into(),
             target: target.into(),
         }
     }
@@ -196,12 +222,14 @@ impl Row {
 }
 
 pub fn print_table(rows: &[Row]) {
-    println!("| case | cdpfs | raw baseline | ratio | fetched / wanted | cdpfs CPU s/GB | raw CPU s/GB | target |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| case | cdpfs | raw baseline | ratio | fetched / wanted | cdpfs CPU s/GB | raw CPU s/GB | all processes' CPU s/GB, cdpfs / raw | target |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            r.case, r.cdpfs, r.raw, r.ratio, r.fetched, r.cpu, r.raw_cpu, r.target
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.case, r.cdpfs, r.raw, r.ratio, r.fetched, r.cpu, r.raw_cpu, r.machine_cpu, r.target
         );
     }
 }
