@@ -158,6 +158,29 @@ fn a_key_the_server_keeps_failing_gives_eio_within_the_bound_and_others_still_re
     assert_eq!(fs::read(mount.join(key)).unwrap(), fixture.objects[key]);
 }
 
+/// The kernel follows a failed read-ahead request of a small file (read through the page
+/// cache) with a request for the page the program wanted: that must not send the failed GET
+/// and its retries again (which doubled the time to EIO, to twice `--request-timeout` when S3
+/// stalls).
+#[test]
+fn a_small_file_that_keeps_failing_is_asked_for_once_per_read() {
+    const KEY: &str = "10000/dataset_metadata.json";
+    let key = KEY;
+    let faults = Faults { always: &[(KEY, 500)], ..Faults::default() };
+    let (server, mount) = mount_faulty("small-down", faults, &[]);
+    let hits = || -> u64 {
+        server.always_failed.lock().unwrap().iter().filter(|(k, _)| k.contains(key)).map(|(_, n)| n).sum()
+    };
+    let error = fs::read(mount.join(key)).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert_eq!(hits(), 6, "one request: its 6 attempts");
+    // A read a while later asks again.
+    std::thread::sleep(Duration::from_millis(1500));
+    let again = fs::read(mount.join(key)).unwrap_err();
+    assert_eq!(again.raw_os_error(), Some(libc::EIO), "{again}");
+    assert_eq!(hits(), 12, "a later read is a new request");
+}
+
 #[test]
 fn a_view_whose_chunk_keeps_failing_gives_eio_within_the_bound() {
     let faults = Faults { always: &[("TS_026.zarr/2/0/0/0", 500)], ..Faults::default() };

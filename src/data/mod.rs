@@ -25,6 +25,7 @@ pub mod sweep;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -57,6 +58,14 @@ const SECTION_TABLES: usize = 4096;
 /// Lowered from 64 MiB: a Zarr level of 32 MiB chunks read whole by 4 threads went from 0.50-0.55x
 /// to 0.65-0.66x of raw GETs (bench group 6), the readers' page allocations and copies gone.
 const STREAMED_OBJECT: u64 = crate::cache::PART_SIZE;
+
+/// A read that failed is failed again, without a new request, by reads starting in the same
+/// block this soon after: the kernel follows a failed read-ahead request of a file it reads
+/// through the page cache with a request for the page the program wanted, at once.
+const FAILURE_ECHO: Duration = Duration::from_secs(1);
+
+/// Recent failed reads remembered for [`FAILURE_ECHO`].
+const RECENT_FAILURES: usize = 1024;
 
 /// Object versions whose first pass is tracked (128 GiB of distinct 8 MiB objects; an object
 /// whose entry was dropped reads one more pass past the page cache).
@@ -153,6 +162,8 @@ pub struct DataPath {
     exact_reads: moka::future::Cache<(Version, u64), Bytes>,
     /// Zarr levels whose chunks are being read whole one after another.
     sweeps: Arc<ChunkSweeps>,
+    /// Reads that failed lately, by object version and the block they started in.
+    recent_failures: Mutex<lru::LruCache<(Version, u64), (Instant, StoreError)>>,
 }
 
 impl DataPath {
@@ -167,7 +178,19 @@ impl DataPath {
             .weigher(|_, bytes: &Bytes| u32::try_from(bytes.len()).unwrap_or(u32::MAX))
             .build();
         let sweeps = Arc::default();
-        DataPath { store, cache, config, budget, sections, bypass_allowed, first_passes, exact_reads, sweeps }
+        let recent_failures = Mutex::new(lru::LruCache::new(RECENT_FAILURES.try_into().expect("non-zero")));
+        DataPath {
+            store,
+            cache,
+            config,
+            budget,
+            sections,
+            bypass_allowed,
+            first_passes,
+            exact_reads,
+            sweeps,
+            recent_failures,
+        }
     }
 
     /// Lets the data path find the chunk a Zarr level's readers will want next through `order`
@@ -215,6 +238,24 @@ impl DataPath {
 
     /// Up to `len` bytes of the file from `offset`; fewer at the end, none past it.
     pub async fn read(self: &Arc<Self>, file: &OpenFile, offset: u64, len: u32) -> Result<Slices, StoreError> {
+        let failure_key = (version_of(&file.object), offset / self.cache.block_size());
+        if let Some((at, error)) = self.recent_failures.lock().expect("recent failures poisoned").get(&failure_key) {
+            if at.elapsed() < FAILURE_ECHO {
+                return Err(error.clone());
+            }
+        }
+        let result = self.read_anew(file, offset, len).await;
+        if let Err(error) = &result {
+            self.recent_failures
+                .lock()
+                .expect("recent failures poisoned")
+                .put(failure_key, (Instant::now(), error.clone()));
+        }
+        result
+    }
+
+    /// [`DataPath::read`], asking the cache and S3.
+    async fn read_anew(self: &Arc<Self>, file: &OpenFile, offset: u64, len: u32) -> Result<Slices, StoreError> {
         let object = &file.object;
         let range = clamp(object.size, offset, len);
         if range.is_empty() {
