@@ -170,7 +170,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         info!("offline (--offline): serving saved listings and cached blocks only; S3 is not asked");
     }
     // Decoded Blosc blocks come out of the memory budget's headroom.
-    let views = Arc::new(Catalog::new(data.clone(), store.clone(), config.max_memory / 16));
+    let views = Arc::new(Catalog::new(data.clone(), config.max_memory / 16));
     let mut namespace =
         Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead);
     if config.mrc_views {
@@ -181,6 +181,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         namespace = namespace.with_portal(portal.clone());
     }
     let namespace = Arc::new(namespace);
+    views.list_through(Arc::downgrade(&namespace) as std::sync::Weak<dyn crate::views::Lister>);
     data.follow_chunk_order(Arc::downgrade(&namespace) as std::sync::Weak<dyn crate::data::sweep::ChunkOrder>);
     let metadata = Arc::new(MetadataReader::new(namespace.clone(), data.clone(), portal));
     // SAFETY: getuid/getgid cannot fail and have no preconditions.

@@ -158,14 +158,24 @@ fn a_section_read_fetches_only_the_chunks_of_its_z_range_and_cached_views_need_n
     drop(mount);
     let before = server.served.lock().unwrap().len();
     let again = Mounted::on(server, "views-section-again", &["--cache-dir", cache.to_str().unwrap()]);
+    let lists_before = server.lists.load(std::sync::atomic::Ordering::SeqCst);
     let second = fs::read(again.join(BIG_DIR).join("big.bin2.mrc")).unwrap();
     assert!(first == second);
     let fetched = chunk_gets(server, before);
     assert!(fetched.is_empty(), "a remount over a warm cache fetched {fetched:?}");
+    // Nor is anything listed (past the mount's own check of the bucket): the level's chunk
+    // listing was saved like the folders' listings.
+    let lists = server.lists.load(std::sync::atomic::Ordering::SeqCst) - lists_before;
+    assert_eq!(lists, 0, "a remount over a warm cache listed again");
     let cached = cdpfs::stage::xattr(&again.join(BIG_DIR).join("big.bin2.mrc"), "user.cdpfs.cached").unwrap();
     assert_eq!(cached, first.len().to_string());
     let key = cdpfs::stage::xattr(&again.join(BIG_DIR).join("big.bin2.mrc"), "user.cdpfs.key").unwrap();
     assert_eq!(key, format!("{BIG_DIR}/big.zarr/1/"));
+    // And with S3 out of reach (--offline: nothing is asked), the view is served from the cache.
+    drop(again);
+    let offline = Mounted::on(server, "views-offline", &["--cache-dir", cache.to_str().unwrap(), "--offline"]);
+    let third = fs::read(offline.join(BIG_DIR).join("big.bin2.mrc")).unwrap();
+    assert!(first == third, "the view read offline differs");
 }
 
 #[test]

@@ -24,6 +24,7 @@ pub mod names;
 pub mod persist;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -252,6 +253,10 @@ pub struct Namespace {
 impl Lister for Namespace {
     fn listing<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing> {
         Box::pin(self.list(prefix))
+    }
+
+    fn listing_all<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectMeta>> {
+        Box::pin(self.list_all(prefix))
     }
 }
 
@@ -484,17 +489,35 @@ impl Namespace {
     /// A listing of `prefix`: a saved one while it is fresh, else from the store (then saved).
     /// While S3 is unreachable (or the mount is offline), a saved listing of any age.
     async fn list(&self, prefix: &str) -> Result<PrefixListing, StoreError> {
+        self.list_saved_as(prefix, self.store.list_prefix(prefix)).await
+    }
+
+    /// Every object below `prefix` at any depth (a Zarr level's chunks, for its MRC view), saved
+    /// and reused as listings are: a remount, or a node without S3, computes the view from the
+    /// cache alone. Saved as `prefix**`, which is no folder's prefix (those end in `/`).
+    pub async fn list_all(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let flat = async { Ok(PrefixListing { prefixes: Vec::new(), objects: self.store.list_all(prefix).await? }) };
+        Ok(self.list_saved_as(&format!("{prefix}**"), flat).await?.objects)
+    }
+
+    /// The listing saved as `name` while it is fresh, else what `fetch` lists (then saved as
+    /// `name`); while S3 is unreachable (or the mount is offline), the saved one of any age.
+    async fn list_saved_as(
+        &self,
+        name: &str,
+        fetch: impl Future<Output = Result<PrefixListing, StoreError>>,
+    ) -> Result<PrefixListing, StoreError> {
         if let Some(saved) = &self.saved {
             let max_age = self.store.reachable().then_some(self.ttl);
-            if let Some(listing) = saved.load_within_async(prefix, max_age).await {
+            if let Some(listing) = saved.load_within_async(name, max_age).await {
                 return Ok(listing);
             }
         }
-        let listing = match self.store.list_prefix(prefix).await {
+        let listing = match fetch.await {
             Err(StoreError::Unreachable(e)) => {
                 // Not saved again: it is no fresher than it was.
                 let stale = match &self.saved {
-                    Some(saved) => saved.load_within_async(prefix, None).await,
+                    Some(saved) => saved.load_within_async(name, None).await,
                     None => None,
                 };
                 return stale.ok_or(StoreError::Unreachable(e));
@@ -502,7 +525,7 @@ impl Namespace {
             listed => listed?,
         };
         if let Some(saved) = &self.saved {
-            saved.save_in_background(prefix, &listing);
+            saved.save_in_background(name, &listing);
         }
         Ok(listing)
     }

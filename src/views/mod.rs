@@ -20,7 +20,7 @@ pub mod zarr;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
 use futures_util::future::{join_all, try_join_all};
@@ -30,7 +30,7 @@ use tracing::debug;
 use crate::cache::BlockKey;
 use crate::data::prefetch::{Pattern, Prefetcher};
 use crate::data::{clamp, DataPath, Slices};
-use crate::store::{ObjectMeta, ObjectStore, PrefixListing, StoreError, StoreFuture};
+use crate::store::{ObjectMeta, PrefixListing, StoreError, StoreFuture};
 use blosc::Frame;
 use zarr::{ArrayLayout, Codec, PyramidLevel};
 
@@ -46,6 +46,8 @@ const VIEW_READ_AHEAD: u64 = 64 << 20;
 pub trait Lister: Send + Sync {
     /// The immediate children of `prefix`.
     fn listing<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, PrefixListing>;
+    /// Every object below `prefix`, at any depth.
+    fn listing_all<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectMeta>>;
 }
 
 /// One level of one OME-Zarr, shown as an MRC file.
@@ -157,22 +159,29 @@ pub struct OpenView {
 /// Finds and reads the MRC views of a mount.
 pub struct Catalog {
     data: Arc<DataPath>,
-    store: Arc<dyn ObjectStore>,
+    /// Where chunk listings come from (the namespace, which saves them).
+    lister: OnceLock<Weak<dyn Lister>>,
     /// Decoded Blosc blocks of chunks, keyed by chunk version and block number (neighbouring
     /// view blocks share them).
     decoded: moka::future::Cache<BlockKey, Bytes>,
 }
 
 impl Catalog {
-    /// A catalog reading metadata and chunks through `data`, listing chunks with `store`, and
-    /// keeping up to `decoded_bytes` of decoded Blosc blocks in memory.
-    pub fn new(data: Arc<DataPath>, store: Arc<dyn ObjectStore>, decoded_bytes: u64) -> Catalog {
+    /// A catalog reading metadata and chunks through `data` and keeping up to `decoded_bytes` of
+    /// decoded Blosc blocks in memory; it lists chunks once [`Catalog::list_through`] says how.
+    pub fn new(data: Arc<DataPath>, decoded_bytes: u64) -> Catalog {
         let decoded = moka::future::Cache::builder()
             .max_capacity(decoded_bytes)
             .weigher(|_, block: &Bytes| u32::try_from(block.len()).unwrap_or(u32::MAX))
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        Catalog { data, store, decoded }
+        Catalog { data, lister: OnceLock::new(), decoded }
+    }
+
+    /// Lets the catalog list views' chunks through `lister` (the namespace, which holds the
+    /// catalog: hence a weak reference).
+    pub fn list_through(&self, lister: Weak<dyn Lister>) {
+        let _ = self.lister.set(lister);
     }
 
     /// The views (name and view) the folder `prefix`, listed as `listing`, shows beside its
@@ -324,7 +333,9 @@ impl Catalog {
     async fn index<'a>(&self, view: &'a MrcView) -> Result<&'a ChunkIndex, StoreError> {
         view.chunks
             .get_or_try_init(|| async {
-                let objects = self.store.list_all(&view.level_prefix).await?;
+                let lister = self.lister.get().and_then(Weak::upgrade);
+                let lister = lister.ok_or_else(|| StoreError::Other("the mount is going away".into()))?;
+                let objects = lister.listing_all(&view.level_prefix).await?;
                 let mut tag = Vec::new();
                 for o in &objects {
                     tag.extend_from_slice(format!("{}\0{}\0{}\0", o.key, o.etag, o.size).as_bytes());
