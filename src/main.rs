@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
 use cdpfs::cache::{admin, bound};
@@ -137,12 +138,12 @@ struct BucketArgs {
     region: String,
 
     /// S3-compatible endpoint (a MinIO or site mirror, a caching proxy); uses path-style URLs.
-    #[arg(long, env = "CDPFS_ENDPOINT_URL", value_name = "URL")]
+    #[arg(long, env = "CDPFS_ENDPOINT_URL", value_name = "URL", value_parser = parse_http_url)]
     endpoint_url: Option<String>,
 
     /// Sign requests with the standard AWS credential chain (for private mirrors); by default
     /// requests are anonymous, as the public portal bucket expects.
-    #[arg(long, env = "CDPFS_SIGN_REQUESTS")]
+    #[arg(long, env = "CDPFS_SIGN_REQUESTS", value_parser = BoolishValueParser::new())]
     sign_requests: bool,
 
     /// Give up on one S3 request (all retries included) after this long and return EIO.
@@ -219,12 +220,12 @@ struct MountArgs {
     prefix: String,
 
     /// Stay in the foreground (for systemd and debugging); stop with Ctrl-C or SIGTERM.
-    #[arg(long, short = 'f', env = "CDPFS_FOREGROUND")]
+    #[arg(long, short = 'f', env = "CDPFS_FOREGROUND", value_parser = BoolishValueParser::new())]
     foreground: bool,
 
     /// Let all users on this machine read the mount (needs `user_allow_other` in /etc/fuse.conf
     /// unless mounting as root).
-    #[arg(long, env = "CDPFS_ALLOW_OTHER")]
+    #[arg(long, env = "CDPFS_ALLOW_OTHER", value_parser = BoolishValueParser::new())]
     allow_other: bool,
 
     /// How long directory listings and file attributes are trusted before S3 is asked again
@@ -262,11 +263,11 @@ struct MountArgs {
     shared_cache_dir: Option<PathBuf>,
 
     /// Also write the blocks this mount fetches from S3 into --shared-cache-dir.
-    #[arg(long, env = "CDPFS_WRITE_SHARED_CACHE", requires = "shared_cache_dir")]
+    #[arg(long, env = "CDPFS_WRITE_SHARED_CACHE", value_parser = BoolishValueParser::new())]
     write_shared_cache: bool,
 
     /// Keep no data on disk: cache blocks in memory only (overrides --cache-dir).
-    #[arg(long, env = "CDPFS_NO_DISK_CACHE")]
+    #[arg(long, env = "CDPFS_NO_DISK_CACHE", value_parser = BoolishValueParser::new())]
     no_disk_cache: bool,
 
     /// When a folder is opened, list up to this many folders below it in the background (once
@@ -280,18 +281,18 @@ struct MountArgs {
     metrics_addr: Option<String>,
 
     /// Don't show `X.bin2.mrc`/`X.bin4.mrc` views beside OME-Zarr pyramids `X.zarr`.
-    #[arg(long, env = "CDPFS_NO_MRC_VIEWS")]
+    #[arg(long, env = "CDPFS_NO_MRC_VIEWS", value_parser = BoolishValueParser::new())]
     no_mrc_views: bool,
 
     /// The portal's GraphQL API, which maps portal ids (`RN-241`, `TM-621`) to paths and lists
     /// the `by-organism/` and `by-object/` folders. Asked by default only when mounting the
     /// portal's own bucket.
-    #[arg(long, env = "CDPFS_API_URL", value_name = "URL")]
+    #[arg(long, env = "CDPFS_API_URL", value_name = "URL", value_parser = parse_http_url)]
     api_url: Option<String>,
 
     /// Never ask the portal's API: no run, tomogram, tilt-series, alignment or annotation ids as
     /// paths, no facet folders (`DS-` and `CZCDP-` ids and the metadata attributes still work).
-    #[arg(long, env = "CDPFS_NO_PORTAL_API")]
+    #[arg(long, env = "CDPFS_NO_PORTAL_API", value_parser = BoolishValueParser::new())]
     no_portal_api: bool,
 
     /// Give up on one API call (retries included) after this long: the id or facet lookup
@@ -308,7 +309,7 @@ struct MountArgs {
     /// by `cdpfs prefetch`) on a node without network; reads of anything else fail with EIO at
     /// once. (Without it, a mount that cannot reach S3 at start mounts offline anyway when it
     /// has something cached, and goes back online as soon as S3 answers.)
-    #[arg(long, env = "CDPFS_OFFLINE")]
+    #[arg(long, env = "CDPFS_OFFLINE", value_parser = BoolishValueParser::new())]
     offline: bool,
 
     /// Serve one generated file, `synthetic.bin`, of this size instead of the bucket: measures
@@ -334,6 +335,10 @@ struct MountArgs {
 impl MountArgs {
     fn to_config(&self) -> Result<MountConfig> {
         let prefix = normalize_prefix(&self.prefix)?;
+        // Not clap's `requires`: that would also hold `CDPFS_WRITE_SHARED_CACHE=no` against it.
+        if self.write_shared_cache && self.shared_cache_dir.is_none() {
+            bail!("--write-shared-cache needs --shared-cache-dir");
+        }
         Ok(MountConfig {
             mountpoint: self.mountpoint.clone(),
             s3: self.bucket.s3_config()?,
@@ -427,6 +432,24 @@ fn parse_size(raw: &str) -> Result<u64, String> {
         _ => return Err(format!("{raw:?}: unknown unit (use K, M, G or T)")),
     };
     number.checked_mul(1 << shift).ok_or_else(|| format!("{raw:?} is too large"))
+}
+
+/// An `http://` or `https://` URL with a host (`--endpoint-url`, `--api-url`): anything else
+/// would only fail later, after retries, as an endpoint that cannot be reached.
+fn parse_http_url(raw: &str) -> Result<String, String> {
+    const WANTED: &str = "give http://HOST[:PORT] or https://HOST[:PORT]";
+    if !raw.contains("://") {
+        return Err(format!("no http:// or https:// scheme; {WANTED}"));
+    }
+    let uri: http::Uri = raw.parse().map_err(|e| format!("not a URL ({e}); {WANTED}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        other => return Err(format!("the scheme {}:// is not supported; {WANTED}", other.unwrap_or_default())),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("no host; {WANTED}"));
+    }
+    Ok(raw.to_owned())
 }
 
 fn init_logging(args: &MountArgs) -> Result<()> {
@@ -543,14 +566,14 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
             }
             snapshot.save(&output)?;
             let size = std::fs::metadata(&output).map_or(0, |m| m.len());
-            println!(
+            cdpfs::stage::say(format_args!(
                 "{}: {} objects of s3://{}/{prefix} ({}) in {:.1} s",
                 output.display(),
                 snapshot.objects.len(),
                 s3.bucket,
                 human_bytes(size),
                 started.elapsed().as_secs_f64()
-            );
+            ));
             Ok(())
         }
         Command::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy),
@@ -650,9 +673,22 @@ fn command_line() -> Result<Vec<OsString>> {
     Ok(fstab::helper_to_cli(&rest)?.into_iter().map(OsString::from).collect())
 }
 
+/// `cdpfs stats | head -1`: a command that only prints ends quietly when its reader goes away,
+/// killed by SIGPIPE as `ls` is (Rust ignores SIGPIPE, which turns such a write into a panic).
+/// The mount, `prefetch` and `snapshot` keep ignoring it: they write to sockets, where SIGPIPE
+/// would kill them for a connection the server closed (their stdout lines are written with
+/// [`cdpfs::stage::say`], which lets a closed stdout be).
+fn end_quietly_on_a_closed_stdout(command: &Command) {
+    if matches!(command, Command::Stats { .. } | Command::Cache { .. } | Command::Info { .. }) {
+        // SAFETY: restoring a signal's default disposition has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+}
+
 fn main() -> ExitCode {
     let result = command_line().and_then(|args| {
         let cli = Cli::parse_from(&args);
+        end_quietly_on_a_closed_stdout(&cli.command);
         run(cli, &args[1..])
     });
     match result {
@@ -668,7 +704,50 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{normalize_prefix, parse_size};
+    use super::{normalize_prefix, parse_size, Cli};
+
+    /// Every flag an environment variable can set takes 1/0, yes/no, on/off, true/false in any
+    /// case (what an `/etc/default` file or a job script writes), not only `true`/`false`.
+    #[test]
+    fn every_boolean_variable_takes_the_usual_words() {
+        use clap::{Arg, ArgAction, CommandFactory};
+        fn flags_with_variables(command: &clap::Command, out: &mut Vec<Arg>) {
+            out.extend(
+                command
+                    .get_arguments()
+                    .filter(|a| a.get_env().is_some() && matches!(a.get_action(), ArgAction::SetTrue))
+                    .cloned(),
+            );
+            command.get_subcommands().for_each(|sub| flags_with_variables(sub, out));
+        }
+        let mut flags = Vec::new();
+        flags_with_variables(&Cli::command(), &mut flags);
+        let names: Vec<&str> = flags.iter().map(|a| a.get_id().as_str()).collect();
+        for wanted in ["offline", "no_portal_api", "foreground", "write_shared_cache", "sign_requests"] {
+            assert!(names.contains(&wanted), "{wanted} not among {names:?}");
+        }
+        let words = [
+            ("1", true),
+            ("yes", true),
+            ("On", true),
+            ("TRUE", true),
+            ("0", false),
+            ("no", false),
+            ("OFF", false),
+            ("false", false),
+        ];
+        for flag in &flags {
+            // The flag's own parser, given the word as a value (as clap gives it the variable's).
+            let probe =
+                Arg::new("word").long("word").action(ArgAction::Set).value_parser(flag.get_value_parser().clone());
+            for (word, meaning) in words {
+                let parsed =
+                    clap::Command::new("probe").arg(probe.clone()).try_get_matches_from(["probe", "--word", word]);
+                let parsed = parsed.unwrap_or_else(|e| panic!("--{}: {word:?} refused: {e}", flag.get_id()));
+                assert_eq!(parsed.get_one::<bool>("word"), Some(&meaning), "--{} {word:?}", flag.get_id());
+            }
+        }
+    }
 
     #[test]
     fn sizes_parse_with_binary_units() {

@@ -10,7 +10,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -133,7 +133,7 @@ fn run(
             scope.spawn(|| loop {
                 let Some(job) = queue.lock().expect("queue poisoned").pop() else { return };
                 match fetch(&job, &bar) {
-                    Ok(()) if !terminal => println!("prefetched {} ({} bytes)", job.label, job.size),
+                    Ok(()) if !terminal => say(format_args!("prefetched {} ({} bytes)", job.label, job.size)),
                     Ok(()) => {}
                     Err(e) => failures.lock().expect("failures poisoned").push(format!("{}: {e:#}", job.label)),
                 }
@@ -142,11 +142,11 @@ fn run(
     });
     bar.finish_and_clear();
     let failures = failures.into_inner().expect("failures poisoned");
-    println!(
+    say(format_args!(
         "prefetched {} files ({total} bytes), {skipped} already cached, {} failed",
         count - failures.len(),
         failures.len()
-    );
+    ));
     if !failures.is_empty() {
         bail!("could not fetch:\n  {}", failures.join("\n  "));
     }
@@ -255,6 +255,12 @@ fn read_through(path: &Path, bar: &ProgressBar) -> std::io::Result<()> {
             n => bar.inc(n as u64),
         }
     }
+}
+
+/// Prints a line to stdout. A reader that went away (`cdpfs prefetch ... | head -1`) ends the
+/// output, not the work, and is no error: this process ignores SIGPIPE, as it writes to sockets.
+pub fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// The value of extended attribute `name` of `path`.

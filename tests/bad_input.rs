@@ -206,3 +206,118 @@ fn an_fstab_line_mounts_with_the_mount_command_and_unknown_options_are_named() {
     assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!common::is_mounted(&mnt));
 }
+
+/// Runs `cdpfs args` with its stdout a pipe whose reader is already gone, as in
+/// `cdpfs stats | head -1` once `head` has exited.
+fn run_into_a_closed_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    common::cdpfs().args(args).stdin(std::process::Stdio::null()).stdout(writer).output().unwrap()
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mount = common::Mounted::new("closed-pipe", &[]);
+    let (_, server) = shared();
+    let cache = common::scratch_dir("cache-closed-pipe");
+    let cache = cache.to_str().unwrap();
+    assert!(run_cdpfs(&["cache", "init", cache, "--size", "1G"], Duration::from_secs(10)).status.success());
+    let mountpoint = mount.path.to_str().unwrap();
+    let folder = mount.join("10000/TS_026");
+    // Commands that only print die of SIGPIPE, as `ls` does.
+    for args in [
+        vec!["stats", mountpoint],
+        vec!["stats", "--json", mountpoint],
+        vec!["cache", "info", "--cache-dir", cache],
+        vec!["info", folder.to_str().unwrap()],
+        vec!["info", "--json", folder.to_str().unwrap()],
+    ] {
+        let out = run_into_a_closed_pipe(&args);
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "cdpfs {args:?}: {:?}, {}", out.status, stderr(&out));
+        assert_eq!(stderr(&out), "", "cdpfs {args:?}");
+    }
+    // Those that also write to sockets finish their work, quietly.
+    let url = server.addr_url();
+    let snapshot = common::scratch_dir("snapshot-closed-pipe").join("10000.snapshot");
+    let bucket = ["--bucket", BUCKET, "--endpoint-url", &url];
+    for (args, done) in [
+        (vec!["prefetch", "--cache-dir", cache, "10000/dataset_metadata.json"], None),
+        (vec!["snapshot", "create", "10000/", "-o", snapshot.to_str().unwrap()], Some(&snapshot)),
+    ] {
+        let out = run_into_a_closed_pipe(&[&args[..], &bucket[..]].concat());
+        assert!(out.status.success(), "cdpfs {args:?}: {:?}, {}", out.status, stderr(&out));
+        assert_eq!(stderr(&out), "", "cdpfs {args:?}");
+        assert!(done.is_none_or(|file| file.is_file()), "cdpfs {args:?} did its work");
+    }
+}
+
+#[test]
+fn boolean_variables_take_the_usual_words() {
+    common::require_fuse();
+    let (_, server) = shared();
+    let mnt = common::scratch_dir("mnt-boolish");
+    let cache = common::scratch_dir("cache-boolish");
+    let out = common::mount_command(&mnt, &server.addr_url())
+        .args(["--cache-dir", cache.to_str().unwrap()])
+        .envs([
+            ("CDPFS_NO_MRC_VIEWS", "yes"),
+            ("CDPFS_ALLOW_OTHER", "1"),
+            ("CDPFS_NO_PORTAL_API", "ON"),
+            ("CDPFS_OFFLINE", "0"),
+            ("CDPFS_SIGN_REQUESTS", "off"),
+            ("CDPFS_WRITE_SHARED_CACHE", "no"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mount = common::Mounted { path: mnt.clone() };
+    // Each word meant what it says: views hidden, other users let in, S3 asked (not offline).
+    let tomograms = mount.join(common::TOMO_DIR);
+    assert!(tomograms.join("TS_026.mrc").is_file());
+    assert!(!tomograms.join("TS_026.bin2.mrc").exists(), "CDPFS_NO_MRC_VIEWS=yes hides the views");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(mounts.lines().any(|l| l.contains(mnt.to_str().unwrap()) && l.contains("allow_other")), "{mounts}");
+    drop(mount);
+    // A word that is neither is refused, naming the option.
+    let out = common::mount_command(&mnt, &server.addr_url()).env("CDPFS_OFFLINE", "maybe").output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("invalid value 'maybe' for '--offline'"), "{}", stderr(&out));
+    assert!(!common::is_mounted(&mnt));
+    // The option that means "yes" still needs its directory.
+    let out = run_cdpfs(&["mount", mnt.to_str().unwrap(), "--write-shared-cache"], Duration::from_secs(10));
+    assert_fails_with(&out, "--write-shared-cache needs --shared-cache-dir");
+}
+
+#[test]
+fn invalid_endpoint_and_api_urls_are_refused_at_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mnt = common::scratch_dir("mnt-badurl");
+    for (option, url, problem) in [
+        ("--endpoint-url", "not a url".to_owned(), "no http:// or https:// scheme"),
+        ("--endpoint-url", "http://not a url".to_owned(), "not a URL"),
+        ("--endpoint-url", "http:///bucket".to_owned(), "not a URL"),
+        ("--endpoint-url", format!("ftp://127.0.0.1:{port}"), "the scheme ftp:// is not supported"),
+        ("--endpoint-url", format!("127.0.0.1:{port}"), "no http:// or https:// scheme"),
+        ("--api-url", format!("127.0.0.1:{port}/graphql"), "no http:// or https:// scheme"),
+    ] {
+        for subcommand in [
+            &["mount", mnt.to_str().unwrap()][..],
+            &["prefetch", "10000/"],
+            &["snapshot", "create", "10000/", "-o", "/dev/null"],
+        ] {
+            if option == "--api-url" && subcommand[0] != "mount" {
+                continue;
+            }
+            let started = Instant::now();
+            let out = run_cdpfs(&[subcommand, &[option, &url]].concat(), Duration::from_secs(10));
+            assert!(started.elapsed() < Duration::from_secs(1), "{subcommand:?} {url:?} took {:?}", started.elapsed());
+            assert!(!out.status.success());
+            let text = stderr(&out);
+            let wanted = format!("invalid value '{url}' for '{option} <URL>': {problem}");
+            assert!(text.contains(&wanted), "{subcommand:?} {url:?}: wanted {wanted:?}, got {text}");
+            assert!(text.contains("give http://HOST[:PORT] or https://HOST[:PORT]"), "{text}");
+            assert!(!common::is_mounted(&mnt));
+        }
+    }
+}
