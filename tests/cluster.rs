@@ -300,6 +300,14 @@ fn full_and_read_only_cache_dirs_mount_and_serve() {
     let before = gets();
     assert!(common::read_whole(&mount.join(&key)) == *expected);
     assert_eq!(gets(), before, "the read-only tier was not used");
+    // What it has not got is read from S3 and not offered to it: nothing is counted as a write
+    // the queue had no room for.
+    let other = "10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc";
+    assert!(common::read_whole(&mount.join(other)) == fixture.objects[other]);
+    let out = run_cdpfs(&["stats", mount.path.to_str().unwrap(), "--json"], Duration::from_secs(10));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["cache_disk_writes_dropped"], 0, "{stats}");
+    assert_eq!(stats["cache_disk_writes"], 0, "{stats}");
     drop(mount);
     tier.remount("rw");
 }

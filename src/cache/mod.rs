@@ -181,9 +181,12 @@ static NO_WRITES: write_behind::WriteCounters = write_behind::WriteCounters {
 };
 
 impl DiskTier {
-    /// `files`, written through a write-behind queue of at most `queue_bytes`, read through
-    /// `reads`.
+    /// `files`, written through a write-behind queue of at most `queue_bytes` (unless the
+    /// directory could only be opened read-only: then never written), read through `reads`.
     pub fn new(files: Arc<DiskCache>, queue_bytes: u64, reads: Arc<CacheDirIo>) -> DiskTier {
+        if files.read_only() {
+            return DiskTier::read_only(files, reads);
+        }
         DiskTier { writes: Some(WriteBehind::start(files.clone(), queue_bytes, 2)), files, reads }
     }
 
