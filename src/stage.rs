@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -61,8 +62,12 @@ pub fn prefetch(targets: &[String], jobs: usize, staging: &BucketStaging) -> Res
                 let (bucket, key) = url.split_once('/').unwrap_or((url, ""));
                 keys.push((bucket.to_owned(), key.to_owned()));
             }
-            None if Path::new(target).exists() => collect(Path::new(target), &mut files)?,
-            None => keys.push((staging.s3.bucket.clone(), target.trim_start_matches('/').to_owned())),
+            None => match std::fs::metadata(target) {
+                Ok(_) => collect(Path::new(target), &mut files)?,
+                // A mount's path is never a bucket key, even when it is not there.
+                Err(e) if under_a_mount(Path::new(target)) => bail!("cannot prefetch {target}: {e}"),
+                Err(_) => keys.push((staging.s3.bucket.clone(), target.trim_start_matches('/').to_owned())),
+            },
         }
     }
     let mut pending = Vec::new();
@@ -125,16 +130,22 @@ fn run(
         ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}")
             .expect("valid progress template"),
     );
-    let count = pending.len();
     let queue = Mutex::new(pending);
     let failures = Mutex::new(Vec::new());
+    // Of the files fetched whole: a failed file's bytes were not staged.
+    let (fetched, fetched_bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
             scope.spawn(|| loop {
                 let Some(job) = queue.lock().expect("queue poisoned").pop() else { return };
                 match fetch(&job, &bar) {
-                    Ok(()) if !terminal => say(format_args!("prefetched {} ({} bytes)", job.label, job.size)),
-                    Ok(()) => {}
+                    Ok(()) => {
+                        fetched.fetch_add(1, Ordering::Relaxed);
+                        fetched_bytes.fetch_add(job.size, Ordering::Relaxed);
+                        if !terminal {
+                            say(format_args!("prefetched {} ({} bytes)", job.label, job.size));
+                        }
+                    }
                     Err(e) => failures.lock().expect("failures poisoned").push(format!("{}: {e:#}", job.label)),
                 }
             });
@@ -143,8 +154,9 @@ fn run(
     bar.finish_and_clear();
     let failures = failures.into_inner().expect("failures poisoned");
     say(format_args!(
-        "prefetched {} files ({total} bytes), {skipped} already cached, {} failed",
-        count - failures.len(),
+        "prefetched {} files ({} bytes), {skipped} already cached, {} failed",
+        fetched.into_inner(),
+        fetched_bytes.into_inner(),
         failures.len()
     ));
     if !failures.is_empty() {
@@ -221,6 +233,16 @@ impl Bucket {
             },
         ))
     }
+}
+
+/// Whether `path`, which need not exist, is at or under the mount point of a cdpfs mount.
+fn under_a_mount(path: &Path) -> bool {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // Its nearest existing folder, links resolved, as the mount table names mount points.
+    let Some(existing) = absolute.ancestors().find_map(|folder| std::fs::canonicalize(folder).ok()) else {
+        return false;
+    };
+    crate::mount_table::mounts_of_type("fuse.cdpfs").is_ok_and(|mounts| mounts.iter().any(|m| existing.starts_with(m)))
 }
 
 /// Every regular file under `path`, with its size.

@@ -321,3 +321,27 @@ fn invalid_endpoint_and_api_urls_are_refused_at_once() {
         }
     }
 }
+
+#[test]
+fn prefetch_of_a_missing_path_in_a_mount_names_the_path_not_a_key() {
+    let mount = common::Mounted::new("prefetch-missing", &[]);
+    let (_, server) = shared();
+    let cache = common::scratch_dir("cache-prefetch-missing");
+    for missing in [mount.join("10000/no-such-run"), mount.join("no/such/folder")] {
+        let out = run_cdpfs(
+            &[
+                "prefetch",
+                missing.to_str().unwrap(),
+                "--bucket",
+                BUCKET,
+                "--endpoint-url",
+                &server.addr_url(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+            ],
+            Duration::from_secs(30),
+        );
+        assert_fails_with(&out, &format!("cannot prefetch {}: No such file or directory", missing.display()));
+        assert!(!stderr(&out).contains("s3://"), "taken for a bucket key: {}", stderr(&out));
+    }
+}

@@ -545,3 +545,28 @@ fn xattr_probes_of_unknown_names_do_not_look_at_the_cache() {
     eprintln!("30 xattr probes of unknown names: {} file syscalls on the cache dir", touched.len());
     assert!(touched.is_empty(), "unknown xattr names looked at the cache: {:?}", &touched[..touched.len().min(5)]);
 }
+
+#[test]
+fn prefetch_counts_the_bytes_of_the_files_it_staged_only() {
+    let (fixture, _) = shared();
+    // Every GET of the tomogram fails; the files beside it are served.
+    let faults = common::Faults { always: &[("TS_026.mrc", 500)], ..Default::default() };
+    let server = common::start_server(&fixture.root, faults);
+    let cache = common::scratch_dir("staged-with-a-failure");
+    let folder = format!("s3://{}/{TOMO_DIR}/", common::BUCKET);
+    let url = server.addr_url();
+    let args = ["prefetch", &folder, "--endpoint-url", &url, "--cache-dir", cache.to_str().unwrap()];
+    let out = common::run_cdpfs(&[&args[..], &["--request-timeout", "2s"]].concat(), Duration::from_secs(60));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    let (failed, fetched): (Vec<_>, Vec<_>) = fixture
+        .objects
+        .iter()
+        .filter(|(key, _)| key.starts_with(&format!("{TOMO_DIR}/")))
+        .partition(|(key, _)| key.contains("TS_026.mrc"));
+    let bytes: usize = fetched.iter().map(|(_, data)| data.len()).sum();
+    let summary =
+        format!("prefetched {} files ({bytes} bytes), 0 already cached, {} failed", fetched.len(), failed.len());
+    assert!(stdout.contains(&summary), "wanted {summary:?} in:\n{stdout}");
+    assert!(stderr.contains("TS_026.mrc"), "{stderr}");
+}
