@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{BehaviorVersion, Region, StalledStreamProtectionConfig};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -138,6 +139,7 @@ impl S3Store {
         let started = Instant::now();
         let mut last_error = String::new();
         let mut connected = false;
+        let mut attempts = 0;
         for n in 0..self.retry.max_attempts {
             if n > 0 {
                 let backoff = jittered_backoff(&self.retry, n);
@@ -150,6 +152,7 @@ impl S3Store {
             }
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
             let limit = attempt_limit.min(remaining);
+            attempts += 1;
             match tokio::time::timeout(limit, attempt()).await {
                 Ok(Ok(value)) => {
                     self.answered();
@@ -170,10 +173,12 @@ impl S3Store {
                     last_error = msg;
                 }
                 Ok(Err(AttemptError::NoConnection(msg))) => last_error = msg,
-                Err(_) => last_error = format!("no complete answer within {limit:?}"),
+                Err(_) => last_error = format!("the last attempt had no complete answer within its {limit:.1?}"),
             }
         }
-        warn!(what, elapsed = ?started.elapsed(), error = %last_error, "S3 request failed after retries");
+        // What the request as a whole went through, not only its last attempt.
+        let last_error = format!("{last_error} (gave up after {attempts} attempts in {:.1?})", started.elapsed());
+        warn!(what, error = %last_error, "S3 request failed after retries");
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         Err(if connected {
             StoreError::Failed(format!("{what}: {last_error}"))
@@ -494,6 +499,7 @@ where
         _ => None,
     };
     let kind = match &err {
+        SdkError::DispatchFailure(_) if lacks_credentials(&err) => Failure::NoCredentials,
         SdkError::ConstructionFailure(_) => Failure::Construction,
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => Failure::NoAnswer,
         SdkError::ServiceError(_) => Failure::Service,
@@ -510,6 +516,9 @@ where
         Class::NotFound => AttemptError::Final(StoreError::NotFound(key.to_owned())),
         Class::Changed => AttemptError::Final(StoreError::Changed(key.to_owned())),
         Class::Denied => AttemptError::Final(StoreError::AccessDenied(format!("{key}: {message}"))),
+        Class::Invalid if matches!(kind, Failure::NoCredentials) => AttemptError::Final(StoreError::Failed(format!(
+            "no AWS credentials to sign requests with (--sign-requests): {message}"
+        ))),
         Class::Invalid => AttemptError::Final(StoreError::Failed(format!("{key}: {message}"))),
         Class::Retry => AttemptError::Transient(message),
         Class::NoConnection => AttemptError::NoConnection(root_cause(&err)),
@@ -521,6 +530,8 @@ where
 enum Failure {
     /// The request could not even be built.
     Construction,
+    /// It could not be signed: no credentials were found (`--sign-requests`).
+    NoCredentials,
     /// No answer: connection refused or reset before a response, DNS, connect timeout.
     NoAnswer,
     /// The server answered with an S3 error.
@@ -546,7 +557,7 @@ enum Class {
 /// a 2xx whose body was cut short or does not parse, and no answer at all.
 fn class_of(kind: Failure, status: Option<u16>, code: Option<&str>) -> Class {
     match (kind, code, status) {
-        (Failure::Construction, ..) => Class::Invalid,
+        (Failure::Construction | Failure::NoCredentials, ..) => Class::Invalid,
         (_, Some("NoSuchBucket"), _) => Class::NoSuchBucket,
         (_, Some("NoSuchKey"), _) | (_, _, Some(404)) => Class::NotFound,
         // 416: a range inside the listed size is past the object's end: it shrank.
@@ -561,6 +572,12 @@ fn class_of(kind: Failure, status: Option<u16>, code: Option<&str>) -> Class {
         (Failure::NoAnswer, _, None) => Class::NoConnection,
         (_, _, None) => Class::Retry,
     }
+}
+
+/// Whether `err` comes from the credentials chain finding nothing to sign with (the SDK reports
+/// it as a request it could not dispatch, like a connection failure).
+fn lacks_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|e| e.is::<CredentialsError>())
 }
 
 /// The innermost error in a chain: for connection failures the one line a user can act on.
@@ -720,6 +737,26 @@ mod tests {
         assert_eq!(class_of(Service, Some(401), None), Class::Denied);
         assert_eq!(class_of(Service, Some(400), Some("InvalidArgument")), Class::Invalid);
         assert_eq!(class_of(Construction, None, None), Class::Invalid);
+        assert_eq!(class_of(NoCredentials, None, None), Class::Invalid);
+    }
+
+    #[test]
+    fn no_credentials_to_sign_with_is_final_and_says_so_but_no_connection_is_retried() {
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        type Error = SdkError<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Error, HttpResponse>;
+        let unsigned: Error = SdkError::dispatch_failure(ConnectorError::other(
+            Box::new(CredentialsError::not_loaded("IMDS is disabled")),
+            None,
+        ));
+        match classify("bucket", "", unsigned) {
+            AttemptError::Final(StoreError::Failed(message)) => {
+                assert!(message.starts_with("no AWS credentials to sign requests with (--sign-requests)"), "{message}")
+            }
+            _ => panic!("a request that cannot be signed must fail at once, as such"),
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let unreachable: Error = SdkError::dispatch_failure(ConnectorError::io(Box::new(refused)));
+        assert!(matches!(classify("bucket", "", unreachable), AttemptError::NoConnection(_)));
     }
 
     #[test]
