@@ -83,8 +83,8 @@ enum CacheCommand {
     Init {
         /// The cache directory.
         dir: PathBuf,
-        /// Its size bound (e.g. `500G`).
-        #[arg(long, value_parser = parse_size)]
+        /// Its size bound (e.g. `500G`; at least one 512 KiB block).
+        #[arg(long, value_parser = parse_cache_size)]
         size: u64,
     },
     /// One eviction pass now (for a cron job or systemd timer): evict the least recently used
@@ -185,7 +185,7 @@ struct CacheArgs {
     /// Upper bound on the disk cache (e.g. `50G`) when the cache directory has none yet
     /// (default 20G); a directory keeps the bound it was given first (or by `cdpfs cache init`),
     /// and a differing --cache-size only warns. Least recently used blocks are evicted.
-    #[arg(long, env = "CDPFS_CACHE_SIZE", value_parser = parse_size)]
+    #[arg(long, env = "CDPFS_CACHE_SIZE", value_parser = parse_cache_size)]
     cache_size: Option<u64>,
 }
 
@@ -434,6 +434,16 @@ fn parse_size(raw: &str) -> Result<u64, String> {
     number.checked_mul(1 << shift).ok_or_else(|| format!("{raw:?} is too large"))
 }
 
+/// A cache directory's bound: a size that holds at least one block (a cache of none queues
+/// blocks for the disk that never drain).
+fn parse_cache_size(raw: &str) -> Result<u64, String> {
+    let size = parse_size(raw)?;
+    if size < cdpfs::cache::BLOCK_SIZE {
+        return Err(format!("a cache must hold at least one block of {} KiB", cdpfs::cache::BLOCK_SIZE >> 10));
+    }
+    Ok(size)
+}
+
 /// An `http://` or `https://` URL with a host (`--endpoint-url`, `--api-url`): anything else
 /// would only fail later, after retries, as an endpoint that cannot be reached.
 fn parse_http_url(raw: &str) -> Result<String, String> {
@@ -473,6 +483,8 @@ fn init_command_logging() {
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
         .with_target(false)
+        // No colour codes in a file or pipe (`cdpfs prefetch ... 2>log`).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -502,6 +514,7 @@ fn run(cli: Cli, command_line: &[OsString]) -> Result<()> {
         Command::Stats { mountpoint, json } => show_stats(mountpoint, json),
         Command::Cache { action: CacheCommand::Info(arg) } => {
             let dir = arg.dir();
+            admin::check(&dir)?;
             let usage = admin::usage(&dir);
             println!("cache directory: {}", dir.display());
             println!("blocks:    {} ({}) of {} objects", usage.blocks, human_bytes(usage.bytes), usage.objects);

@@ -345,3 +345,70 @@ fn prefetch_of_a_missing_path_in_a_mount_names_the_path_not_a_key() {
         assert!(!stderr(&out).contains("s3://"), "taken for a bucket key: {}", stderr(&out));
     }
 }
+
+#[test]
+fn warnings_into_a_file_or_pipe_carry_no_colour_codes() {
+    let (_, server) = shared();
+    let cache = common::scratch_dir("cache-nocolour");
+    let cache = cache.to_str().unwrap();
+    assert!(run_cdpfs(&["cache", "init", cache, "--size", "1G"], Duration::from_secs(10)).status.success());
+    // A differing --cache-size warns (the directory keeps its bound); stderr is a pipe here.
+    let out = run_cdpfs(
+        &[
+            "prefetch",
+            "10000/dataset_metadata.json",
+            "--bucket",
+            BUCKET,
+            "--endpoint-url",
+            &server.addr_url(),
+            "--cache-dir",
+            cache,
+            "--cache-size",
+            "2G",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains("WARN") && text.contains("differs from the cache directory's bound"), "{text}");
+    assert!(!text.contains('\x1b'), "colour codes in {text:?}");
+}
+
+#[test]
+fn every_cache_command_refuses_a_directory_that_is_no_cache() {
+    let plain = common::scratch_dir("not-a-cache");
+    let missing = plain.join("missing");
+    for dir in [&missing, &plain] {
+        for command in ["info", "trim", "clear"] {
+            let out = run_cdpfs(&["cache", command, "--cache-dir", dir.to_str().unwrap()], Duration::from_secs(10));
+            assert_fails_with(&out, &format!("{} is not a cdpfs cache directory", dir.display()));
+            assert!(out.stdout.is_empty(), "cache {command}: {}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    assert!(!missing.exists(), "nothing was created");
+}
+
+#[test]
+fn a_cache_smaller_than_one_block_is_refused() {
+    let (_, server) = shared();
+    let cache = common::scratch_dir("cache-tiny");
+    let mnt = common::scratch_dir("mnt-tiny-cache");
+    let (cache, url) = (cache.to_str().unwrap(), server.addr_url());
+    for size in ["0", "1K", "511K"] {
+        for args in [
+            vec!["cache", "init", cache, "--size", size],
+            vec!["mount", mnt.to_str().unwrap(), "--endpoint-url", &url, "--cache-dir", cache, "--cache-size", size],
+            vec!["prefetch", "10000/", "--endpoint-url", &url, "--cache-dir", cache, "--cache-size", size],
+        ] {
+            let out = run_cdpfs(&args, Duration::from_secs(10));
+            assert!(!out.status.success(), "{args:?}");
+            let text = stderr(&out);
+            assert!(text.contains(&format!("invalid value '{size}'")), "{args:?}: {text}");
+            assert!(text.contains("a cache must hold at least one block of 512 KiB"), "{args:?}: {text}");
+            assert!(!common::is_mounted(&mnt));
+        }
+    }
+    assert!(!Path::new(cache).join("cdpfs-cache.json").exists(), "no bound was stored");
+    let out = run_cdpfs(&["cache", "init", cache, "--size", "512K"], Duration::from_secs(10));
+    assert!(out.status.success(), "{}", stderr(&out));
+}

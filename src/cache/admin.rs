@@ -90,13 +90,19 @@ pub fn live_mounts(dir: &Path) -> Vec<String> {
     live
 }
 
+/// Fails unless `dir` is a cache directory (one a mount, a prefetch or `cdpfs cache init` made).
+pub fn check(dir: &Path) -> Result<()> {
+    if !dir.join("blocks").is_dir() {
+        bail!("{} is not a cdpfs cache directory", dir.display());
+    }
+    Ok(())
+}
+
 /// One eviction pass over `dir` now (`cdpfs cache trim`): evicts the least recently used blocks
 /// when they are near the directory's bound, removes temp files left by writers that died and
 /// refreshes the usage summary. Fails when another process is evicting at the moment.
 pub fn trim(dir: &Path) -> Result<bound::Pass> {
-    if !dir.join("blocks").is_dir() {
-        bail!("{} is not a cdpfs cache directory", dir.display());
-    }
+    check(dir)?;
     let space = bound::Space::open(dir, None, false);
     match space.pass(false).with_context(|| format!("trimming {}", dir.display()))? {
         Some(pass) => Ok(pass),
@@ -106,9 +112,7 @@ pub fn trim(dir: &Path) -> Result<bound::Pass> {
 
 /// Empties `dir` unless a live mount uses it; returns what was removed.
 pub fn clear(dir: &Path) -> Result<Usage> {
-    if !dir.join("blocks").is_dir() {
-        bail!("{} is not a cdpfs cache directory", dir.display());
-    }
+    check(dir)?;
     let users = live_mounts(dir);
     if !users.is_empty() {
         bail!("{} is in use by the mount(s) {}; unmount first", dir.display(), users.join(", "));
