@@ -184,11 +184,14 @@ fn a_small_file_that_keeps_failing_is_asked_for_once_per_read() {
 #[test]
 fn a_view_whose_chunk_keeps_failing_gives_eio_within_the_bound() {
     let faults = Faults { always: &[("TS_026.zarr/2/0/0/0", 500)], ..Faults::default() };
-    let (_server, mount) = mount_faulty("view-down", faults, &["--request-timeout", "3s"]);
+    let (server, mount) = mount_faulty("view-down", faults, &["--request-timeout", "3s"]);
     let started = Instant::now();
     let error = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin4.mrc"))).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
     assert!(started.elapsed() < Duration::from_secs(10), "EIO took {:?}", started.elapsed());
+    // One request for the chunk (its 6 attempts), not one more for the kernel's second try.
+    let attempts: u64 = server.always_failed.lock().unwrap().values().sum();
+    assert_eq!(attempts, 6, "{:?}", server.always_failed.lock().unwrap());
     // The other level's view does not depend on that chunk.
     assert_eq!(fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc"))).unwrap().len(), 1024 + 32 * 64 * 64 * 4);
 }

@@ -22,6 +22,7 @@
 pub mod prefetch;
 pub mod sweep;
 
+use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -238,13 +239,24 @@ impl DataPath {
 
     /// Up to `len` bytes of the file from `offset`; fewer at the end, none past it.
     pub async fn read(self: &Arc<Self>, file: &OpenFile, offset: u64, len: u32) -> Result<Slices, StoreError> {
-        let failure_key = (version_of(&file.object), offset / self.cache.block_size());
+        self.unless_failed_just_now(&file.object, offset, self.read_anew(file, offset, len)).await
+    }
+
+    /// What `read` (of `object` from `offset`: a file's or an MRC view's) gives, unless a read
+    /// starting in the same block failed within [`FAILURE_ECHO`]: then that failure again.
+    pub async fn unless_failed_just_now(
+        &self,
+        object: &ObjectMeta,
+        offset: u64,
+        read: impl Future<Output = Result<Slices, StoreError>>,
+    ) -> Result<Slices, StoreError> {
+        let failure_key = (version_of(object), offset / self.cache.block_size());
         if let Some((at, error)) = self.recent_failures.lock().expect("recent failures poisoned").get(&failure_key) {
             if at.elapsed() < FAILURE_ECHO {
                 return Err(error.clone());
             }
         }
-        let result = self.read_anew(file, offset, len).await;
+        let result = read.await;
         if let Err(error) = &result {
             self.recent_failures
                 .lock()

@@ -303,8 +303,14 @@ impl Catalog {
         self.data.cache().held_bytes(&index.blocks, blocks)
     }
 
-    /// Up to `len` bytes of the view from `offset`; fewer at the end, none past it.
+    /// Up to `len` bytes of the view from `offset`; fewer at the end, none past it. A read
+    /// that failed is not tried again at once (see [`DataPath::unless_failed_just_now`]).
     pub async fn read(self: &Arc<Self>, open: &OpenView, offset: u64, len: u32) -> Result<Slices, StoreError> {
+        self.data.unless_failed_just_now(&open.view.file, offset, self.read_anew(open, offset, len)).await
+    }
+
+    /// [`Catalog::read`], from the cache and the chunks.
+    async fn read_anew(self: &Arc<Self>, open: &OpenView, offset: u64, len: u32) -> Result<Slices, StoreError> {
         let view = &open.view;
         let range = clamp(view.file.size, offset, len);
         if range.is_empty() {
