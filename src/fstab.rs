@@ -33,8 +33,9 @@ const VALUE_OPTIONS: [(&str, &str); 20] = [
 ];
 
 /// `-o name` options and the `cdpfs mount` flag each becomes.
-const FLAG_OPTIONS: [(&str, &str); 8] = [
+const FLAG_OPTIONS: [(&str, &str); 9] = [
     ("allow_other", "--allow-other"),
+    ("allow_non_empty", "--allow-non-empty"),
     ("sign_requests", "--sign-requests"),
     ("no_disk_cache", "--no-disk-cache"),
     ("no_mrc_views", "--no-mrc-views"),
@@ -159,6 +160,8 @@ mod tests {
         assert_eq!(cli, ["cdpfs", "mount", "/mnt/x", "--endpoint-url", "http://s3.site:9000", "--bucket", "mirror"]);
         let cli = call("cdpfs /mnt/x -o page_cache=always").unwrap();
         assert_eq!(cli, ["cdpfs", "mount", "/mnt/x", "--page-cache", "always"]);
+        let cli = call("cdpfs /mnt/x -o allow_non_empty").unwrap();
+        assert_eq!(cli, ["cdpfs", "mount", "/mnt/x", "--allow-non-empty"]);
     }
 
     #[test]

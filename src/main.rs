@@ -138,7 +138,7 @@ struct BucketArgs {
     region: String,
 
     /// S3-compatible endpoint (a MinIO or site mirror, a caching proxy); uses path-style URLs.
-    #[arg(long, env = "CDPFS_ENDPOINT_URL", value_name = "URL", value_parser = parse_http_url)]
+    #[arg(long, env = "CDPFS_ENDPOINT_URL", value_name = "URL")]
     endpoint_url: Option<String>,
 
     /// Sign requests with the standard AWS credential chain (for private mirrors); by default
@@ -160,6 +160,9 @@ impl BucketArgs {
     fn s3_config(&self) -> Result<S3Config> {
         if self.bucket.is_empty() || self.bucket.contains('/') {
             bail!("invalid bucket name {:?}", self.bucket);
+        }
+        if let Some(url) = &self.endpoint_url {
+            check_http_url("--endpoint-url", url)?;
         }
         let retry = RetryPolicy {
             total_timeout: self.request_timeout,
@@ -209,7 +212,7 @@ struct PrefetchArgs {
 
 #[derive(Args, Debug)]
 struct MountArgs {
-    /// Empty directory to mount on.
+    /// Empty directory to mount on (see --allow-non-empty).
     mountpoint: PathBuf,
 
     #[command(flatten)]
@@ -218,6 +221,10 @@ struct MountArgs {
     /// Show only the keys under this prefix, e.g. `10000/` for one dataset.
     #[arg(long, env = "CDPFS_PREFIX", value_name = "KEY_PREFIX/", default_value = "")]
     prefix: String,
+
+    /// Mount even if the mount point is not empty (what is in it is hidden while mounted).
+    #[arg(long, env = "CDPFS_ALLOW_NON_EMPTY", value_parser = BoolishValueParser::new())]
+    allow_non_empty: bool,
 
     /// Stay in the foreground (for systemd and debugging); stop with Ctrl-C or SIGTERM.
     #[arg(long, short = 'f', env = "CDPFS_FOREGROUND", value_parser = BoolishValueParser::new())]
@@ -287,7 +294,7 @@ struct MountArgs {
     /// The portal's GraphQL API, which maps portal ids (`RN-241`, `TM-621`) to paths and lists
     /// the `by-organism/` and `by-object/` folders. Asked by default only when mounting the
     /// portal's own bucket.
-    #[arg(long, env = "CDPFS_API_URL", value_name = "URL", value_parser = parse_http_url)]
+    #[arg(long, env = "CDPFS_API_URL", value_name = "URL")]
     api_url: Option<String>,
 
     /// Never ask the portal's API: no run, tomogram, tilt-series, alignment or annotation ids as
@@ -339,6 +346,9 @@ impl MountArgs {
         if self.write_shared_cache && self.shared_cache_dir.is_none() {
             bail!("--write-shared-cache needs --shared-cache-dir");
         }
+        if let Some(url) = &self.api_url {
+            check_http_url("--api-url", url)?;
+        }
         Ok(MountConfig {
             mountpoint: self.mountpoint.clone(),
             s3: self.bucket.s3_config()?,
@@ -359,6 +369,7 @@ impl MountArgs {
             shared_cache: self.shared_cache_dir.as_deref().map(absolute),
             write_shared_cache: self.write_shared_cache,
             namespace: self.namespace.as_deref().map(absolute),
+            allow_non_empty: self.allow_non_empty,
             disk_cache: if self.no_disk_cache {
                 None
             } else {
@@ -444,22 +455,23 @@ fn parse_cache_size(raw: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-/// An `http://` or `https://` URL with a host (`--endpoint-url`, `--api-url`): anything else
-/// would only fail later, after retries, as an endpoint that cannot be reached.
-fn parse_http_url(raw: &str) -> Result<String, String> {
-    const WANTED: &str = "give http://HOST[:PORT] or https://HOST[:PORT]";
-    if !raw.contains("://") {
-        return Err(format!("no http:// or https:// scheme; {WANTED}"));
-    }
-    let uri: http::Uri = raw.parse().map_err(|e| format!("not a URL ({e}); {WANTED}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        other => return Err(format!("the scheme {}:// is not supported; {WANTED}", other.unwrap_or_default())),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("no host; {WANTED}"));
-    }
-    Ok(raw.to_owned())
+/// Checks that `--option`'s `raw` is an `http://` or `https://` URL with a host
+/// (`--endpoint-url`, `--api-url`): anything else would only fail later, after retries, as an
+/// endpoint that cannot be reached.
+fn check_http_url(option: &str, raw: &str) -> Result<()> {
+    let problem = if !raw.contains("://") {
+        "no http:// or https:// scheme".to_owned()
+    } else {
+        match raw.parse::<http::Uri>() {
+            Err(e) => format!("not a URL ({e})"),
+            Ok(uri) if !matches!(uri.scheme_str(), Some("http" | "https")) => {
+                format!("the scheme {}:// is not supported", uri.scheme_str().unwrap_or_default())
+            }
+            Ok(uri) if uri.host().is_none_or(str::is_empty) => "no host".to_owned(),
+            Ok(_) => return Ok(()),
+        }
+    };
+    bail!("invalid {option} {raw:?}: {problem}; give http://HOST[:PORT] or https://HOST[:PORT]")
 }
 
 fn init_logging(args: &MountArgs) -> Result<()> {

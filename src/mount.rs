@@ -92,13 +92,15 @@ pub struct MountConfig {
     pub write_shared_cache: bool,
     /// Serve the tree of this namespace snapshot instead of listing the bucket.
     pub namespace: Option<PathBuf>,
+    /// Mount over a directory that has entries (hiding them while mounted).
+    pub allow_non_empty: bool,
 }
 
 /// Serves the mount in this process until it is unmounted or a stop signal arrives.
 pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     tune_allocator(config.max_memory);
     check_fuse_available()?;
-    let mountpoint = check_mount_point(&config.mountpoint)?;
+    let mountpoint = check_mount_point(&config.mountpoint, config.allow_non_empty)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("cdpfs-io")
@@ -376,7 +378,7 @@ fn set_kernel_read_ahead(mountpoint: &Path, bytes: u64) {
 pub fn spawn_background(config: &MountConfig, log_file: Option<&Path>, args: &[std::ffi::OsString]) -> Result<()> {
     // Fail fast, with the same messages, before anything is started.
     check_fuse_available()?;
-    check_mount_point(&config.mountpoint)?;
+    check_mount_point(&config.mountpoint, config.allow_non_empty)?;
 
     let (reader, writer) = std::io::pipe().context("creating the readiness pipe")?;
     let stderr = match log_file {
@@ -605,8 +607,9 @@ fn find_fusermount() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join("fusermount3")).find(|candidate| executable(candidate))
 }
 
-/// Checks that `path` can be mounted on and returns it made absolute.
-pub fn check_mount_point(path: &Path) -> Result<PathBuf> {
+/// Checks that `path` can be mounted on (an empty directory, unless `allow_non_empty`) and
+/// returns it made absolute.
+pub fn check_mount_point(path: &Path, allow_non_empty: bool) -> Result<PathBuf> {
     match fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => bail!("mount point {} is not a directory", path.display()),
@@ -624,6 +627,14 @@ pub fn check_mount_point(path: &Path) -> Result<PathBuf> {
     if let Some(fstype) = mount_table::mount_type(&absolute)? {
         bail!("{} is already a mount point ({fstype}); unmount it first", absolute.display());
     }
+    let has_entries =
+        fs::read_dir(&absolute).with_context(|| format!("listing {}", absolute.display()))?.next().is_some();
+    if has_entries && !allow_non_empty {
+        bail!(
+            "mount point {} is not empty: the mount would hide what is in it (mount on an empty directory, or pass --allow-non-empty)",
+            absolute.display()
+        );
+    }
     Ok(absolute)
 }
 
@@ -636,8 +647,8 @@ mod tests {
         assert!(mount_table::mount_type(Path::new("/")).unwrap().is_some());
         let dir = std::env::temp_dir().join(format!("cdpfs-unit-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        assert_eq!(check_mount_point(&dir).unwrap(), fs::canonicalize(&dir).unwrap());
+        assert_eq!(check_mount_point(&dir, false).unwrap(), fs::canonicalize(&dir).unwrap());
         fs::remove_dir(&dir).unwrap();
-        assert!(check_mount_point(&dir).unwrap_err().to_string().contains("does not exist"));
+        assert!(check_mount_point(&dir, false).unwrap_err().to_string().contains("does not exist"));
     }
 }

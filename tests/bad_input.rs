@@ -312,11 +312,8 @@ fn invalid_endpoint_and_api_urls_are_refused_at_once() {
             let started = Instant::now();
             let out = run_cdpfs(&[subcommand, &[option, &url]].concat(), Duration::from_secs(10));
             assert!(started.elapsed() < Duration::from_secs(1), "{subcommand:?} {url:?} took {:?}", started.elapsed());
-            assert!(!out.status.success());
-            let text = stderr(&out);
-            let wanted = format!("invalid value '{url}' for '{option} <URL>': {problem}");
-            assert!(text.contains(&wanted), "{subcommand:?} {url:?}: wanted {wanted:?}, got {text}");
-            assert!(text.contains("give http://HOST[:PORT] or https://HOST[:PORT]"), "{text}");
+            assert_fails_with(&out, &format!("invalid {option} {url:?}: {problem}"));
+            assert!(stderr(&out).contains("give http://HOST[:PORT] or https://HOST[:PORT]"), "{}", stderr(&out));
             assert!(!common::is_mounted(&mnt));
         }
     }
@@ -411,4 +408,37 @@ fn a_cache_smaller_than_one_block_is_refused() {
     assert!(!Path::new(cache).join("cdpfs-cache.json").exists(), "no bound was stored");
     let out = run_cdpfs(&["cache", "init", cache, "--size", "512K"], Duration::from_secs(10));
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_non_empty_mount_point_is_refused_unless_allowed() {
+    common::require_fuse();
+    let (_, server) = shared();
+    let mnt = common::scratch_dir("mnt-nonempty");
+    let cache = common::scratch_dir("cache-nonempty");
+    fs::write(mnt.join("f"), b"mine").unwrap();
+    let mount = |extra: &[&str], env: Option<(&str, &str)>| {
+        let mut command = common::mount_command(&mnt, &server.addr_url());
+        command.args(["--cache-dir", cache.to_str().unwrap()]).args(extra);
+        command.envs(env);
+        command.output().unwrap()
+    };
+    for foreground in [false, true] {
+        let out = mount(if foreground { &["--foreground"] } else { &[] }, None);
+        let wanted = format!("mount point {} is not empty", mnt.display());
+        assert_fails_with(&out, &wanted);
+        assert!(stderr(&out).contains("--allow-non-empty"), "{}", stderr(&out));
+        assert!(!common::is_mounted(&mnt));
+    }
+    for (extra, env) in [(&["--allow-non-empty"][..], None), (&[][..], Some(("CDPFS_ALLOW_NON_EMPTY", "1")))] {
+        let out = mount(extra, env);
+        assert!(out.status.success(), "{extra:?} {env:?}: {}", stderr(&out));
+        let mounted = common::Mounted { path: mnt.clone() };
+        assert!(mounted.join("10000/dataset_metadata.json").is_file());
+        assert!(!mounted.join("f").exists(), "hidden while mounted");
+        let out = run_cdpfs(&["unmount", mnt.to_str().unwrap()], Duration::from_secs(30));
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::mem::forget(mounted);
+        assert_eq!(fs::read(mnt.join("f")).unwrap(), b"mine");
+    }
 }
