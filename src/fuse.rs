@@ -38,6 +38,8 @@ pub const STATS_XATTR: &str = "user.cdpfs.stats";
 
 /// The read-only extended attributes every file carries (`getfattr -d FILE`).
 const XATTR_NAMES: [&str; 4] = ["user.cdpfs.key", "user.cdpfs.etag", "user.cdpfs.url", "user.cdpfs.cached"];
+/// Those a folder has: where it is in the bucket.
+const FOLDER_XATTR_NAMES: [&str; 2] = ["user.cdpfs.key", "user.cdpfs.url"];
 
 /// Who owns the files and how long the kernel may cache what we tell it.
 #[derive(Clone, Copy, Debug)]
@@ -229,17 +231,19 @@ fn attr_for(ino: u64, node: &Node, options: &FsOptions, mounted_at: SystemTime) 
     }
 }
 
-/// The value of extended attribute `name` of a file or view, if it has one. A view's key and
-/// URL are those of the Zarr level it shows. Only `user.cdpfs.cached` asks the block cache.
+/// The value of extended attribute `name` of a file, view or folder, if it has one. A view's key
+/// and URL are those of the Zarr level it shows, a folder's its prefix (`10000/TS_026/`); only
+/// files and views have the others. Only `user.cdpfs.cached` asks the block cache.
 fn xattr_value(name: &str, node: &Node, bucket: &str, data: &DataPath, views: &Catalog) -> Option<Vec<u8>> {
     let (key, version) = match node {
-        Node::Dir { .. } | Node::Link { .. } | Node::Facet { .. } => return None,
-        Node::File(object) => (&object.key, &object.etag),
-        Node::View(view) => (&view.level_prefix, &view.file.etag),
+        Node::Link { .. } | Node::Facet { .. } => return None,
+        Node::Dir { prefix } => (prefix, None),
+        Node::File(object) => (&object.key, Some(&object.etag)),
+        Node::View(view) => (&view.level_prefix, Some(&view.file.etag)),
     };
     let text = match (name, node) {
         ("user.cdpfs.key", _) => key.clone(),
-        ("user.cdpfs.etag", _) => version.trim_matches('"').to_owned(),
+        ("user.cdpfs.etag", _) => version?.trim_matches('"').to_owned(),
         ("user.cdpfs.url", _) => format!("s3://{bucket}/{key}"),
         ("user.cdpfs.cached", Node::File(object)) => data.cache().cached_bytes(object).to_string(),
         ("user.cdpfs.cached", Node::View(view)) => views.cached_bytes(view).to_string(),
@@ -282,8 +286,8 @@ fn file_type(node: &Node) -> FileType {
 }
 
 /// The `user.cryoet.*` attribute names `names`, each followed by NUL.
-fn names_of(names: &[String]) -> Vec<u8> {
-    names.iter().flat_map(|name| name.bytes().chain([0])).collect()
+fn names_of(names: &[impl AsRef<str>]) -> Vec<u8> {
+    names.iter().flat_map(|name| name.as_ref().bytes().chain([0])).collect()
 }
 
 impl Filesystem for CdpFs {
@@ -642,9 +646,12 @@ impl Filesystem for CdpFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let names: Vec<u8> = match &node {
-            Node::File(_) | Node::View(_) => XATTR_NAMES.iter().flat_map(|n| n.bytes().chain([0])).collect(),
-            Node::Dir { .. } if ino.0 == ROOT_INO => format!("{STATS_XATTR}\0").into_bytes(),
-            Node::Dir { .. } | Node::Link { .. } | Node::Facet { .. } => Vec::new(),
+            Node::File(_) | Node::View(_) => names_of(&XATTR_NAMES),
+            Node::Dir { .. } if ino.0 == ROOT_INO => {
+                names_of(&[STATS_XATTR, FOLDER_XATTR_NAMES[0], FOLDER_XATTR_NAMES[1]])
+            }
+            Node::Dir { .. } => names_of(&FOLDER_XATTR_NAMES),
+            Node::Link { .. } | Node::Facet { .. } => Vec::new(),
         };
         let Some((reader, folder)) = self.metadata.clone().zip(metadata::folder_of_node(&node)) else {
             return reply_xattr(reply, size, &names);

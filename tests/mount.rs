@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{shared, Mounted, FRAMES, TOMO_DIR};
+use serde_json::json;
 
 /// Every file under `dir`, as a path relative to `base`, with its size.
 fn walk(base: &Path, dir: &Path, files: &mut BTreeMap<String, u64>, dirs: &mut BTreeSet<String>) {
@@ -277,6 +278,42 @@ fn isatty_hole_search_fsync_and_poll_answer_as_for_a_plain_file_without_warnings
     assert!(fs::read(&copy).unwrap() == fixture.objects[&key], "cp copies the bytes");
     let logged = fs::read_to_string(&log).unwrap();
     assert!(!logged.contains("WARN") && !logged.contains("Not Implemented"), "{logged}");
+}
+
+/// `cdpfs info` of a file, an MRC view and folders, on a mount of the whole bucket and of a
+/// `--prefix`: each named for what it is, with its key in the bucket.
+#[test]
+fn info_names_files_views_and_folders_with_their_bucket_keys() {
+    let info = |path: &Path| -> (String, serde_json::Value) {
+        let text = common::run_cdpfs(&["info", path.to_str().unwrap()], Duration::from_secs(30));
+        assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+        let json = common::run_cdpfs(&["info", "--json", path.to_str().unwrap()], Duration::from_secs(30));
+        let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        (String::from_utf8(text.stdout).unwrap(), report)
+    };
+    let mount = Mounted::new("info-kinds", &["--no-portal-api"]);
+    let mrc = format!("{TOMO_DIR}/TS_026.mrc");
+    let (text, report) = info(&mount.join(&mrc));
+    assert!(text.contains("TS_026.mrc  (tomogram)") && text.contains(&format!("  key: {mrc}\n")), "{text}");
+    // One "path" key, the path asked about (a second one, ".", used to win).
+    assert_eq!(report["path"], json!(mount.join(&mrc)), "{report}");
+    let frame = "10000/TS_026/Frames/frame_0001.tif";
+    let (text, report) = info(&mount.join(frame));
+    assert!(text.contains("frame_0001.tif  (file)") && text.contains(&format!("  key: {frame}\n")), "{text}");
+    assert_eq!((&report["kind"], &report["key"]), (&json!("file"), &json!(frame)));
+    let (text, report) = info(&mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc")));
+    assert!(text.contains("(MRC view)") && text.contains(&format!("  key: {TOMO_DIR}/TS_026.zarr/1/\n")), "{text}");
+    assert_eq!(report["kind"], "MRC view");
+    let (text, report) = info(&mount.join("10000/TS_026/Frames"));
+    assert!(text.contains("Frames  (folder)") && text.contains("  key: 10000/TS_026/Frames\n"), "{text}");
+    assert_eq!(report["kind"], "folder");
+
+    let prefixed = Mounted::new("info-prefix", &["--no-portal-api", "--prefix", "10000/"]);
+    let (text, _) = info(&prefixed.join("TS_026/Frames"));
+    assert!(text.contains("  key: 10000/TS_026/Frames\n"), "{text}");
+    let (text, report) = info(&prefixed.path);
+    assert!(text.contains("  key: 10000\n"), "{text}");
+    assert_eq!(report["key"], "10000");
 }
 
 #[test]

@@ -36,10 +36,16 @@ struct Described {
 struct Report {
     /// The path asked about, symlinks resolved.
     path: PathBuf,
-    /// Its key in the bucket (relative to the mount's root).
+    /// Its key in the bucket (a folder's without the final `/`; an MRC view's is the Zarr
+    /// level it shows, ending in `/`).
     key: String,
-    #[serde(flatten)]
-    this: Described,
+    /// What it is: the portal's kind (`run`, `tomogram`, ...) where its metadata says, else
+    /// `folder`, `file` or `MRC view`.
+    kind: String,
+    /// `user.cryoet.*` attributes, without the prefix.
+    metadata: BTreeMap<String, String>,
+    /// MRC files directly in the folder, with their sizes.
+    files: Vec<(String, u64)>,
     /// Folders with metadata below it.
     contents: Vec<Described>,
     /// Whether the walk stopped at its bound of folders.
@@ -53,19 +59,22 @@ pub fn show(path: &Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    let title = |d: &Described| {
-        let kind = d.metadata.get("kind").map_or("folder", String::as_str);
-        let id = d.metadata.get("id").map(|id| format!(" {id}")).unwrap_or_default();
+    let title = |kind: &str, metadata: &BTreeMap<String, String>| {
+        let id = metadata.get("id").map(|id| format!(" {id}")).unwrap_or_default();
         format!("{kind}{id}")
     };
-    println!("{}  ({})", report.path.display(), title(&report.this));
+    println!("{}  ({})", report.path.display(), title(&report.kind, &report.metadata));
     println!("  key: {}", report.key);
-    for (name, value) in report.this.metadata.iter().filter(|(n, _)| *n != "kind" && *n != "id") {
+    for (name, value) in report.metadata.iter().filter(|(n, _)| *n != "kind" && *n != "id") {
         println!("  {name}: {value}");
     }
-    print_files(&report.this.files, "  ");
+    print_files(&report.files, "  ");
     for item in &report.contents {
-        println!("{}  ({})", item.path, title(item));
+        println!(
+            "{}  ({})",
+            item.path,
+            title(item.metadata.get("kind").map_or("folder", String::as_str), &item.metadata)
+        );
         let fields: Vec<String> = item
             .metadata
             .iter()
@@ -95,8 +104,21 @@ fn describe(path: &Path) -> Result<Report> {
     let Some(root) = mounts.iter().filter(|m| path.starts_with(m)).max_by_key(|m| m.as_os_str().len()) else {
         bail!("{} is not under a cdpfs mount", path.display());
     };
-    let key = path.strip_prefix(root).expect("under the mount").to_string_lossy().into_owned();
+    // The mount says where in the bucket a path is (a mount of a `--prefix` starts below the
+    // bucket's root); a mount that does not (an older cdpfs) is taken to show the whole bucket.
+    let key = match crate::stage::xattr(&path, "user.cdpfs.key") {
+        Ok(key) if path.is_dir() => key.trim_end_matches('/').to_owned(),
+        Ok(key) => key,
+        Err(_) => path.strip_prefix(root).expect("under the mount").to_string_lossy().into_owned(),
+    };
     let this = folder(&path, ".")?;
+    let kind = match this.metadata.get("kind") {
+        Some(kind) => kind.clone(),
+        None if path.is_dir() => "folder".into(),
+        // A view's key is the level's folder.
+        None if key.ends_with('/') => "MRC view".into(),
+        None => "file".into(),
+    };
     let mut contents = Vec::new();
     let mut truncated = false;
     if path.is_dir() {
@@ -129,7 +151,7 @@ fn describe(path: &Path) -> Result<Report> {
         }
     }
     contents.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(Report { path, key, this, contents, truncated })
+    Ok(Report { path, key, kind, metadata: this.metadata, files: this.files, contents, truncated })
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<fs::DirEntry>> {
