@@ -435,6 +435,38 @@ fn a_mount_behind_an_http_proxy_sends_every_request_through_it() {
     assert_lists_and_reads(out, mountpoint, &fixture.objects[&mrc_key()], "through the proxy");
 }
 
+/// A node with a proxy for the outside world and a site mirror in `NO_PROXY`: data GETs to the
+/// mirror take cdpfs's own receive path, as with no proxy at all; to an endpoint the proxy
+/// covers, the SDK's client (which speaks to proxies). The mount's log says which.
+#[test]
+fn an_endpoint_in_no_proxy_is_read_directly_and_one_behind_the_proxy_through_the_sdk() {
+    let _serial = serial();
+    let (fixture, server) = shared();
+    let sdk_line = "data GETs go through the AWS SDK's client and the proxy";
+    let mount_with = |name: &str, no_proxy: &str| {
+        let mountpoint = common::scratch_dir(&format!("mnt-{name}"));
+        let log = common::scratch_dir(&format!("{name}-log")).join("cdpfs.log");
+        let out = common::mount_command(&mountpoint, &server.addr_url())
+            // A proxy that is not there: whatever goes through it fails.
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("NO_PROXY", no_proxy)
+            .env_remove("no_proxy")
+            .args(["--no-disk-cache", "--log-file", log.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (out, mountpoint, log)
+    };
+    let (out, mountpoint, log) = mount_with("no-proxy-mirror", "localhost, 127.0.0.1");
+    assert_lists_and_reads(out, mountpoint, &fixture.objects[&mrc_key()], "past the proxy");
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("through the AWS SDK's client"), "{logged}");
+    // The same endpoint not in NO_PROXY: the SDK's client, and the dead proxy, are used.
+    let (out, mountpoint, log) = mount_with("proxied-mirror", "example.org");
+    assert!(!out.status.success(), "mounted through a proxy that is not there");
+    let _ = fs::remove_dir(mountpoint);
+    assert!(fs::read_to_string(&log).unwrap().contains(sdk_line));
+}
+
 #[test]
 fn two_mounts_behind_a_caching_proxy_cost_the_origin_one_fetch_per_range() {
     let _serial = serial();

@@ -7,7 +7,7 @@
 //! those buffers as its cached blocks, so a block's bytes are copied once on their way from the
 //! socket to the cache, not twice (into hyper's read buffer, then out of it). A chunked or
 //! close-delimited body (error answers, some mirrors) is read whole into one buffer. Everything
-//! else (listings, every request when an HTTP proxy is configured) goes through the SDK's own
+//! else (listings, every request when the environment sets an HTTP proxy for the endpoint) goes through the SDK's own
 //! client. Requests reach this module built and signed by the SDK, and their answers go back
 //! to it to be checked and parsed, so signing, endpoint resolution and error parsing stay the
 //! SDK's.
@@ -31,6 +31,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -66,10 +67,16 @@ impl PieceClient {
     /// The SDK's default client, wrapped. `connect_timeout` bounds opening a connection (TLS
     /// included); `stall_timeout` is the caller's: a piece slow to fill is handed over in parts
     /// so that the caller sees data within half of it whenever some arrived.
-    pub fn new(connect_timeout: Duration, stall_timeout: Duration) -> PieceClient {
+    /// Data GETs to `endpoint` take the SDK's client (which speaks to proxies) when the
+    /// environment's proxy settings (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, as
+    /// the portal API's client reads them) send the endpoint through a proxy.
+    pub fn new(connect_timeout: Duration, stall_timeout: Duration, endpoint: &str) -> PieceClient {
         let sdk = sdk_default_client();
-        if proxy_configured() {
-            info!("an HTTP proxy is configured: data GETs go through the AWS SDK's client (and the proxy)");
+        if proxied(&Matcher::from_env(), endpoint) {
+            info!(
+                endpoint,
+                "an HTTP proxy is set for the S3 endpoint: data GETs go through the AWS SDK's client and the proxy"
+            );
             return PieceClient { sdk, direct: None };
         }
         let direct = match Direct::new(connect_timeout, stall_timeout) {
@@ -620,12 +627,10 @@ fn sdk_default_client() -> SharedHttpClient {
     })
 }
 
-/// Whether an HTTP proxy is set in the environment (the SDK's client honours it; this
-/// module's connections would not).
-fn proxy_configured() -> bool {
-    ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
+/// Whether `proxies` send requests to `endpoint` through a proxy (an endpoint that is no URI
+/// is left to the SDK's client, which reports it).
+fn proxied(proxies: &Matcher, endpoint: &str) -> bool {
+    endpoint.parse::<http::Uri>().map_or(true, |uri| proxies.intercept(&uri).is_some())
 }
 
 #[cfg(test)]
@@ -638,6 +643,20 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    #[test]
+    fn data_gets_take_the_sdk_client_only_when_the_proxy_settings_cover_the_endpoint() {
+        let proxy = "http://proxy.site:3128";
+        let only_outside = Matcher::builder().all(proxy).no("127.0.0.1, .site.local").build();
+        assert!(!proxied(&only_outside, "http://127.0.0.1:9000"), "NO_PROXY covers it");
+        assert!(!proxied(&only_outside, "https://s3-mirror.site.local"), "NO_PROXY covers its domain");
+        assert!(proxied(&only_outside, "https://cryoet-data-portal-public.s3.us-west-2.amazonaws.com"));
+        let https_only = Matcher::builder().https(proxy).build();
+        assert!(proxied(&https_only, "https://cryoet-data-portal-public.s3.us-west-2.amazonaws.com"));
+        assert!(!proxied(&https_only, "http://10.0.0.5:9000"), "no proxy for http");
+        assert!(!proxied(&Matcher::builder().build(), "https://cryoet-data-portal-public.s3.us-west-2.amazonaws.com"));
+        assert!(proxied(&Matcher::builder().build(), "not a uri"));
+    }
 
     /// One scripted answer: what the server writes, in parts, each after a pause.
     struct Answer {

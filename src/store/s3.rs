@@ -105,7 +105,11 @@ impl S3Store {
             loader = loader.endpoint_url(url);
         }
         let shared = loader.load().await;
-        let http_client = PieceClient::new(CONNECT_TIMEOUT, config.retry.stall_timeout);
+        let endpoint = match &config.endpoint_url {
+            Some(url) => url.clone(),
+            None => format!("https://{}.s3.{}.amazonaws.com", config.bucket, config.region),
+        };
+        let http_client = PieceClient::new(CONNECT_TIMEOUT, config.retry.stall_timeout, &endpoint);
         let own_pieces = http_client.reads_into_pieces();
         let s3_config = aws_sdk_s3::config::Builder::from(&shared)
             .http_client(http_client)
