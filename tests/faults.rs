@@ -189,9 +189,10 @@ fn a_view_whose_chunk_keeps_failing_gives_eio_within_the_bound() {
     let error = fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin4.mrc"))).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
     assert!(started.elapsed() < Duration::from_secs(10), "EIO took {:?}", started.elapsed());
-    // One request for the chunk (its 6 attempts), not one more for the kernel's second try.
+    // One request for the chunk (its 6 attempts, fewer when the 3 s run out first on a busy
+    // machine), not one more for the kernel's second try (which made 10 to 12).
     let attempts: u64 = server.always_failed.lock().unwrap().values().sum();
-    assert_eq!(attempts, 6, "{:?}", server.always_failed.lock().unwrap());
+    assert!((1..=6).contains(&attempts), "{:?}", server.always_failed.lock().unwrap());
     // The other level's view does not depend on that chunk.
     assert_eq!(fs::read(mount.join(&format!("{TOMO_DIR}/TS_026.bin2.mrc"))).unwrap().len(), 1024 + 32 * 64 * 64 * 4);
 }
