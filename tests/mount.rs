@@ -459,3 +459,43 @@ fn a_private_bucket_reads_with_signed_requests_and_a_wrong_secret_is_refused() {
     assert!(fs::read(mount.join("private/tomogram.mrc")).unwrap() == bytes, "wrong bytes from the private bucket");
     assert!(server.gets.load(std::sync::atomic::Ordering::SeqCst) > gets, "no signed GET reached the server");
 }
+
+/// The systemd unit's mount must be the host's: no setting that runs the service in a mount
+/// namespace of its own (systemd.exec(5): they "disconnect propagation of mounts from the unit's
+/// processes to the host"), or `systemctl start cdpfs@...` mounts where nobody else sees it.
+#[test]
+fn the_systemd_mount_unit_mounts_in_the_hosts_namespace() {
+    let unit = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/cdpfs@.service")).unwrap();
+    let namespacing = [
+        "ProtectHome=",
+        "ProtectSystem=",
+        "ProtectKernelTunables=",
+        "ProtectKernelModules=",
+        "ProtectKernelLogs=",
+        "ProtectControlGroups=",
+        "ProtectProc=",
+        "ProtectHostname=",
+        "PrivateTmp=",
+        "PrivateDevices=",
+        "PrivateMounts=",
+        "PrivateNetwork=",
+        "PrivateUsers=",
+        "ReadOnlyPaths=",
+        "ReadWritePaths=",
+        "InaccessiblePaths=",
+        "ExecPaths=",
+        "NoExecPaths=",
+        "TemporaryFileSystem=",
+        "BindPaths=",
+        "BindReadOnlyPaths=",
+        "RootDirectory=",
+        "RootImage=",
+        "MountFlags=",
+        "MountAPIVFS=",
+    ];
+    let settings: Vec<&str> = unit.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
+    for setting in &settings {
+        assert!(!namespacing.iter().any(|n| setting.starts_with(n)), "{setting} hides the mount from the host");
+    }
+    assert!(settings.iter().any(|l| l.starts_with("ExecStart=") && l.contains("cdpfs mount %f --foreground")));
+}
