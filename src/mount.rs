@@ -157,18 +157,25 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
             .ok()
             .map(Arc::new)
     });
+    // Through the cache directory's time limit: it may hang too. (A snapshot has every listing.)
+    let saved_root = || match &saved_listings {
+        Some(saved) => runtime.block_on(saved.load_within_async(&config.prefix, None)).is_some(),
+        None => config.namespace.is_some(),
+    };
     if let Some(error) = unreachable {
-        // Through the cache directory's time limit: it may hang too.
-        let saved_root = match &saved_listings {
-            Some(saved) => runtime.block_on(saved.load_within_async(&config.prefix, None)).is_some(),
-            None => false,
-        };
-        if !saved_root {
+        if !saved_root() {
             bail!("cannot reach {}: {error} (and nothing of it is cached to serve offline)", endpoint(config));
         }
         warn!("cannot reach {}: {error}; mounting offline from saved listings and cached blocks (reads of anything else fail with EIO within --request-timeout) until S3 answers", endpoint(config));
     }
     if config.offline {
+        if config.synthetic_size.is_none() && !saved_root() {
+            bail!(
+                "--offline: the cache directory has no saved listing of s3://{}/{} to serve (stage it through a mount: `cdpfs prefetch MOUNT/PATH` saves the listings with the blocks; `cdpfs prefetch s3://...` alone saves blocks only), or give a --namespace snapshot",
+                config.s3.bucket,
+                config.prefix
+            );
+        }
         info!("offline (--offline): serving saved listings and cached blocks only; S3 is not asked");
     }
     // Decoded Blosc blocks come out of the memory budget's headroom.

@@ -442,3 +442,19 @@ fn a_non_empty_mount_point_is_refused_unless_allowed() {
         assert_eq!(fs::read(mnt.join("f")).unwrap(), b"mine");
     }
 }
+
+/// `--offline` over a cache directory with no saved listing (empty, or staged with `cdpfs
+/// prefetch s3://...`, which saves blocks only) would mount a tree that cannot even be listed:
+/// refused, saying how to stage.
+#[test]
+fn offline_over_a_cache_with_nothing_listed_is_refused() {
+    common::require_fuse();
+    let mnt = common::scratch_dir("mnt-offline-empty");
+    let empty_cache = common::scratch_dir("offline-empty-cache");
+    let out = common::mount_command(&mnt, &shared().1.addr_url())
+        .args(["--offline", "--cache-dir", empty_cache.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "--offline: the cache directory has no saved listing");
+    assert!(!common::is_mounted(&mnt));
+}
