@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 /// `-o name=value` options and the `cdpfs mount` flag each becomes.
-const VALUE_OPTIONS: [(&str, &str); 20] = [
+const VALUE_OPTIONS: [(&str, &str); 22] = [
     ("bucket", "--bucket"),
     ("region", "--region"),
     ("endpoint_url", "--endpoint-url"),
@@ -30,6 +30,8 @@ const VALUE_OPTIONS: [(&str, &str); 20] = [
     ("log_file", "--log-file"),
     ("shared_cache_dir", "--shared-cache-dir"),
     ("namespace", "--namespace"),
+    ("metrics_addr", "--metrics-addr"),
+    ("synthetic_size", "--synthetic-size"),
 ];
 
 /// `-o name` options and the `cdpfs mount` flag each becomes.

@@ -731,6 +731,26 @@ fn main() -> ExitCode {
 mod tests {
     use super::{normalize_prefix, parse_size, Cli};
 
+    /// Every `cdpfs mount` option can be written in an fstab line (`-o name=value` or `-o name`):
+    /// the mount helper knows them all.
+    #[test]
+    fn every_mount_option_has_an_fstab_form() {
+        use clap::{ArgAction, CommandFactory};
+        let cli = Cli::command();
+        let mount = cli.find_subcommand("mount").expect("a mount command");
+        for arg in mount.get_arguments().filter(|a| !a.is_positional()) {
+            let Some(long) = arg.get_long().filter(|l| !matches!(*l, "help" | "version")) else { continue };
+            let name = long.replace('-', "_");
+            let option = match arg.get_action() {
+                ArgAction::SetTrue => name,
+                _ => format!("{name}=1"),
+            };
+            let call = ["bucket", "/m", "-o", &option].map(str::to_owned);
+            let line = cdpfs::fstab::helper_to_cli(&call);
+            assert!(line.as_ref().is_ok_and(|l| l.contains(&format!("--{long}"))), "-o {option}: {line:?}");
+        }
+    }
+
     /// Every flag an environment variable can set takes 1/0, yes/no, on/off, true/false in any
     /// case (what an `/etc/default` file or a job script writes), not only `true`/`false`.
     #[test]
