@@ -169,6 +169,11 @@ impl Api {
         self.get("/hang");
     }
 
+    /// From now on the server answers every GraphQL request with HTTP `status`.
+    fn fail_with(&self, status: u16) {
+        self.get(&format!("/fail/{status}"));
+    }
+
     fn counts(&self) -> Value {
         self.get("/counts")
     }
@@ -443,6 +448,28 @@ fn behind_an_http_proxy_the_api_is_reached_through_it() {
     for head in &heads {
         let tunnel = format!("CONNECT {PROXIED_HOST}:{} HTTP/1.1\r\n", tls.port);
         assert!(head.starts_with(&tunnel), "not a tunnel to the API: {head:?}");
+    }
+}
+
+/// An API that keeps answering 503 (overloaded) or 429 (rate limiting) is left alone like a
+/// dead one once a call's retries are spent: lookups then fail at once instead of each sending
+/// its own retries (4 requests, ~1.5 s, a warning) to an API that asked to be left alone.
+#[test]
+fn an_api_that_keeps_failing_or_throttling_is_left_alone() {
+    for status in [503, 429] {
+        let Some(api) = Api::start() else { return };
+        let mount = mount(&format!("api-{status}"), &api.url(), &[]);
+        api.fail_with(status);
+        let failed = || api.counts()["failed"].as_u64().unwrap();
+        assert_eq!(errno_of(fs::symlink_metadata(mount.join("RN-241"))), Some(libc::EIO), "{status}");
+        let one_call = failed();
+        assert!((1..=4).contains(&one_call), "{status}: {one_call} requests for one lookup");
+        let started = Instant::now();
+        for id in ["TM-621", "AN-1129", "AL-5", "TS-7"] {
+            assert_eq!(errno_of(fs::symlink_metadata(mount.join(id))), Some(libc::EIO), "{status} {id}");
+        }
+        assert!(started.elapsed() < Duration::from_millis(500), "{status}: {:?}", started.elapsed());
+        assert_eq!(failed(), one_call, "{status}: the API was asked again");
     }
 }
 

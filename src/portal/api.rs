@@ -2,8 +2,9 @@
 //! variables, bodies built with serde_json), lists paged with `limitOffset`, at most
 //! [`MAX_IN_FLIGHT`] requests at a time, transient failures retried with backoff, and every call
 //! bounded by one timeout so a slow or absent API costs a lookup seconds, never a hang. After a
-//! call finds the API down (no answer in time, no connection, or a gateway's 502 or 504), calls
-//! fail at once for [`REST`], so a dead API costs one timeout, not one per lookup. Behind an HTTP
+//! call finds the API down (no answer in time, no connection, or a 5xx or 429 answer to every
+//! retry), calls fail at once for [`REST`], so a dead, overloaded or throttling API costs one
+//! call's attempts, not one per lookup. Behind an HTTP
 //! proxy named in the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`),
 //! as the S3 client is, calls go through it: a CONNECT tunnel to an https API, absolute-form
 //! requests to an http one.
@@ -272,11 +273,14 @@ impl PortalApi {
         };
         let timed_out = Err(ApiError::Timeout(self.timeout));
         let result = tokio::time::timeout(self.timeout, attempts).await.unwrap_or(timed_out);
-        // A gateway's 502 or 504 (a proxy's, a load balancer's) says the API behind it is down.
-        if let Err(e @ (ApiError::Timeout(_) | ApiError::Unreachable(_) | ApiError::Status(502 | 504))) = &result {
-            let url = &self.url;
-            warn!(%url, error = %e, rest = ?REST, "the portal API is down; id and facet lookups fail at once");
-            *self.resting_until.lock().expect("rest state poisoned") = Some(Instant::now() + REST);
+        // No answer, or one that still says "not now" once the retries are spent (a 5xx: down,
+        // overloaded, a gateway that cannot reach it; a 429: asking to be left alone).
+        if let Err(e) = &result {
+            if matches!(e, ApiError::Timeout(_)) || e.transient() {
+                let url = &self.url;
+                warn!(%url, error = %e, rest = ?REST, "the portal API is down; id and facet lookups fail at once");
+                *self.resting_until.lock().expect("rest state poisoned") = Some(Instant::now() + REST);
+            }
         }
         result
     }
