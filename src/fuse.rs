@@ -659,7 +659,13 @@ impl Filesystem for CdpFs {
         self.spawn(async move {
             match reader.names(&folder).await {
                 Ok(attributes) => reply_xattr(reply, size, &[names, names_of(&attributes)].concat()),
-                Err(e) => reply.error(errno(&e)),
+                // The portal metadata cannot be read now (not cached, S3 or the API down): the
+                // attributes that need none are still listed (reading a `user.cryoet.*` one
+                // says why it cannot be had).
+                Err(e) => {
+                    debug!(error = %e, "listing attributes without the portal metadata");
+                    reply_xattr(reply, size, &names)
+                }
             }
         });
     }

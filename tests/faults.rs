@@ -464,3 +464,21 @@ fn a_mirror_without_etags_never_serves_old_or_mixed_bytes_after_a_replacement() 
         eprintln!("no ETags, version {n} ({now}): the old handle got ESTALE; new opens read the new bytes");
     }
 }
+
+/// A folder whose portal metadata cannot be read (its JSON keeps failing) still lists the
+/// attributes that need none, so `getfattr -d` and `cdpfs info` go on; reading a
+/// `user.cryoet.*` one gives the error.
+#[test]
+fn a_folder_whose_metadata_cannot_be_read_still_lists_its_other_attributes() {
+    let faults = Faults { always: &[("tomogram_metadata.json", 500)], ..Faults::default() };
+    let (_server, mount) = mount_faulty("xattr-down", faults, &["--no-portal-api", "--request-timeout", "3s"]);
+    let folder = mount.join(TOMO_DIR);
+    let c_path = std::ffi::CString::new(folder.to_str().unwrap()).unwrap();
+    let mut names = vec![0u8; 4096];
+    // SAFETY: the path is NUL-terminated and the buffer is valid for its length.
+    let n = unsafe { libc::listxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    let listed = String::from_utf8_lossy(&names[..n as usize]).into_owned();
+    assert!(listed.contains("user.cdpfs.key\0"), "{listed:?}");
+    assert_eq!(cdpfs::stage::xattr(&folder, "user.cdpfs.key").unwrap(), format!("{TOMO_DIR}/"));
+}
