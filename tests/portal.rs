@@ -834,6 +834,18 @@ fn facet_folders_list_the_fixtures_datasets_and_runs() {
     assert_eq!(api.requests(), 4, "nothing asked again within the TTL");
 }
 
+/// On a mount of one dataset (`--prefix 10000/`) the dataset's own id is the mount's root, as
+/// the facet folders' links already said; another dataset's id is not in the tree.
+#[test]
+fn a_prefix_mount_resolves_its_own_dataset_id_to_its_root() {
+    let Some(api) = Api::start() else { return };
+    let mount = mount("prefix-ids", &api.url(), &["--prefix", "10000/"]);
+    assert_eq!(fs::read_link(mount.join("DS-10000")).unwrap(), PathBuf::from("."));
+    assert!(mount.join("DS-10000/TS_026").is_dir());
+    assert_eq!(fs::read_link(mount.join("RN-241")).unwrap(), PathBuf::from("TS_026"));
+    assert_eq!(errno_of(fs::symlink_metadata(mount.join("DS-10001"))), Some(libc::ENOENT));
+}
+
 #[test]
 fn info_describes_any_path_of_a_mount() {
     let Some(api) = Api::start() else { return };
@@ -887,6 +899,11 @@ fn info_describes_any_path_of_a_mount() {
     assert_eq!(report["key"], format!("{TOMO_DIR}/TS_026.mrc"));
     assert_eq!((&report["metadata"]["kind"], &report["metadata"]["id"]), (&json!("tomogram"), &json!("TM-621")));
     assert_eq!(report["contents"], json!([]));
+    // A facet folder is the mount's, not the bucket's: no key.
+    let out =
+        common::run_cdpfs(&["info", "--json", mount.join("by-organism").to_str().unwrap()], Duration::from_secs(30));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&report["key"], &report["kind"]), (&Value::Null, &json!("folder")));
     // Bad input: a clear error and a non-zero exit.
     for (path, message) in [("/nonexistent/x", "cannot open"), ("/tmp", "is not under a cdpfs mount")] {
         let out = common::run_cdpfs(&["info", path], Duration::from_secs(10));

@@ -635,8 +635,13 @@ impl Namespace {
     /// Whether folder `key` (ending in `/`) is in the tree, by listing its ancestors.
     async fn exists(&self, key: &str) -> Result<bool, NamespaceError> {
         let Some(inside) = key.strip_prefix(self.root_prefix.as_str()) else { return Ok(false) };
+        let inside = inside.trim_end_matches('/');
+        if inside.is_empty() {
+            // The mount's own root (`DS-10000` on a mount of `--prefix 10000/`).
+            return Ok(true);
+        }
         let mut prefix = self.root_prefix.clone();
-        for part in inside.trim_end_matches('/').split('/') {
+        for part in inside.split('/') {
             let listing = self.listing(&prefix).await?;
             match listing.find(part).map(|e| &e.node) {
                 Some(Node::Dir { prefix: next }) => prefix = next.clone(),
