@@ -37,8 +37,8 @@ struct Report {
     /// The path asked about, symlinks resolved.
     path: PathBuf,
     /// Its key in the bucket (a folder's without the final `/`; an MRC view's is the Zarr
-    /// level it shows, ending in `/`).
-    key: String,
+    /// level it shows, ending in `/`); none for what the mount adds (facet folders).
+    key: Option<String>,
     /// What it is: the portal's kind (`run`, `tomogram`, ...) where its metadata says, else
     /// `folder`, `file` or `MRC view`.
     kind: String,
@@ -64,7 +64,7 @@ pub fn show(path: &Path, json: bool) -> Result<()> {
         format!("{kind}{id}")
     };
     println!("{}  ({})", report.path.display(), title(&report.kind, &report.metadata));
-    println!("  key: {}", report.key);
+    println!("  key: {}", report.key.as_deref().unwrap_or("(none: the mount's, not the bucket's)"));
     for (name, value) in report.metadata.iter().filter(|(n, _)| *n != "kind" && *n != "id") {
         println!("  {name}: {value}");
     }
@@ -101,22 +101,22 @@ fn print_files(files: &[(String, u64)], indent: &str) {
 fn describe(path: &Path) -> Result<Report> {
     let path = fs::canonicalize(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mounts = crate::mount_table::mounts_of_type("fuse.cdpfs")?;
-    let Some(root) = mounts.iter().filter(|m| path.starts_with(m)).max_by_key(|m| m.as_os_str().len()) else {
+    if !mounts.iter().any(|m| path.starts_with(m)) {
         bail!("{} is not under a cdpfs mount", path.display());
-    };
+    }
     // The mount says where in the bucket a path is (a mount of a `--prefix` starts below the
-    // bucket's root); a mount that does not (an older cdpfs) is taken to show the whole bucket.
+    // bucket's root); what the mount adds (a facet folder) has no key.
     let key = match crate::stage::xattr(&path, "user.cdpfs.key") {
-        Ok(key) if path.is_dir() => key.trim_end_matches('/').to_owned(),
-        Ok(key) => key,
-        Err(_) => path.strip_prefix(root).expect("under the mount").to_string_lossy().into_owned(),
+        Ok(key) if path.is_dir() => Some(key.trim_end_matches('/').to_owned()),
+        Ok(key) => Some(key),
+        Err(_) => None,
     };
     let this = folder(&path, ".")?;
     let kind = match this.metadata.get("kind") {
         Some(kind) => kind.clone(),
         None if path.is_dir() => "folder".into(),
         // A view's key is the level's folder.
-        None if key.ends_with('/') => "MRC view".into(),
+        None if key.as_ref().is_some_and(|key| key.ends_with('/')) => "MRC view".into(),
         None => "file".into(),
     };
     let mut contents = Vec::new();
