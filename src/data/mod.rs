@@ -62,8 +62,9 @@ const STREAMED_OBJECT: u64 = crate::cache::PART_SIZE;
 
 /// A read that failed is failed again, without a new request, by reads starting in the same
 /// block this soon after: the kernel follows a failed read-ahead request of a file it reads
-/// through the page cache with a request for the page the program wanted, at once.
-const FAILURE_ECHO: Duration = Duration::from_secs(1);
+/// through the page cache with a request for the page the program wanted, at once. (Not when
+/// S3 was unreachable and answers again.)
+const FAILURE_ECHO: Duration = Duration::from_millis(500);
 
 /// Recent failed reads remembered for [`FAILURE_ECHO`].
 const RECENT_FAILURES: usize = 1024;
@@ -252,7 +253,8 @@ impl DataPath {
     ) -> Result<Slices, StoreError> {
         let failure_key = (version_of(object), offset / self.cache.block_size());
         if let Some((at, error)) = self.recent_failures.lock().expect("recent failures poisoned").get(&failure_key) {
-            if at.elapsed() < FAILURE_ECHO {
+            let back = matches!(error, StoreError::Unreachable(_)) && self.store.reachable();
+            if at.elapsed() < FAILURE_ECHO && !back {
                 return Err(error.clone());
             }
         }
