@@ -5,6 +5,7 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -200,9 +201,21 @@ fn a_view_whose_chunk_keeps_failing_gives_eio_within_the_bound() {
 #[test]
 fn an_object_replaced_after_listing_gives_estale_not_mixed_bytes() {
     let faults = Faults { always: &[("24apr23a_Position_12.mrc", 412)], ..Faults::default() };
-    let (_server, mount) = mount_faulty("replaced", faults, &[]);
-    let error = fs::read(mount.join("10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc")).unwrap_err();
+    let (server, mount) = mount_faulty("replaced", faults, &[]);
+    let path = mount.join("10001/24apr23a_Position_12/TiltSeries/100/24apr23a_Position_12.mrc");
+    let error = fs::read(&path).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "{error}");
+    // Found replaced, the version stays so: reads anywhere in it fail at once, without a GET
+    // (each read sent one, and logged a warning).
+    let asked = || -> u64 { server.always_failed.lock().unwrap().values().sum() };
+    let before = asked();
+    let file = File::open(&path).unwrap();
+    let size = file.metadata().unwrap().len();
+    for offset in [0, size / 4, size / 2, size - 1] {
+        let error = file.read_at(&mut [0u8; 4096], offset).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ESTALE), "at {offset}: {error}");
+    }
+    assert_eq!(asked(), before, "asked S3 again about a version it said was replaced");
 }
 
 #[test]

@@ -66,8 +66,11 @@ const STREAMED_OBJECT: u64 = crate::cache::PART_SIZE;
 /// S3 was unreachable and answers again.)
 const FAILURE_ECHO: Duration = Duration::from_millis(500);
 
-/// Recent failed reads remembered for [`FAILURE_ECHO`].
+/// Recent failed reads remembered for [`FAILURE_ECHO`] (and versions found replaced).
 const RECENT_FAILURES: usize = 1024;
+
+/// The block number under which a version found replaced (`Changed`) is remembered: all of it.
+const WHOLE_VERSION: u64 = u64::MAX;
 
 /// Object versions whose first pass is tracked (128 GiB of distinct 8 MiB objects; an object
 /// whose entry was dropped reads one more pass past the page cache).
@@ -244,26 +247,33 @@ impl DataPath {
     }
 
     /// What `read` (of `object` from `offset`: a file's or an MRC view's) gives, unless a read
-    /// starting in the same block failed within [`FAILURE_ECHO`]: then that failure again.
+    /// starting in the same block failed within [`FAILURE_ECHO`], or S3 said this version was
+    /// replaced: then that failure again, without asking S3.
     pub async fn unless_failed_just_now(
         &self,
         object: &ObjectMeta,
         offset: u64,
         read: impl Future<Output = Result<Slices, StoreError>>,
     ) -> Result<Slices, StoreError> {
-        let failure_key = (version_of(object), offset / self.cache.block_size());
-        if let Some((at, error)) = self.recent_failures.lock().expect("recent failures poisoned").get(&failure_key) {
-            let back = matches!(error, StoreError::Unreachable(_)) && self.store.reachable();
-            if at.elapsed() < FAILURE_ECHO && !back {
+        let (version, block) = (version_of(object), offset / self.cache.block_size());
+        {
+            let mut failures = self.recent_failures.lock().expect("recent failures poisoned");
+            // A version found replaced stays replaced: every read of it fails so, at once.
+            if let Some((_, error)) = failures.get(&(version.clone(), WHOLE_VERSION)) {
                 return Err(error.clone());
+            }
+            if let Some((at, error)) = failures.get(&(version.clone(), block)) {
+                let back = matches!(error, StoreError::Unreachable(_)) && self.store.reachable();
+                if at.elapsed() < FAILURE_ECHO && !back {
+                    return Err(error.clone());
+                }
             }
         }
         let result = read.await;
         if let Err(error) = &result {
-            self.recent_failures
-                .lock()
-                .expect("recent failures poisoned")
-                .put(failure_key, (Instant::now(), error.clone()));
+            let block = if matches!(error, StoreError::Changed(_)) { WHOLE_VERSION } else { block };
+            let mut failures = self.recent_failures.lock().expect("recent failures poisoned");
+            failures.put((version, block), (Instant::now(), error.clone()));
         }
         result
     }
