@@ -97,6 +97,7 @@ pub struct Snapshot {
     pub cache_memory_bytes: u64,
     pub cache_disk_writes: u64,
     pub cache_disk_writes_dropped: u64,
+    pub cache_disk_writes_refused: u64,
     pub cache_disk_write_queue_bytes: u64,
     pub cache_disk_read_timeouts: u64,
     pub cache_dir_operations: u64,
@@ -134,6 +135,7 @@ impl Stats {
             cache_memory_bytes: cache.memory_bytes(),
             cache_disk_writes: cache.disk().map_or(0, |d| load(&d.writes().written)),
             cache_disk_writes_dropped: cache.disk().map_or(0, |d| load(&d.writes().dropped)),
+            cache_disk_writes_refused: cache.disk().map_or(0, |d| load(&d.writes().refused)),
             cache_disk_write_queue_bytes: cache.disk().map_or(0, |d| load(&d.writes().queued_bytes)),
             cache_disk_read_timeouts: cache.disk().map_or(0, |d| d.read_timeouts()),
             cache_dir_operations: cache.disk().map_or(0, |d| d.read_operations()),
@@ -177,6 +179,11 @@ impl Snapshot {
                 "cdpfs_cache_disk_writes_dropped_total",
                 "Blocks not written to the disk cache because its write queue was full",
                 self.cache_disk_writes_dropped as f64,
+            ),
+            (
+                "cdpfs_cache_disk_writes_refused_total",
+                "Blocks the cache directory did not take (full, read-only or failing)",
+                self.cache_disk_writes_refused as f64,
             ),
             (
                 "cdpfs_cache_disk_read_timeouts_total",

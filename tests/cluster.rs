@@ -284,6 +284,12 @@ fn full_and_read_only_cache_dirs_mount_and_serve() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(common::read_whole(&mount.join(&key)) == *expected);
+        // Counted as refused by the directory, not as a full write queue (where the remedy
+        // would be a faster disk).
+        let out = run_cdpfs(&["stats", mount.path.to_str().unwrap(), "--json"], Duration::from_secs(10));
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(stats["cache_disk_writes_refused"].as_u64().unwrap() > 0, "{stats}");
+        assert_eq!(stats["cache_disk_writes_dropped"], 0, "{stats}");
     }
 
     // Read-only: a cache written before is read, never written.

@@ -177,6 +177,7 @@ pub struct DiskTier {
 static NO_WRITES: write_behind::WriteCounters = write_behind::WriteCounters {
     written: AtomicU64::new(0),
     dropped: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
     queued_bytes: AtomicU64::new(0),
 };
 

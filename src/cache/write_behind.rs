@@ -24,8 +24,10 @@ use super::BlockKey;
 pub struct WriteCounters {
     /// Blocks written to the cache directory.
     pub written: AtomicU64,
-    /// Blocks not written because the queue was full (or the directory refused them).
+    /// Blocks not written because the queue was full (or the mount was ending).
     pub dropped: AtomicU64,
+    /// Blocks the cache directory did not take (full, read-only, failing, paused after that).
+    pub refused: AtomicU64,
     /// Bytes waiting in the queue now.
     pub queued_bytes: AtomicU64,
 }
@@ -110,8 +112,11 @@ fn write_loop(
     loop {
         let job = jobs.lock().expect("write queue poisoned").recv();
         let Ok((key, data)) = job else { return };
-        let written = !closing.load(Ordering::Acquire) && disk.write(&key, &data);
-        let outcome = if written { &counters.written } else { &counters.dropped };
+        let outcome = match closing.load(Ordering::Acquire) {
+            true => &counters.dropped,
+            false if disk.write(&key, &data) => &counters.written,
+            false => &counters.refused,
+        };
         outcome.fetch_add(1, Ordering::Relaxed);
         counters.queued_bytes.fetch_sub(data.len() as u64, Ordering::AcqRel);
     }
