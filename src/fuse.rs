@@ -647,9 +647,7 @@ impl Filesystem for CdpFs {
         };
         let names: Vec<u8> = match &node {
             Node::File(_) | Node::View(_) => names_of(&XATTR_NAMES),
-            Node::Dir { .. } if ino.0 == ROOT_INO => {
-                names_of(&[STATS_XATTR, FOLDER_XATTR_NAMES[0], FOLDER_XATTR_NAMES[1]])
-            }
+            Node::Dir { .. } if ino.0 == ROOT_INO => names_of(&[&[STATS_XATTR][..], &FOLDER_XATTR_NAMES].concat()),
             Node::Dir { .. } => names_of(&FOLDER_XATTR_NAMES),
             Node::Link { .. } | Node::Facet { .. } => Vec::new(),
         };

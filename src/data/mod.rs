@@ -255,17 +255,21 @@ impl DataPath {
         offset: u64,
         read: impl Future<Output = Result<Slices, StoreError>>,
     ) -> Result<Slices, StoreError> {
-        let (version, block) = (version_of(object), offset / self.cache.block_size());
+        let block = offset / self.cache.block_size();
         {
             let mut failures = self.recent_failures.lock().expect("recent failures poisoned");
-            // A version found replaced stays replaced: every read of it fails so, at once.
-            if let Some((_, error)) = failures.get(&(version.clone(), WHOLE_VERSION)) {
-                return Err(error.clone());
-            }
-            if let Some((at, error)) = failures.get(&(version.clone(), block)) {
-                let back = matches!(error, StoreError::Unreachable(_)) && self.store.reachable();
-                if at.elapsed() < FAILURE_ECHO && !back {
+            // Nearly always empty: a read then builds no key (this is every read's path).
+            if !failures.is_empty() {
+                let version = version_of(object);
+                // A version found replaced stays replaced: every read of it fails so, at once.
+                if let Some((_, error)) = failures.get(&(version.clone(), WHOLE_VERSION)) {
                     return Err(error.clone());
+                }
+                if let Some((at, error)) = failures.get(&(version, block)) {
+                    let back = matches!(error, StoreError::Unreachable(_)) && self.store.reachable();
+                    if at.elapsed() < FAILURE_ECHO && !back {
+                        return Err(error.clone());
+                    }
                 }
             }
         }
@@ -273,7 +277,7 @@ impl DataPath {
         if let Err(error) = &result {
             let block = if matches!(error, StoreError::Changed(_)) { WHOLE_VERSION } else { block };
             let mut failures = self.recent_failures.lock().expect("recent failures poisoned");
-            failures.put((version, block), (Instant::now(), error.clone()));
+            failures.put((version_of(object), block), (Instant::now(), error.clone()));
         }
         result
     }
