@@ -31,6 +31,16 @@ pub fn mounts_of_type(fstype: &str) -> Result<Vec<std::path::PathBuf>> {
         .collect())
 }
 
+/// Whether `path`, which need not exist, is at or under the mount point of a cdpfs mount (its
+/// nearest existing folder, links resolved, as the mount table names mount points).
+pub fn under_a_cdpfs_mount(path: &Path) -> Result<bool> {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let Some(existing) = absolute.ancestors().find_map(|folder| fs::canonicalize(folder).ok()) else {
+        return Ok(false);
+    };
+    Ok(mounts_of_type("fuse.cdpfs")?.iter().any(|m| existing.starts_with(m)))
+}
+
 /// Decodes the octal escapes (`\040` for space, ...) the kernel uses in mountinfo paths.
 fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();

@@ -65,7 +65,9 @@ pub fn prefetch(targets: &[String], jobs: usize, staging: &BucketStaging) -> Res
             None => match std::fs::metadata(target) {
                 Ok(_) => collect(Path::new(target), &mut files)?,
                 // A mount's path is never a bucket key, even when it is not there.
-                Err(e) if under_a_mount(Path::new(target)) => bail!("cannot prefetch {target}: {e}"),
+                Err(e) if crate::mount_table::under_a_cdpfs_mount(Path::new(target)).unwrap_or(false) => {
+                    bail!("cannot prefetch {target}: {e}")
+                }
                 Err(_) => keys.push((staging.s3.bucket.clone(), target.trim_start_matches('/').to_owned())),
             },
         }
@@ -233,16 +235,6 @@ impl Bucket {
             },
         ))
     }
-}
-
-/// Whether `path`, which need not exist, is at or under the mount point of a cdpfs mount.
-fn under_a_mount(path: &Path) -> bool {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    // Its nearest existing folder, links resolved, as the mount table names mount points.
-    let Some(existing) = absolute.ancestors().find_map(|folder| std::fs::canonicalize(folder).ok()) else {
-        return false;
-    };
-    crate::mount_table::mounts_of_type("fuse.cdpfs").is_ok_and(|mounts| mounts.iter().any(|m| existing.starts_with(m)))
 }
 
 /// Every regular file under `path`, with its size.

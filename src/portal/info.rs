@@ -100,8 +100,7 @@ fn print_files(files: &[(String, u64)], indent: &str) {
 
 fn describe(path: &Path) -> Result<Report> {
     let path = fs::canonicalize(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mounts = crate::mount_table::mounts_of_type("fuse.cdpfs")?;
-    if !mounts.iter().any(|m| path.starts_with(m)) {
+    if !crate::mount_table::under_a_cdpfs_mount(&path)? {
         bail!("{} is not under a cdpfs mount", path.display());
     }
     // The mount says where in the bucket a path is (a mount of a `--prefix` starts below the
