@@ -178,8 +178,8 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         }
         info!("offline (--offline): serving saved listings and cached blocks only; S3 is not asked");
     }
-    // Decoded Blosc blocks come out of the memory budget's headroom.
-    let views = Arc::new(Catalog::new(data.clone(), config.max_memory / 16));
+    // MRC views' blocks being computed and decoded Blosc blocks: from the budget's headroom.
+    let views = Arc::new(Catalog::new(data.clone(), config.max_memory / 8));
     let mut namespace =
         Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead);
     if config.mrc_views {
@@ -264,8 +264,9 @@ fn portal_map(config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<Opt
 
 /// The block cache and read path sized from the configuration: of the memory budget, 3/8 for
 /// cached blocks, 1/4 for blocks being fetched, 1/8 for blocks waiting to be written to disk,
-/// and 1/4 of headroom (replies being assembled, read-ahead parts partly evicted, decoded Blosc
-/// blocks of MRC views, and 1/64 for the bytes of recent exact reads, such as headers).
+/// and 1/4 of headroom (replies being assembled, read-ahead parts partly evicted; 1/8 for MRC
+/// views' blocks being computed and their decoded Blosc blocks, and 1/64 for the bytes of
+/// recent exact reads, such as headers).
 fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<DataPath> {
     let disk = match &config.disk_cache {
         Some((dir, size)) => {
@@ -332,11 +333,13 @@ async fn serve_metrics(listener: tokio::net::TcpListener, stats: Arc<Stats>, dat
 /// reused at once (a buffer mapped on its own costs a page fault per 4 KiB each time: that
 /// doubled the CPU per GB of a cold read), in at most two heaps. A background thread hands the
 /// heaps' free memory back to the OS whenever the process holds more than 3/4 of
-/// `max_memory`, so its memory follows the budget instead of keeping its high-water mark (and
-/// below that, freed memory is reused without faulting it in again). Nor does a heap give back
-/// the free memory at its top on every `free` (glibc's default above 128 KiB): a 1 MiB reply
-/// assembled from two blocks and freed at once was faulted in afresh for every read (500k page
-/// faults per 2.4 GB read past the page cache, half its speed).
+/// `max_memory` (checked every 20 ms: at 200 ms, the heaps of a 32 MiB mount computing MRC view
+/// blocks outgrew the budget between checks), so its memory follows the budget instead of
+/// keeping its high-water mark (and below that, freed memory is reused without faulting it in
+/// again). Nor does a heap give back the free memory at its top on every `free` (glibc's
+/// default above 128 KiB): a 1 MiB reply assembled from two blocks and freed at once was
+/// faulted in afresh for every read (500k page faults per 2.4 GB read past the page cache,
+/// half its speed).
 fn tune_allocator(max_memory: u64) {
     let trim_threshold = (max_memory / 8).min(64 << 20) as libc::c_int;
     // SAFETY: mallopt only changes allocator parameters; any value is safe.
@@ -347,7 +350,7 @@ fn tune_allocator(max_memory: u64) {
     }
     let page = procfs_page_size();
     let trim = std::thread::Builder::new().name("cdpfs-trim".into()).spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(20));
         let resident = fs::read_to_string("/proc/self/statm")
             .ok()
             .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok());

@@ -306,12 +306,9 @@ fn sixty_four_readers_over_sixteen_files_stay_correct_and_within_memory() {
             });
         }
     });
-    let pid = common::serving_pid(&mount.path).unwrap();
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let peak_kib: u64 =
-        status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    eprintln!("load: {} file reads by 64 readers, peak RSS {} MiB", reads.load(Ordering::Relaxed), peak_kib >> 10);
-    assert!(peak_kib * 1024 <= (64 << 20) + (100 << 20), "peak RSS {peak_kib} KiB over budget + 100 MiB");
+    let peak = common::process_memory(&mount.path, "VmHWM:");
+    eprintln!("load: {} file reads by 64 readers, peak RSS {} MiB", reads.load(Ordering::Relaxed), peak >> 20);
+    assert!(peak <= (64 << 20) + (100 << 20), "peak RSS {} KiB over budget + 100 MiB", peak >> 10);
 }
 
 #[test]

@@ -175,14 +175,6 @@ fn stat(mount: &Mounted, name: &str) -> u64 {
     json[name].as_u64().unwrap_or_else(|| panic!("no {name} in {json}"))
 }
 
-/// `VmHWM` or `VmRSS` of the process serving `mount`, in bytes.
-fn memory(mount: &Mounted, field: &str) -> u64 {
-    let pid = common::serving_pid(&mount.path).expect("the mount's process");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
 #[test]
 fn a_section_read_fetches_about_one_section_and_no_more() {
     let _serial = serial();
@@ -321,11 +313,11 @@ fn a_slow_cache_dir_drops_writes_and_neither_slows_reads_nor_grows_memory() {
     slow.controls.write_delay_ms.store(100, Ordering::SeqCst);
     let cache = slow.path.to_str().unwrap();
     let mount = Mounted::on(server, "slow-disk", &["--cache-dir", cache, "--max-memory", "48M"]);
-    let idle = memory(&mount, "VmRSS:");
+    let idle = common::process_memory(&mount.path, "VmRSS:");
     let started = Instant::now();
     assert!(read_all(&mount.join(KEY)) == *source);
     let with_slow_disk = started.elapsed();
-    let growth = memory(&mount, "VmHWM:").saturating_sub(idle);
+    let growth = common::process_memory(&mount.path, "VmHWM:").saturating_sub(idle);
     assert!(stat(&mount, "cache_disk_writes_dropped") > 0, "a full write queue must drop blocks");
     assert!(
         with_slow_disk <= without_disk * 3 / 2 + Duration::from_secs(1),

@@ -17,6 +17,7 @@ use common::{scratch_dir, start_server, Faults, Mounted, Server, BUCKET};
 const TOMO_DIR: &str = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Tomograms/100";
 const MASK_DIR: &str = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/101";
 const BIG_DIR: &str = "10002/big/Reconstructions/VoxelSpacing10.000/Tomograms/100";
+const WIDE_DIR: &str = "10002/wide/Reconstructions/VoxelSpacing10.000/Tomograms/100";
 
 /// The Zarr fixtures (written once per test binary by `tests/fixtures/zarr_views.py`) and a
 /// server for them; `None` when no Python with zarr is available.
@@ -176,6 +177,53 @@ fn a_section_read_fetches_only_the_chunks_of_its_z_range_and_cached_views_need_n
     let offline = Mounted::on(server, "views-offline", &["--cache-dir", cache.to_str().unwrap(), "--offline"]);
     let third = fs::read(offline.join(BIG_DIR).join("big.bin2.mrc")).unwrap();
     assert!(first == third, "the view read offline differs");
+}
+
+/// A view block is computed from up to bin^3 times its bytes of decoded chunk data, and a
+/// reader's read-ahead computes many blocks at once: reading a view of the portal's chunks
+/// (256^3, a section across 3 x 3 of them) stays within `--max-memory` (RSS growth of the
+/// mount's process), and with no disk tier each chunk byte is still fetched about once.
+#[test]
+fn reading_a_view_stays_within_the_memory_budget_and_fetches_each_chunk_once() {
+    let Some((root, server, _)) = fixture() else { return };
+    let _serial = serial();
+    let reference = fs::read(root.join("refs").join(format!("{}_wide.bin1.mrc", WIDE_DIR.replace('/', "_")))).unwrap();
+    let level = root.join(common::BUCKET).join(WIDE_DIR).join("wide.zarr/0");
+    let chunk_bytes: u64 = walk(&level).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+    let cache = scratch_dir("views-memory-cache");
+    let with_disk = ["--max-memory", "32M", "--cache-dir", cache.to_str().unwrap()];
+    let without_disk = ["--max-memory", "128M", "--no-disk-cache"];
+    for (name, args, budget) in
+        [("views-memory", &with_disk[..], 32u64 << 20), ("views-memory-ram", &without_disk, 128 << 20)]
+    {
+        let mount = Mounted::on(server, name, args);
+        let path = mount.join(WIDE_DIR).join("wide.bin1.mrc");
+        assert_eq!(fs::metadata(&path).unwrap().len(), reference.len() as u64);
+        let idle = common::process_memory(&mount.path, "VmRSS:");
+        let before = server.bytes.load(std::sync::atomic::Ordering::SeqCst);
+        let read = fs::read(&path).unwrap();
+        assert!(read[1024..] == reference[1024..], "{name}: the view's voxels differ from the reference MRC's");
+        let fetched = server.bytes.load(std::sync::atomic::Ordering::SeqCst) - before;
+        let growth = common::process_memory(&mount.path, "VmHWM:").saturating_sub(idle);
+        eprintln!("{name}: RSS grew by {} MiB, fetched {fetched} bytes for {chunk_bytes} of chunks", growth >> 20);
+        assert!(growth <= budget * 11 / 10, "{name}: RSS grew by {} MiB over {} MiB", growth >> 20, budget >> 20);
+        assert!(fetched <= chunk_bytes * 12 / 10, "{name}: fetched {fetched} bytes for {chunk_bytes} of chunks");
+    }
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|e| {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                walk(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Block cache: fixed-size blocks of object data keyed by (key, ETag, block index).
 //!
-//! Two tiers: memory (moka, bounded in bytes, LRU) in front of an optional persistent disk tier
+//! Two tiers: memory ([`memory::BytesLru`], bounded in bytes) in front of an optional persistent disk tier
 //! ([`disk::DiskCache`]). A block is loaded once however many readers want it at the same time
 //! (single-flight): memory, then disk, then S3. A block a reader waits for is fetched by one
 //! ranged GET of its own; read-ahead fetches runs of blocks within one aligned part
@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod bound;
 pub mod disk;
+pub mod memory;
 pub mod offload;
 pub mod write_behind;
 
@@ -31,6 +32,7 @@ use futures_util::FutureExt;
 
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use disk::DiskCache;
+use memory::BytesLru;
 use offload::CacheDirIo;
 use write_behind::WriteBehind;
 
@@ -232,7 +234,7 @@ impl DiskTier {
 pub struct BlockCache {
     store: Arc<dyn ObjectStore>,
     block_size: u64,
-    memory: moka::future::Cache<BlockKey, Bytes>,
+    memory: BytesLru<BlockKey>,
     disk: Option<DiskTier>,
     /// The shared cache directory, read after `disk`.
     shared: Option<DiskTier>,
@@ -257,12 +259,7 @@ impl BlockCache {
         fetch_slots: usize,
         disk: Option<DiskTier>,
     ) -> BlockCache {
-        let memory = moka::future::Cache::builder()
-            .max_capacity(memory_bytes)
-            .weigher(|_, block: &Bytes| u32::try_from(block.len()).unwrap_or(u32::MAX))
-            // TinyLFU would refuse new sequential blocks in favour of old ones.
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
+        let memory = BytesLru::new(memory_bytes);
         let fetch_slots = fetch_slots.max(1);
         let part_blocks = (PART_SIZE / block_size).clamp(1, fetch_slots as u64);
         let fetch_slots = Arc::new(tokio::sync::Semaphore::new(fetch_slots));
@@ -360,6 +357,13 @@ impl BlockCache {
         }
     }
 
+    /// Drops `blocks` of `object` from memory (only; read-ahead is not told).
+    pub async fn evict(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
+        for index in blocks {
+            self.memory.invalidate(&BlockKey { object: object.clone(), index }).await;
+        }
+    }
+
     /// Lets read-ahead fetch every block of `object` again, including those streams have read
     /// and dropped (a reader through the page cache after passes that bypassed it).
     pub fn read_ahead_everything(&self, object: &ObjectMeta) {
@@ -445,7 +449,7 @@ impl BlockCache {
             let key = |index| BlockKey { object: object.clone(), index };
             // What is missing is decided and the run registered under one lock, so that two
             // readers of one stream asking at the same time do not both start it.
-            let (on_disk, out_of_slots) = {
+            let (on_disk, mut out_of_slots) = {
                 let mut pending = self.pending.lock().expect("pending blocks poisoned");
                 let released = self.released.lock().expect("released blocks poisoned");
                 let missing = (next..part_end).filter(|&i| {
@@ -464,8 +468,18 @@ impl BlockCache {
                 }
                 (on_disk, out_of_slots)
             };
+            // Loads from disk take fetch slots too: the blocks they bring into memory count
+            // in the same bound as those GETs bring.
             for index in on_disk {
-                self.get_in_background(key(index));
+                let Ok(slot) = self.fetch_slots.clone().try_acquire_owned() else {
+                    out_of_slots = true;
+                    break;
+                };
+                let (cache, key) = (self.clone(), key(index));
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    cache.get(key).await
+                });
             }
             if out_of_slots {
                 return next;
@@ -786,7 +800,7 @@ mod tests {
         for index in 0..50 {
             cache.get(BlockKey { object: object.clone(), index }).await.unwrap();
         }
-        cache.memory.run_pending_tasks().await;
+        cache.memory.settle().await;
         assert!(cache.memory.weighted_size() <= 5000, "{}", cache.memory.weighted_size());
     }
 

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::cache::memory::BytesLru;
 use crate::cache::{BlockCache, BlockKey};
 use crate::portal::MrcSections;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
@@ -164,7 +165,7 @@ pub struct DataPath {
     first_passes: Mutex<lru::LruCache<Version, FirstPass>>,
     /// The bytes recent exact reads fetched, by object version and start (see
     /// [`DataPath::read_exact`]).
-    exact_reads: moka::future::Cache<(Version, u64), Bytes>,
+    exact_reads: BytesLru<(Version, u64)>,
     /// Zarr levels whose chunks are being read whole one after another.
     sweeps: Arc<ChunkSweeps>,
     /// Reads that failed lately, by object version and the block they started in.
@@ -178,10 +179,7 @@ impl DataPath {
         let budget = StreamBudget::new(config.read_ahead_budget, cache.part_size());
         let first_passes = Mutex::new(lru::LruCache::new(FIRST_PASSES.try_into().expect("non-zero")));
         let bypass_allowed = AtomicBool::new(false);
-        let exact_reads = moka::future::Cache::builder()
-            .max_capacity(config.exact_read_memory)
-            .weigher(|_, bytes: &Bytes| u32::try_from(bytes.len()).unwrap_or(u32::MAX))
-            .build();
+        let exact_reads = BytesLru::new(config.exact_read_memory);
         let sweeps = Arc::default();
         let recent_failures = Mutex::new(lru::LruCache::new(RECENT_FAILURES.try_into().expect("non-zero")));
         DataPath {
@@ -634,9 +632,9 @@ impl From<Bytes> for Slices {
 }
 
 /// The bytes of `range` from consecutive `blocks`, the first starting at object offset `first`,
-/// in one buffer.
+/// copied into a buffer of their own (which does not keep the blocks in memory).
 pub(crate) fn assemble(blocks: &[Bytes], first: u64, range: Range<u64>) -> Bytes {
-    Slices::cut(blocks, first, range).into_bytes()
+    Slices::cut(blocks, first, range).0.concat().into()
 }
 
 /// The largest power of two not above `n` (1 for 0).

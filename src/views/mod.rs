@@ -27,15 +27,19 @@ use futures_util::future::{join_all, try_join_all};
 use futures_util::TryFutureExt;
 use tracing::debug;
 
+use crate::cache::memory::BytesLru;
 use crate::cache::BlockKey;
-use crate::data::prefetch::{Pattern, Prefetcher};
+use crate::data::prefetch::{Pattern, Prefetcher, BACKWARD_TOLERANCE};
 use crate::data::{clamp, DataPath, Slices};
 use crate::store::{ObjectMeta, PrefixListing, StoreError, StoreFuture};
 use blosc::Frame;
 use zarr::{ArrayLayout, Codec, PyramidLevel};
 
-/// Compressed bytes of a chunk fetched ahead of what a view block needed from it (sequential
-/// readers of a view read each chunk front to back).
+/// The most compressed bytes of a chunk fetched ahead of what a view block needed from it
+/// (sequential readers of a view read each chunk front to back). A stream reads every chunk
+/// of a row of chunks at once: each gets an equal part of half the stream's read-ahead window
+/// (the other half is the view blocks computed ahead), so that what is fetched ahead fits the
+/// memory tier instead of pushing out what is about to be read.
 const CHUNK_READ_AHEAD: u64 = 32 << 20;
 
 /// The largest read-ahead window of a view's reader: a view block is computed from up to bin^3
@@ -98,6 +102,13 @@ impl MrcView {
         start..(start + block_size).min(row_start + self.row_bytes()).min(self.file.size)
     }
 
+    /// How far a sequential reader with read-ahead `window` reads ahead in each chunk.
+    fn chunk_read_ahead(&self, window: u64) -> u64 {
+        let [_, ny, nx] = self.layout.shape;
+        let [_, cy, cx] = self.layout.chunks;
+        (window / 2 / (ny.div_ceil(cy) * nx.div_ceil(cx)).max(1)).min(CHUNK_READ_AHEAD)
+    }
+
     /// The block holding byte `offset`.
     fn block_at(&self, block_size: u64, offset: u64) -> u64 {
         let Some(data) = offset.checked_sub(mrc::HEADER_LEN) else { return 0 };
@@ -154,6 +165,8 @@ pub struct OpenView {
     pub view: Arc<MrcView>,
     pattern: std::sync::Mutex<Prefetcher>,
     requested: AtomicU64,
+    /// The first block a stream through the view has not dropped from memory.
+    released: AtomicU64,
 }
 
 /// Finds and reads the MRC views of a mount.
@@ -163,19 +176,47 @@ pub struct Catalog {
     lister: OnceLock<Weak<dyn Lister>>,
     /// Decoded Blosc blocks of chunks, keyed by chunk version and block number (neighbouring
     /// view blocks share them).
-    decoded: moka::future::Cache<BlockKey, Bytes>,
+    decoded: BytesLru<BlockKey>,
+    /// Memory for view blocks being computed (a view's read-ahead computes many at once): each
+    /// waits here for room for itself and the items of the chunks it is cut from.
+    computing: Room,
+    /// Memory for decodes in flight: a view block is computed from up to bin^3 times its size
+    /// of decoded chunk data, so each chunk's part of a block waits here for room for the
+    /// compressed bytes and decoded Blosc blocks it holds until its items are cut out.
+    decoding: Room,
+}
+
+/// A share of the memory budget that computations wait for room in.
+struct Room {
+    /// Free room, in KiB.
+    free: tokio::sync::Semaphore,
+    /// All of the room, in KiB.
+    kib: u32,
+}
+
+impl Room {
+    fn new(bytes: u64) -> Room {
+        let kib = u32::try_from(bytes >> 10).unwrap_or(u32::MAX).max(1);
+        Room { free: tokio::sync::Semaphore::new(kib as usize), kib }
+    }
+
+    /// Waits until there is room for `bytes` more (all of the room, for a computation that
+    /// needs more than there is); the room is given back when the guard is dropped.
+    async fn for_bytes(&self, bytes: usize) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).min(self.kib);
+        self.free.acquire_many(kib).await.map_err(|e| StoreError::Other(format!("view computation stopped: {e}")))
+    }
 }
 
 impl Catalog {
-    /// A catalog reading metadata and chunks through `data` and keeping up to `decoded_bytes` of
-    /// decoded Blosc blocks in memory; it lists chunks once [`Catalog::list_through`] says how.
-    pub fn new(data: Arc<DataPath>, decoded_bytes: u64) -> Catalog {
-        let decoded = moka::future::Cache::builder()
-            .max_capacity(decoded_bytes)
-            .weigher(|_, block: &Bytes| u32::try_from(block.len()).unwrap_or(u32::MAX))
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
-        Catalog { data, lister: OnceLock::new(), decoded }
+    /// A catalog reading metadata and chunks through `data` within `memory` bytes: half for
+    /// view blocks being computed, a quarter for decodes in flight, a quarter for decoded
+    /// Blosc blocks kept for neighbouring view blocks. It lists chunks once
+    /// [`Catalog::list_through`] says how.
+    pub fn new(data: Arc<DataPath>, memory: u64) -> Catalog {
+        let decoded = BytesLru::new(memory / 4);
+        let (computing, decoding) = (Room::new(memory / 2), Room::new(memory / 4));
+        Catalog { data, lister: OnceLock::new(), decoded, computing, decoding }
     }
 
     /// Lets the catalog list views' chunks through `lister` (the namespace, which holds the
@@ -292,6 +333,7 @@ impl Catalog {
             view,
             pattern: std::sync::Mutex::new(self.data.prefetcher(VIEW_READ_AHEAD)),
             requested: AtomicU64::new(0),
+            released: AtomicU64::new(0),
         }
     }
 
@@ -319,19 +361,36 @@ impl Catalog {
         let block_size = self.data.cache().block_size();
         let blocks = view.block_at(block_size, range.start)..view.block_at(block_size, range.end - 1) + 1;
         let pattern = open.pattern.lock().expect("view pattern poisoned").on_read(range.start, range.end - range.start);
-        let streaming = matches!(pattern, Pattern::Sequential { .. });
-        if let Pattern::Sequential { window } = pattern {
-            // Each block is requested ahead once per stream, so failures are not retried in a loop.
-            let end = (blocks.end + window.div_ceil(block_size)).min(view.block_count(block_size));
-            let start = open.requested.fetch_max(end, Ordering::Relaxed).max(blocks.end);
-            for block in start..end {
-                let (catalog, view) = (self.clone(), view.clone());
-                tokio::spawn(async move { catalog.block(&view, block, true).await });
+        let chunk_ahead = match pattern {
+            Pattern::Sequential { window } => {
+                // Half the window is view blocks computed ahead, half the chunk bytes fetched
+                // ahead ([`MrcView::chunk_read_ahead`]). Each block is requested ahead once per
+                // stream, so failures are not retried in a loop.
+                let end = (blocks.end + (window / 2).div_ceil(block_size)).min(view.block_count(block_size));
+                let start = open.requested.fetch_max(end, Ordering::Relaxed).max(blocks.end);
+                let chunk_ahead = view.chunk_read_ahead(window);
+                for block in start..end {
+                    let (catalog, view) = (self.clone(), view.clone());
+                    tokio::spawn(async move { catalog.block(&view, block, chunk_ahead).await });
+                }
+                chunk_ahead
             }
-        } else {
-            open.requested.store(0, Ordering::Relaxed);
+            Pattern::Random => {
+                open.requested.store(0, Ordering::Relaxed);
+                0
+            }
+        };
+        let parts = try_join_all(blocks.clone().map(|block| self.block(view, block, chunk_ahead))).await?;
+        if chunk_ahead > 0 {
+            // As a stream through a file does ([`DataPath`]): the blocks it has read would
+            // outlive, in the memory tier, the chunk bytes the next blocks are computed from.
+            let behind = view.block_at(block_size, range.start.saturating_sub(BACKWARD_TOLERANCE));
+            let from = open.released.fetch_max(behind, Ordering::Relaxed);
+            if from < behind {
+                let index = self.index(view).await?;
+                self.data.cache().evict(&index.blocks, from..behind).await;
+            }
         }
-        let parts = try_join_all(blocks.clone().map(|block| self.block(view, block, streaming))).await?;
         Ok(Slices::cut(&parts, view.block_range(block_size, blocks.start).start, range))
     }
 
@@ -357,12 +416,12 @@ impl Catalog {
     }
 
     /// Block `block` of the view, from the block cache or computed from the chunks (fetching
-    /// ahead in them when a sequential reader is `streaming` through the view).
-    async fn block(&self, view: &MrcView, block: u64, streaming: bool) -> Result<Bytes, StoreError> {
+    /// `chunk_ahead` bytes ahead in them for a sequential reader).
+    async fn block(&self, view: &MrcView, block: u64, chunk_ahead: u64) -> Result<Bytes, StoreError> {
         let index = self.index(view).await?;
         let key = BlockKey { object: index.blocks.clone(), index: block };
         let range = view.block_range(self.data.cache().block_size(), block);
-        self.data.cache().get_or_compute(key, self.compute(view, index, range, streaming)).await
+        self.data.cache().get_or_compute(key, self.compute(view, index, range, chunk_ahead)).await
     }
 
     /// The bytes `range` of the view, from its header and the chunks the range overlaps.
@@ -371,17 +430,16 @@ impl Catalog {
         view: &MrcView,
         index: &ChunkIndex,
         range: Range<u64>,
-        streaming: bool,
+        chunk_ahead: u64,
     ) -> Result<Bytes, StoreError> {
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
-        if range.start < mrc::HEADER_LEN {
-            out.extend_from_slice(&view.header[range.start as usize..range.end.min(mrc::HEADER_LEN) as usize]);
-        }
+        let header = &view.header[range.start.min(mrc::HEADER_LEN) as usize..range.end.min(mrc::HEADER_LEN) as usize];
         let item = view.layout.dtype.size() as u64;
         let data = range.start.max(mrc::HEADER_LEN) - mrc::HEADER_LEN..range.end - mrc::HEADER_LEN;
         if data.is_empty() {
-            return Ok(out.into());
+            return Ok(Bytes::copy_from_slice(header));
         }
+        // The block, and as much again for the chunks' items it is cut from.
+        let _room = self.computing.for_bytes(2 * (range.end - range.start) as usize).await?;
         // Blocks hold whole items: block sizes, rows and the header length are multiples of 4.
         let rows = row_segments(&view.layout, data.start / item..data.end / item);
         let mut spans: BTreeMap<[u64; 3], Range<u64>> = BTreeMap::new();
@@ -392,12 +450,15 @@ impl Catalog {
         }
         let decoded: HashMap<[u64; 3], (u64, Bytes)> =
             try_join_all(spans.into_iter().map(|(chunk, span)| async move {
-                let bytes = self.chunk_items(view, index, chunk, span.clone(), streaming).await?;
+                let bytes = self.chunk_items(view, index, chunk, span.clone(), chunk_ahead).await?;
                 Ok::<_, StoreError>((chunk, (span.start, bytes)))
             }))
             .await?
             .into_iter()
             .collect();
+        // Allocated once the chunks are decoded: blocks waiting for room to decode hold nothing.
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        out.extend_from_slice(header);
         for segment in rows {
             let (first, bytes) = &decoded[&segment.chunk];
             let start = ((segment.local.start - first) * item) as usize;
@@ -409,14 +470,15 @@ impl Catalog {
     }
 
     /// Items `span` (in the chunk's own C order) of chunk `chunk`: fill value when the chunk
-    /// is missing, else only the parts of its frame that hold them, decoded.
+    /// is missing, else only the parts of its frame that hold them, decoded (fetching
+    /// `chunk_ahead` bytes of the frame beyond them in the background).
     async fn chunk_items(
         &self,
         view: &MrcView,
         index: &ChunkIndex,
         chunk: [u64; 3],
         span: Range<u64>,
-        streaming: bool,
+        chunk_ahead: u64,
     ) -> Result<Bytes, StoreError> {
         let layout = &view.layout;
         let item = layout.dtype.size();
@@ -441,9 +503,12 @@ impl Catalog {
                 let prelude = self.data.read_range(object, 0..frame.prelude_len() as u64).await?;
                 let blocks = frame.blocks_for(bytes.clone()).map_err(corrupt)?;
                 let stored = frame.block_ranges(&prelude, blocks.clone()).map_err(corrupt)?;
-                if streaming {
+                let held =
+                    stored.iter().map(|r| r.len()).sum::<usize>() + blocks.len() * frame.block_len() + bytes.len();
+                let _room = self.decoding.for_bytes(held).await?;
+                if chunk_ahead > 0 {
                     let end = stored.iter().map(|r| r.end as u64).max().unwrap_or(0);
-                    self.data.prefetch_range(object, end..end + CHUNK_READ_AHEAD);
+                    self.data.prefetch_range(object, end..end + chunk_ahead);
                 }
                 let prelude = &prelude;
                 let decoded = try_join_all(blocks.clone().zip(stored).map(|(block, stored)| {

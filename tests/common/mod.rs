@@ -709,6 +709,15 @@ pub fn is_mounted(path: &Path) -> bool {
     fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
 }
 
+/// `VmHWM` or `VmRSS` (the `field` of /proc/PID/status) of the process serving `mountpoint`,
+/// in bytes.
+pub fn process_memory(mountpoint: &Path, field: &str) -> u64 {
+    let pid = serving_pid(mountpoint).expect("the mount's process");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
 /// The pid of the `cdpfs` process serving `mountpoint`, if one runs.
 pub fn serving_pid(mountpoint: &Path) -> Option<u32> {
     let wanted = mountpoint.to_str().unwrap().as_bytes();
