@@ -336,6 +336,11 @@ impl BlockCache {
         self.memory.contains_key(key) || self.on_disk(key)
     }
 
+    /// Whether memory or disk holds the block, or a GET is fetching it.
+    pub fn holds_or_fetches(&self, key: &BlockKey) -> bool {
+        self.holds(key) || self.pending.lock().expect("pending blocks poisoned").contains_key(key)
+    }
+
     fn on_disk(&self, key: &BlockKey) -> bool {
         [&self.disk, &self.shared].into_iter().flatten().any(|tier| tier.files.contains(key))
     }

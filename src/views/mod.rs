@@ -506,8 +506,11 @@ impl Catalog {
                 let held =
                     stored.iter().map(|r| r.len()).sum::<usize>() + blocks.len() * frame.block_len() + bytes.len();
                 let _room = self.decoding.for_bytes(held).await?;
-                if chunk_ahead > 0 {
-                    let end = stored.iter().map(|r| r.end as u64).max().unwrap_or(0);
+                let end = stored.iter().map(|r| r.end as u64).max().unwrap_or(0);
+                // In runs of half the read-ahead at least: not while its middle is on its way.
+                let middle = (end + chunk_ahead / 2).min(object.size.saturating_sub(1));
+                let middle = BlockKey { object: object.clone(), index: middle / self.data.cache().block_size() };
+                if chunk_ahead > 0 && !self.data.cache().holds_or_fetches(&middle) {
                     self.data.prefetch_range(object, end..end + chunk_ahead);
                 }
                 let prelude = &prelude;
