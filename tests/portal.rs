@@ -844,6 +844,17 @@ fn a_prefix_mount_resolves_its_own_dataset_id_to_its_root() {
     assert!(mount.join("DS-10000/TS_026").is_dir());
     assert_eq!(fs::read_link(mount.join("RN-241")).unwrap(), PathBuf::from("TS_026"));
     assert_eq!(errno_of(fs::symlink_metadata(mount.join("DS-10001"))), Some(libc::ENOENT));
+    // Only the organisms and sample types of datasets under the prefix have folders.
+    let names = |path: &str| -> Vec<String> {
+        let mut names: Vec<String> =
+            fs::read_dir(mount.join(path)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names("by-organism"), ["Schizosaccharomyces pombe"]);
+    assert_eq!(names("by-organism/Schizosaccharomyces pombe"), ["DS-10000"]);
+    assert_eq!(names("by-sample-type"), ["organism"]);
+    assert_eq!(errno_of(fs::metadata(mount.join("by-organism/Saccharomyces cerevisiae"))), Some(libc::ENOENT));
 }
 
 #[test]

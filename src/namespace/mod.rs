@@ -443,7 +443,7 @@ impl Namespace {
         let portal = self.portal.as_ref().ok_or(NamespaceError::NotFound)?;
         self.directories
             .try_get_with(ino, async {
-                let entries = portal.facet(path).await?.ok_or(NamespaceError::NotFound)?;
+                let entries = portal.facet(path, &self.root_prefix).await?.ok_or(NamespaceError::NotFound)?;
                 let depth = path.split('/').count();
                 let named = entries
                     .into_iter()

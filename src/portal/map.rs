@@ -107,12 +107,19 @@ impl PortalMap {
         Ok(answer.get("id").and_then(Value::as_str).map(str::to_owned))
     }
 
-    /// The entries of facet folder `path` (`by-organism`, `by-object/membrane`, ...); `None`
-    /// when there is no such folder.
-    pub async fn facet(&self, path: &str) -> Result<Option<Vec<FacetEntry>>, ApiError> {
+    /// The entries of facet folder `path` (`by-organism`, `by-object/membrane`, ...) of a mount
+    /// of the keys `within` (its `--prefix`: an organism or sample type with no dataset there
+    /// has no folder); `None` when there is no such folder.
+    pub async fn facet(&self, path: &str, within: &str) -> Result<Option<Vec<FacetEntry>>, ApiError> {
         let (facet, value) = path.split_once('/').map_or((path, None), |(f, v)| (f, Some(v)));
         if let Some(&(_, column)) = DATASET_FACETS.iter().find(|(name, _)| *name == facet) {
-            let groups = self.dataset_groups(column).await;
+            let groups = self.dataset_groups(column).await.map(|mut groups| {
+                groups.retain(|_, datasets| {
+                    datasets.retain(|(_, key)| key.starts_with(within));
+                    !datasets.is_empty()
+                });
+                groups
+            });
             return groups
                 .map(|groups| match value {
                     None => Some(folders(groups.keys())),
