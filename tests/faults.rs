@@ -80,6 +80,14 @@ fn every_file_reads_correctly_through_faults_on_every_request_kind() {
     assert!(injected >= 20, "only {injected} faults were injected: the test did not exercise retries");
     assert!(injected_lists >= 2, "only {injected_lists} faults hit listings: listings were not exercised");
     assert!(failures.is_empty(), "requests failed for good under recoverable faults: {failures:?}");
+    // Every GET the server answered is in the mount's counters, those whose body was cut short
+    // included (and the bytes of those bodies that arrived).
+    let out = common::run_cdpfs(&["stats", "--json", mount.path.to_str().unwrap()], Duration::from_secs(10));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (gets, answered) = (stats["s3_gets"].as_u64().unwrap(), server.gets.load(Ordering::SeqCst));
+    assert!(gets >= answered, "the mount counted {gets} GETs, the server answered {answered}");
+    let wanted: u64 = fixture.objects.values().map(|o| o.len() as u64).sum();
+    assert!(stats["s3_bytes"].as_u64().unwrap() >= wanted, "{stats}");
 }
 
 #[test]

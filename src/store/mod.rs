@@ -108,11 +108,11 @@ impl StoreError {
 /// What an object store has sent and received.
 #[derive(Debug, Default)]
 pub struct StoreCounters {
-    /// Successful ranged GETs.
+    /// Ranged GETs sent (each attempt: S3 bills every request).
     pub gets: AtomicU64,
     /// Listing pages.
     pub lists: AtomicU64,
-    /// Body bytes of successful GETs.
+    /// Body bytes received, of every GET (a body cut short and fetched again counts twice).
     pub bytes: AtomicU64,
     /// Attempts that were retried.
     pub retries: AtomicU64,

@@ -309,6 +309,8 @@ impl S3Store {
         if let Some(etag) = etag {
             request = request.if_match(etag);
         }
+        // Every GET sent is counted, whatever becomes of it; its bytes as they arrive.
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
         // The body is then read straight into buffers of one piece each (see `http`).
         let out = request
             .customize()
@@ -371,6 +373,7 @@ impl S3Store {
                 Ok(Some(Err(e))) => return Err(AttemptError::Transient(format!("body of {}: {e}", object.key))),
                 Ok(Some(Ok(chunk))) => chunk,
             };
+            self.counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if !body.push(chunk) {
                 return Err(AttemptError::Transient(format!("body of {} is longer than {expected} bytes", object.key)));
             }
@@ -381,8 +384,6 @@ impl S3Store {
                 object.key, body.received
             )));
         }
-        self.counters.gets.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes.fetch_add(expected, Ordering::Relaxed);
         Ok(())
     }
 }
