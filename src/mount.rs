@@ -48,6 +48,9 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(120);
 /// directory's usage summary and eviction.
 const UPKEEP_EVERY: Duration = Duration::from_secs(300);
 
+/// Memory of the process itself under load, set aside from `--max-memory` ([`data_budget`]).
+const PROCESS_MEMORY: u64 = 12 << 20;
+
 /// Everything a mount needs.
 #[derive(Clone, Debug)]
 pub struct MountConfig {
@@ -179,7 +182,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
         info!("offline (--offline): serving saved listings and cached blocks only; S3 is not asked");
     }
     // MRC views' blocks being computed and decoded Blosc blocks: from the budget's headroom.
-    let views = Arc::new(Catalog::new(data.clone(), config.max_memory / 8));
+    let views = Arc::new(Catalog::new(data.clone(), data_budget(config.max_memory) / 8));
     let mut namespace =
         Namespace::new(store.clone(), &config.prefix, config.metadata_ttl, saved_listings, config.list_ahead);
     if config.mrc_views {
@@ -262,12 +265,22 @@ fn portal_map(config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<Opt
     Ok(Some(Arc::new(PortalMap::new(api, answers, config.api_ttl))))
 }
 
-/// The block cache and read path sized from the configuration: of the memory budget, 3/8 for
+/// What `--max-memory` leaves for data (blocks, decoded chunks, replies) once what the process
+/// itself takes on top of its idle size under load is set aside: code paths run for the first
+/// time (about 5 MiB of the binary's pages), threads' stacks and heaps, FUSE request buffers,
+/// listings and tasks (a mount with a 32 MiB budget grew by 42 MiB under 8 concurrent readers
+/// of files, views and Zarr levels). A third of the budget at most.
+fn data_budget(max_memory: u64) -> u64 {
+    max_memory - (max_memory / 3).min(PROCESS_MEMORY)
+}
+
+/// The block cache and read path sized from the configuration: of the data budget, 3/8 for
 /// cached blocks, 1/4 for blocks being fetched, 1/8 for blocks waiting to be written to disk,
 /// and 1/4 of headroom (replies being assembled, read-ahead parts partly evicted; 1/8 for MRC
 /// views' blocks being computed and their decoded Blosc blocks, and 1/64 for the bytes of
 /// recent exact reads, such as headers).
 fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Arc<CacheDirIo>) -> Result<DataPath> {
+    let budget = data_budget(config.max_memory);
     let disk = match &config.disk_cache {
         Some((dir, size)) => {
             let files = Arc::new(
@@ -275,12 +288,12 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
                     .with_context(|| format!("opening the cache directory {}", dir.display()))?,
             );
             files.start_upkeep(UPKEEP_EVERY);
-            Some(DiskTier::new(files, (config.max_memory / 8).max(BLOCK_SIZE), cache_dir_io))
+            Some(DiskTier::new(files, (budget / 8).max(BLOCK_SIZE), cache_dir_io))
         }
         None => None,
     };
-    let fetch_slots = (config.max_memory / 4 / BLOCK_SIZE).max(4) as usize;
-    let cached = (config.max_memory / 8 * 3).max(BLOCK_SIZE);
+    let fetch_slots = (budget / 4 / BLOCK_SIZE).max(4) as usize;
+    let cached = (budget / 8 * 3).max(BLOCK_SIZE);
     let mut cache = BlockCache::new(store.clone(), BLOCK_SIZE, cached, fetch_slots, disk);
     if let Some(dir) = &config.shared_cache {
         let context = || format!("opening the shared cache directory {}", dir.display());
@@ -288,7 +301,7 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
         let tier = if config.write_shared_cache {
             let files = Arc::new(DiskCache::open(dir, None, BLOCK_SIZE).with_context(context)?);
             files.start_upkeep(UPKEEP_EVERY);
-            DiskTier::new(files, (config.max_memory / 16).max(BLOCK_SIZE), reads)
+            DiskTier::new(files, (budget / 16).max(BLOCK_SIZE), reads)
         } else {
             DiskTier::read_only(Arc::new(DiskCache::open_read_only(dir, BLOCK_SIZE).with_context(context)?), reads)
         };
@@ -305,7 +318,7 @@ fn data_path(store: Arc<dyn ObjectStore>, config: &MountConfig, cache_dir_io: Ar
         read_ahead_budget: (fetch_slots as u64 * BLOCK_SIZE).min(cached / 3 * 2),
         kernel_read_ahead: config.kernel_read_ahead,
         page_cache: config.page_cache,
-        exact_read_memory: config.max_memory / 64,
+        exact_read_memory: budget / 64,
     };
     Ok(DataPath::new(store, cache, tuning))
 }
