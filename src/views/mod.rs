@@ -177,6 +177,8 @@ pub struct Catalog {
     /// Decoded Blosc blocks of chunks, keyed by chunk version and block number (neighbouring
     /// view blocks share them).
     decoded: BytesLru<BlockKey>,
+    /// The preludes of Blosc chunks ([`Catalog::prelude`]), by chunk version.
+    preludes: BytesLru<BlockKey>,
     /// Memory for view blocks being computed (a view's read-ahead computes many at once): each
     /// waits here for room for itself and the items of the chunks it is cut from.
     computing: Room,
@@ -210,13 +212,13 @@ impl Room {
 
 impl Catalog {
     /// A catalog reading metadata and chunks through `data` within `memory` bytes: half for
-    /// view blocks being computed, a quarter for decodes in flight, a quarter for decoded
-    /// Blosc blocks kept for neighbouring view blocks. It lists chunks once
-    /// [`Catalog::list_through`] says how.
+    /// view blocks being computed, a quarter for decodes in flight, 3/16 for decoded Blosc
+    /// blocks kept for neighbouring view blocks and 1/16 for chunks' preludes. It lists chunks
+    /// once [`Catalog::list_through`] says how.
     pub fn new(data: Arc<DataPath>, memory: u64) -> Catalog {
-        let decoded = BytesLru::new(memory / 4);
+        let (decoded, preludes) = (BytesLru::new(memory / 16 * 3), BytesLru::new(memory / 16));
         let (computing, decoding) = (Room::new(memory / 2), Room::new(memory / 4));
-        Catalog { data, lister: OnceLock::new(), decoded, computing, decoding }
+        Catalog { data, lister: OnceLock::new(), decoded, preludes, computing, decoding }
     }
 
     /// Lets the catalog list views' chunks through `lister` (the namespace, which holds the
@@ -469,6 +471,22 @@ impl Catalog {
         Ok(out.into())
     }
 
+    /// The start of a Blosc chunk's frame up to its blocks (header and block table), kept on
+    /// its own: every part of a view block cut from the chunk needs it, and it is a few hundred
+    /// bytes at the start of a 512 KiB block that need not stay in memory for it.
+    async fn prelude(&self, object: &Arc<ObjectMeta>) -> Result<Bytes, StoreError> {
+        let key = BlockKey { object: object.clone(), index: 0 };
+        self.preludes
+            .try_get_with(key, async {
+                let head = self.data.read_range(object, 0..(blosc::HEADER_LEN as u64).min(object.size)).await?;
+                let len = Frame::parse(&head).map_or(head.len(), |frame| frame.prelude_len()) as u64;
+                let prelude = self.data.read_range(object, 0..len.min(object.size)).await?;
+                Ok::<_, StoreError>(Bytes::copy_from_slice(&prelude))
+            })
+            .await
+            .map_err(|e: Arc<StoreError>| (*e).clone())
+    }
+
     /// Items `span` (in the chunk's own C order) of chunk `chunk`: fill value when the chunk
     /// is missing, else only the parts of its frame that hold them, decoded (fetching
     /// `chunk_ahead` bytes of the frame beyond them in the background).
@@ -495,12 +513,11 @@ impl Catalog {
             }
             Codec::Raw => Err(corrupt(format!("{} bytes, expected {chunk_bytes}", object.size))),
             Codec::Blosc => {
-                let head = self.data.read_range(object, 0..(blosc::HEADER_LEN as u64).min(object.size)).await?;
-                let frame = Frame::parse(&head).map_err(corrupt)?;
+                let prelude = self.prelude(object).await?;
+                let frame = Frame::parse(&prelude).map_err(corrupt)?;
                 if frame.nbytes as u64 != chunk_bytes || frame.cbytes as u64 != object.size {
                     return Err(corrupt(format!("frame of {} bytes holds {}", frame.cbytes, frame.nbytes)));
                 }
-                let prelude = self.data.read_range(object, 0..frame.prelude_len() as u64).await?;
                 let blocks = frame.blocks_for(bytes.clone()).map_err(corrupt)?;
                 let stored = frame.block_ranges(&prelude, blocks.clone()).map_err(corrupt)?;
                 let held =
