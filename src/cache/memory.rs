@@ -74,6 +74,11 @@ impl<K: Hash + Eq + Send + Sync + 'static> BytesLru<K> {
         self.cache.invalidate(key).await;
     }
 
+    /// The most bytes it keeps.
+    pub fn capacity(&self) -> u64 {
+        self.cache.policy().max_capacity().unwrap_or(u64::MAX)
+    }
+
     /// Bytes kept (as of the last time the bound was applied).
     pub fn weighted_size(&self) -> u64 {
         self.cache.weighted_size()

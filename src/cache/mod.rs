@@ -283,6 +283,11 @@ impl BlockCache {
         self
     }
 
+    /// The most bytes of blocks memory holds.
+    pub fn memory_capacity(&self) -> u64 {
+        self.memory.capacity()
+    }
+
     /// Bytes of blocks held in memory.
     pub fn memory_bytes(&self) -> u64 {
         self.memory.weighted_size()

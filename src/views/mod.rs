@@ -102,11 +102,16 @@ impl MrcView {
         start..(start + block_size).min(row_start + self.row_bytes()).min(self.file.size)
     }
 
-    /// How far a sequential reader with read-ahead `window` reads ahead in each chunk.
-    fn chunk_read_ahead(&self, window: u64) -> u64 {
+    /// Chunks of one section.
+    fn chunks_per_section(&self) -> u64 {
         let [_, ny, nx] = self.layout.shape;
         let [_, cy, cx] = self.layout.chunks;
-        (window / 2 / (ny.div_ceil(cy) * nx.div_ceil(cx)).max(1)).min(CHUNK_READ_AHEAD)
+        (ny.div_ceil(cy) * nx.div_ceil(cx)).max(1)
+    }
+
+    /// How far a sequential reader with read-ahead `window` reads ahead in each chunk.
+    fn chunk_read_ahead(&self, window: u64) -> u64 {
+        (window / 2 / self.chunks_per_section()).min(CHUNK_READ_AHEAD)
     }
 
     /// The block holding byte `offset`.
@@ -365,6 +370,17 @@ impl Catalog {
         let pattern = open.pattern.lock().expect("view pattern poisoned").on_read(range.start, range.end - range.start);
         let chunk_ahead = match pattern {
             Pattern::Sequential { window } => {
+                // Without a disk tier to bring them back, what a stream reads ahead must fit
+                // the memory tier beside the blocks of its section's chunks being read (each
+                // chunk's current and next), or they are fetched again.
+                let cache = self.data.cache();
+                let window = match cache.disk() {
+                    Some(_) => window,
+                    None => {
+                        let held = 2 * view.chunks_per_section() * block_size;
+                        window.min(cache.memory_capacity().saturating_sub(held)).max(2 * block_size)
+                    }
+                };
                 // Half the window is view blocks computed ahead, half the chunk bytes fetched
                 // ahead ([`MrcView::chunk_read_ahead`]). Each block is requested ahead once per
                 // stream, so failures are not retried in a loop.
