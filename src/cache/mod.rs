@@ -360,10 +360,10 @@ impl BlockCache {
     /// Drops `blocks` of `object` from memory (a stream has read them; the disk tier keeps
     /// its copies).
     pub async fn forget(&self, object: &Arc<ObjectMeta>, blocks: Range<u64>) {
+        self.evict(object, blocks.clone()).await;
+        let mut released = self.released.lock().expect("released blocks poisoned");
         for index in blocks {
-            let key = BlockKey { object: object.clone(), index };
-            self.memory.invalidate(&key).await;
-            self.released.lock().expect("released blocks poisoned").mark(key);
+            released.mark(BlockKey { object: object.clone(), index });
         }
     }
 

@@ -368,6 +368,7 @@ impl Catalog {
         let block_size = self.data.cache().block_size();
         let blocks = view.block_at(block_size, range.start)..view.block_at(block_size, range.end - 1) + 1;
         let pattern = open.pattern.lock().expect("view pattern poisoned").on_read(range.start, range.end - range.start);
+        let streaming = matches!(pattern, Pattern::Sequential { .. });
         let chunk_ahead = match pattern {
             Pattern::Sequential { window } => {
                 // Without a disk tier to bring them back, what a stream reads ahead must fit
@@ -399,7 +400,7 @@ impl Catalog {
             }
         };
         let parts = try_join_all(blocks.clone().map(|block| self.block(view, block, chunk_ahead))).await?;
-        if chunk_ahead > 0 {
+        if streaming {
             // As a stream through a file does ([`DataPath`]): the blocks it has read would
             // outlive, in the memory tier, the chunk bytes the next blocks are computed from.
             let behind = view.block_at(block_size, range.start.saturating_sub(BACKWARD_TOLERANCE));
@@ -539,12 +540,14 @@ impl Catalog {
                 let held =
                     stored.iter().map(|r| r.len()).sum::<usize>() + blocks.len() * frame.block_len() + bytes.len();
                 let _room = self.decoding.for_bytes(held).await?;
-                let end = stored.iter().map(|r| r.end as u64).max().unwrap_or(0);
-                // In runs of half the read-ahead at least: not while its middle is on its way.
-                let middle = (end + chunk_ahead / 2).min(object.size.saturating_sub(1));
-                let middle = BlockKey { object: object.clone(), index: middle / self.data.cache().block_size() };
-                if chunk_ahead > 0 && !self.data.cache().holds_or_fetches(&middle) {
-                    self.data.prefetch_range(object, end..end + chunk_ahead);
+                if chunk_ahead > 0 {
+                    let end = stored.iter().map(|r| r.end as u64).max().unwrap_or(0);
+                    // In runs of half the read-ahead at least: not while its middle is on its way.
+                    let middle = (end + chunk_ahead / 2).min(object.size.saturating_sub(1));
+                    let middle = BlockKey { object: object.clone(), index: middle / self.data.cache().block_size() };
+                    if !self.data.cache().holds_or_fetches(&middle) {
+                        self.data.prefetch_range(object, end..end + chunk_ahead);
+                    }
                 }
                 let prelude = &prelude;
                 let decoded = try_join_all(blocks.clone().zip(stored).map(|(block, stored)| {
