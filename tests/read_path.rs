@@ -25,6 +25,9 @@ const SECTION: u64 = (NX * NX * 4) as u64;
 /// cache, as every file's of one S3 part, 8 MiB, or more does).
 const LARGE_KEY: &str = "10002/TS_2/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_2.mrc";
 const LARGE_NZ: usize = 11;
+/// A tomogram longer than the read-ahead a header read starts with (64 MiB), read through.
+const LONG_KEY: &str = "10002/TS_5/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_5.mrc";
+const LONG_NZ: usize = 32;
 
 /// A level of an OME-Zarr: 2 x 3 x 3 chunk objects (`z/y/x`) of a little over two blocks each.
 const ZARR_LEVEL: &str = "10002/TS_3/Reconstructions/VoxelSpacing10.000/Tomograms/100/TS_3.zarr/0/";
@@ -59,6 +62,7 @@ fn bucket() -> &'static (Vec<u8>, Server) {
         let objects = BTreeMap::from([
             (KEY.to_owned(), common::mrc_bytes((NX, NX, NZ), 10.0, 5)),
             (LARGE_KEY.to_owned(), large_source().clone()),
+            (LONG_KEY.to_owned(), long_source().clone()),
         ]);
         let mut objects = objects;
         objects.extend(chunk_paths().map(|path| chunk_source(&path)));
@@ -72,6 +76,17 @@ fn bucket() -> &'static (Vec<u8>, Server) {
 fn large_source() -> &'static Vec<u8> {
     static LARGE: OnceLock<Vec<u8>> = OnceLock::new();
     LARGE.get_or_init(|| common::mrc_bytes((NX, NX, LARGE_NZ), 10.0, 6))
+}
+
+/// The long tomogram's bytes: a header for 1260 x 1260 x [`LONG_NZ`] float32, then a pattern.
+fn long_source() -> &'static Vec<u8> {
+    static LONG: OnceLock<Vec<u8>> = OnceLock::new();
+    LONG.get_or_init(|| {
+        let mut bytes = common::mrc_bytes((NX, NX, 1), 10.0, 7)[..1024].to_vec();
+        bytes[8..12].copy_from_slice(&(LONG_NZ as i32).to_le_bytes());
+        bytes.extend((0..SECTION as usize * LONG_NZ).map(|i| (i % 251) as u8));
+        bytes
+    })
 }
 
 /// A read-only shared mapping of a file, as `numpy.memmap` and `mrcfile`'s mmap mode make.
@@ -242,6 +257,42 @@ fn a_reader_that_goes_through_section_after_section_becomes_a_stream() {
     assert!(bytes * 10 <= wanted * 11, "{bytes} bytes fetched for {wanted}");
     let large = served_since(first_get).into_iter().flatten().filter(|r| r.end - r.start >= 4 << 20).count();
     assert!(large >= 1, "still reading section by section after {} sections", NZ - 2);
+}
+
+#[test]
+fn a_reader_going_from_the_header_into_the_data_past_the_first_section_reads_the_tomogram_through() {
+    let _serial = serial();
+    let (_, server) = bucket();
+    let source = long_source();
+    let mount = Mounted::on(server, "read-through", &[]);
+    let file = File::open(mount.join(LONG_KEY)).unwrap();
+    let first_get = server.served.lock().unwrap().len();
+    // `mrcfile` reading a whole tomogram: its header, then the voxels from their start.
+    let mut header = [0u8; 1024];
+    file.read_exact_at(&mut header, 0).unwrap();
+    let (mut offset, mut buf) = (1024, vec![0u8; 1 << 20]);
+    while offset < 1024 + SECTION + (4 << 20) {
+        let n = file.read_at(&mut buf, offset).unwrap();
+        assert!(n > 0 && buf[..n] == source[offset as usize..offset as usize + n], "at {offset}");
+        offset += n as u64;
+    }
+    // Past its first section: the rest of the file (less than the default read-ahead budget)
+    // is asked for, not the 64 MiB a header read followed by one section starts.
+    let name = LONG_KEY.rsplit('/').next().unwrap();
+    let furthest = || {
+        let served = server.served.lock().unwrap();
+        served[first_get..]
+            .iter()
+            .filter(|line| line.contains(name))
+            .filter_map(|line| line.rsplit_once("bytes=")?.1.split_once('-')?.1.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    while furthest() + 1 < source.len() as u64 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(furthest() + 1, source.len() as u64, "read-ahead stopped at {} of {}", furthest(), source.len());
 }
 
 #[test]

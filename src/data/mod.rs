@@ -297,6 +297,15 @@ impl DataPath {
         }
         let (pattern, moved_on) = {
             let mut state = file.state.lock().expect("stream state poisoned");
+            // A stream that began with an MRC's header and has gone past its first section
+            // (more than the kernel's read-ahead past it) is reading the tomogram through.
+            if state.prefetcher.began_with_header()
+                && self
+                    .known_sections(object)
+                    .is_some_and(|s| range.start >= s.data_start + s.section_bytes + KERNEL_OVERSHOOT)
+            {
+                state.prefetcher.reads_through();
+            }
             let pattern = state.prefetcher.on_read(range.start, range.end - range.start);
             // The kernel reads ahead past a section with one request at most; a second request
             // wholly past it (the first, past the page cache) is the reader going on into the
@@ -468,6 +477,11 @@ impl DataPath {
             }
         }
         Ok(Slices::cut(&parts, first, range))
+    }
+
+    /// The section layout of `object` if it is an MRC whose header was read before (and adds up).
+    fn known_sections(&self, object: &ObjectMeta) -> Option<MrcSections> {
+        self.sections.lock().expect("section tables poisoned").peek(&version_of(object)).copied().flatten()
     }
 
     /// The MRC section most of `range` lies in, when `object` is an MRC whose header adds up.

@@ -125,6 +125,20 @@ impl Prefetcher {
         }
     }
 
+    /// Whether the current stream began with a small read at the start of the file (a header).
+    pub fn began_with_header(&self) -> bool {
+        self.start == Start::Header
+    }
+
+    /// Takes the current stream, which began with a header, as a program reading the file
+    /// through (the data path saw it read past an MRC's first section, as `mrcfile` reading a
+    /// whole tomogram does): its window grows as if its first read had been a large one.
+    pub fn reads_through(&mut self) {
+        if self.start == Start::Header {
+            self.start = Start::Through;
+        }
+    }
+
     /// Classifies a read of `len` bytes at `offset` and updates the state.
     pub fn on_read(&mut self, offset: u64, len: u64) -> Pattern {
         let end = offset + len;
@@ -257,6 +271,9 @@ mod tests {
         after_header.on_read(0, 1024);
         let fourth = (0..4).map(|i| window(&mut after_header, 1024 + i * MIB)).last().unwrap();
         assert_eq!(fourth, WHOLE_FILE_WINDOW, "a header, then maybe one MRC section");
+        assert!(after_header.began_with_header());
+        after_header.reads_through();
+        assert_eq!(window(&mut after_header, 1024 + 4 * MIB), 256 * MIB, "past the first section: read through");
     }
 
     #[test]
