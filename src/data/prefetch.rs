@@ -14,7 +14,11 @@
 //! HPC job, `cp`, `sha256sum`): its window is [`WHOLE_FILE_GROWTH`] times what it has
 //! consumed, so it reaches the cap within its first few MiB instead of after hundreds (at 20
 //! MB/s per connection, where the network and not the CPU is the limit, growing 1:1 kept a
-//! cold 2.3 GB read at 0.80x of 32 GETs in flight; 64:1 reaches 0.95x).
+//! cold 2.3 GB read at 0.80x of 32 GETs in flight; 64:1 reaches 0.95x). So does a stream that
+//! began elsewhere once it has read [`ESTABLISHED_STREAM`] in a row (an HPC job's stripe), and one
+//! that began with an MRC's header once it goes past the first section (`mrcfile` reading the
+//! whole tomogram; the data path, which knows the sections, tells it:
+//! [`Prefetcher::reads_through`]).
 //!
 //! The cap is a fair share of one read-ahead budget ([`StreamBudget`]): a lone stream may keep
 //! the whole budget in flight (a WAN connection delivers a part at a time, so line rate takes
@@ -40,6 +44,9 @@ const STREAM_START: u64 = 128 << 10;
 /// The smallest window of a stream that began at the start of the file: a program reading a
 /// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
 const WHOLE_FILE_WINDOW: u64 = 64 << 20;
+/// A stream that has read this much in a row, wherever it began, is reading the file through
+/// (an HPC job's stripe of a tomogram): from then on it grows as one from the start of the file.
+const ESTABLISHED_STREAM: u64 = 32 << 20;
 /// How many times what it has consumed a stream from the start of the file reads ahead (up to
 /// the cap): 4 MiB read from the start puts a whole share of the budget (256 MiB at the
 /// default `--max-memory`) in flight; a program that reads the first MiB and stops (a file-type
@@ -161,6 +168,9 @@ impl Prefetcher {
             }
         }
         let (_, consumed) = self.stream.expect("set above");
+        if consumed >= ESTABLISHED_STREAM {
+            self.start = Start::Through;
+        }
         self.count_as_stream(sequential);
         let cap = self.max_window.min(self.budget.share()).max(self.initial_window);
         let (floor, grown) = match self.start {
@@ -267,6 +277,8 @@ mod tests {
         after_seek.on_read(100 * MIB, 4096);
         let fourth = (0..4).map(|i| window(&mut after_seek, 100 * MIB + 4096 + i * MIB)).last().unwrap();
         assert_eq!(fourth, 4 * MIB + 4096, "what it has consumed");
+        let established = (4..32).map(|i| window(&mut after_seek, 100 * MIB + 4096 + i * MIB)).last().unwrap();
+        assert_eq!(established, 256 * MIB, "32 MiB in a row: reading through");
         let mut after_header = Prefetcher::new(MIB, 512 * MIB, budget());
         after_header.on_read(0, 1024);
         let fourth = (0..4).map(|i| window(&mut after_header, 1024 + i * MIB)).last().unwrap();
