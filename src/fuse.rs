@@ -50,6 +50,19 @@ pub struct FsOptions {
     pub gid: u32,
     /// How long the kernel may cache entries and attributes.
     pub ttl: Duration,
+    /// How long it may cache what the portal's map shows (id links, facet folders): no longer
+    /// than the API's answers are trusted.
+    pub portal_ttl: Duration,
+}
+
+impl FsOptions {
+    /// How long the kernel may cache `node`'s entry and attributes.
+    fn ttl_of(&self, node: &Node) -> Duration {
+        match node {
+            Node::Link { .. } | Node::Facet { .. } => self.portal_ttl.min(self.ttl),
+            Node::Dir { .. } | Node::File(_) | Node::View(_) => self.ttl,
+        }
+    }
 }
 
 /// An open file, view or directory.
@@ -319,7 +332,7 @@ impl Filesystem for CdpFs {
             match namespace.lookup(parent.0, &name).await {
                 Ok(entry) => {
                     let attr = attr_for(entry.ino, &entry.node, &options, mounted_at);
-                    reply.entry(&options.ttl, &attr, Generation(0));
+                    reply.entry(&options.ttl_of(&entry.node), &attr, Generation(0));
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -340,7 +353,7 @@ impl Filesystem for CdpFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.namespace.node(ino.0) {
-            Ok(node) => reply.attr(&self.options.ttl, &self.attr(ino.0, &node)),
+            Ok(node) => reply.attr(&self.options.ttl_of(&node), &self.attr(ino.0, &node)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -565,6 +578,7 @@ impl Filesystem for CdpFs {
         }
         while let Some(entry) = dir.entries.get(position as usize - 2) {
             let attr = self.attr(entry.ino, &entry.node);
+            let ttl = self.options.ttl_of(&entry.node);
             if reply.add(INodeNo(entry.ino), position + 1, &entry.name, &ttl, &attr, Generation(0)) {
                 break;
             }
@@ -773,5 +787,23 @@ impl Filesystem for CdpFs {
         reply: ReplyWrite,
     ) {
         reply.error(Errno::EROFS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_portal_maps_entries_are_cached_no_longer_than_the_apis_answers() {
+        let options = FsOptions { uid: 0, gid: 0, ttl: Duration::from_secs(3600), portal_ttl: Duration::from_secs(60) };
+        let link = Node::Link { path: "RN-241".into(), target: "10000/TS_026".into() };
+        let facet = Node::Facet { path: "by-organism".into() };
+        let folder = Node::Dir { prefix: "10000/".into() };
+        assert_eq!(options.ttl_of(&link), Duration::from_secs(60));
+        assert_eq!(options.ttl_of(&facet), Duration::from_secs(60));
+        assert_eq!(options.ttl_of(&folder), Duration::from_secs(3600));
+        let longer = FsOptions { portal_ttl: Duration::from_secs(86_400), ..options };
+        assert_eq!(longer.ttl_of(&link), Duration::from_secs(3600), "never longer than --metadata-ttl");
     }
 }

@@ -198,7 +198,7 @@ pub fn serve_foreground(config: &MountConfig) -> Result<()> {
     let metadata = Arc::new(MetadataReader::new(namespace.clone(), data.clone(), portal));
     // SAFETY: getuid/getgid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let options = FsOptions { uid, gid, ttl: config.metadata_ttl };
+    let options = FsOptions { uid, gid, ttl: config.metadata_ttl, portal_ttl: config.api_ttl };
     if let Some(addr) = &config.metrics_addr {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(addr))
