@@ -455,9 +455,12 @@ fn a_large_files_first_pass_bypasses_the_page_cache_and_later_reads_keep_it() {
     assert!(second_gets <= first_gets + 2, "the second read took {second_gets} GETs, the first {first_gets}");
     let resident = Mapping::of(&path).resident_pages();
     assert!(resident * 10 >= pages * 9, "a re-read left only {resident} of {pages} pages in the page cache");
+    // The third read asks S3 at most for what the page cache lacks (usually nothing; on a busy
+    // machine a few pages of the re-read may be missing), not for the file again.
     let before = traffic();
     assert!(read_all(&path) == *source);
-    assert_eq!(traffic().0 - before.0, 0, "a third read went to S3");
+    let (third_gets, missing) = (traffic().0 - before.0, (pages - resident) as u64);
+    assert!(third_gets <= missing, "a third read took {third_gets} GETs with {missing} pages not in the page cache");
 
     // --page-cache always: the first pass keeps its pages too.
     let always = Mounted::on(server, "first-pass-always", &["--page-cache", "always"]);
