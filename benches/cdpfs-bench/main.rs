@@ -109,6 +109,8 @@ const VALUE_OPTIONS: [&str; 9] = [
     "--serve-origin",
 ];
 const FLAGS: [&str; 2] = ["--smoke", "--bench"];
+/// The case groups `--only` may name.
+const GROUPS: [u32; 9] = [1, 2, 4, 5, 6, 7, 8, 9, 10];
 
 /// Exits with the usage for `--help`, and with an error for an unknown option or a missing or
 /// unreadable number.
@@ -126,6 +128,13 @@ fn check_arguments(args: &[String]) {
             }
             name if VALUE_OPTIONS.contains(&name) => match rest.next() {
                 None => fail(format!("{name} needs a value")),
+                Some(value) if name == "--only" => {
+                    for group in value.split(',') {
+                        if !group.parse::<u32>().is_ok_and(|g| GROUPS.contains(&g)) {
+                            fail(format!("--only {value}: {group:?} is not a case group"))
+                        }
+                    }
+                }
                 Some(value) if !matches!(name, "--only" | "--mount-args" | "--serve-origin") => {
                     if value.parse::<u64>().is_err() {
                         fail(format!("{name} {value}: not a number"))
@@ -261,17 +270,18 @@ fn main() {
         opts.mount_args
     );
     let bench = Bench { opts, origin, fixture, raw };
-    let groups: [(u32, Group); 9] = [
-        (1, cases::sequential),
-        (2, cases::synthetic),
-        (4, cases::random),
-        (5, cases::imod),
-        (6, cases::zarr),
-        (7, tree::walk),
-        (8, cases::readers),
-        (9, cases::bounded),
-        (10, tree::views),
+    let cases: [Group; 9] = [
+        cases::sequential,
+        cases::synthetic,
+        cases::random,
+        cases::imod,
+        cases::zarr,
+        tree::walk,
+        cases::readers,
+        cases::bounded,
+        tree::views,
     ];
+    let groups = GROUPS.into_iter().zip(cases);
     let mut rows = Vec::new();
     for (group, case) in groups {
         if bench.opts.wants(group) {
