@@ -163,9 +163,15 @@ fn read_all(path: &Path) -> Vec<u8> {
 /// The byte range of every object GET the server answered since the `first`th (`None`: the
 /// whole object, no Range header).
 fn served_since(first: usize) -> Vec<Option<std::ops::Range<u64>>> {
+    served_of_since(first, "")
+}
+
+/// [`served_since`], of the GETs whose path contains `name`.
+fn served_of_since(first: usize, name: &str) -> Vec<Option<std::ops::Range<u64>>> {
     let served = bucket().1.served.lock().unwrap();
     served[first..]
         .iter()
+        .filter(|line| line.contains(name))
         .map(|line| {
             let (start, end) = line.rsplit_once("bytes=")?.1.split_once('-')?;
             Some(start.parse().ok()?..end.parse::<u64>().ok()? + 1)
@@ -279,20 +285,12 @@ fn a_reader_going_from_the_header_into_the_data_past_the_first_section_reads_the
     // Past its first section: the rest of the file (less than the default read-ahead budget)
     // is asked for, not the 64 MiB a header read followed by one section starts.
     let name = LONG_KEY.rsplit('/').next().unwrap();
-    let furthest = || {
-        let served = server.served.lock().unwrap();
-        served[first_get..]
-            .iter()
-            .filter(|line| line.contains(name))
-            .filter_map(|line| line.rsplit_once("bytes=")?.1.split_once('-')?.1.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
-    };
+    let furthest = || served_of_since(first_get, name).into_iter().flatten().map(|r| r.end).max().unwrap_or(0);
     let started = Instant::now();
-    while furthest() + 1 < source.len() as u64 && started.elapsed() < Duration::from_secs(5) {
+    while furthest() < source.len() as u64 && started.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(furthest() + 1, source.len() as u64, "read-ahead stopped at {} of {}", furthest(), source.len());
+    assert_eq!(furthest(), source.len() as u64, "read-ahead stopped at {} of {}", furthest(), source.len());
 }
 
 #[test]

@@ -96,24 +96,17 @@ const USAGE: &str = "cdpfs benchmark (run as root): cargo bench --bench cdpfs-be
   --mount-args \"...\"   options added to every cdpfs mount
   --smoke              tiny sizes, one run: checks the harness, not the speed";
 
-/// Options taking a value; flags (`--bench` is what `cargo bench` passes).
-const VALUE_OPTIONS: [&str; 9] = [
-    "--latency-ms",
-    "--bandwidth-mbps",
-    "--mrc-nz",
-    "--mrc-mib",
-    "--random-reads",
-    "--runs",
-    "--only",
-    "--mount-args",
-    "--serve-origin",
-];
+/// Options taking a number, options taking text (besides `--only`), and flags (`--bench` is
+/// what `cargo bench` passes).
+const NUMBER_OPTIONS: [&str; 6] =
+    ["--latency-ms", "--bandwidth-mbps", "--mrc-nz", "--mrc-mib", "--random-reads", "--runs"];
+const TEXT_OPTIONS: [&str; 2] = ["--mount-args", "--serve-origin"];
 const FLAGS: [&str; 2] = ["--smoke", "--bench"];
 /// The case groups `--only` may name.
 const GROUPS: [u32; 9] = [1, 2, 4, 5, 6, 7, 8, 9, 10];
 
-/// Exits with the usage for `--help`, and with an error for an unknown option or a missing or
-/// unreadable number.
+/// Exits with the usage for `--help`, and with an error for an unknown option, a missing value,
+/// a number that is none or a case group there is not.
 fn check_arguments(args: &[String]) {
     let fail = |message: String| -> ! {
         eprintln!("cdpfs-bench: {message}\n\n{USAGE}");
@@ -121,29 +114,26 @@ fn check_arguments(args: &[String]) {
     };
     let mut rest = args.iter().skip(1);
     while let Some(arg) = rest.next() {
-        match arg.as_str() {
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                std::process::exit(0)
+        let name = arg.as_str();
+        if matches!(name, "--help" | "-h") {
+            println!("{USAGE}");
+            std::process::exit(0)
+        }
+        if FLAGS.contains(&name) {
+            continue;
+        }
+        if !(name == "--only" || NUMBER_OPTIONS.contains(&name) || TEXT_OPTIONS.contains(&name)) {
+            fail(format!("unknown argument {name}"))
+        }
+        let Some(value) = rest.next() else { fail(format!("{name} needs a value")) };
+        if name == "--only" {
+            for group in value.split(',') {
+                if !group.parse::<u32>().is_ok_and(|g| GROUPS.contains(&g)) {
+                    fail(format!("--only {value}: {group:?} is not a case group"))
+                }
             }
-            name if VALUE_OPTIONS.contains(&name) => match rest.next() {
-                None => fail(format!("{name} needs a value")),
-                Some(value) if name == "--only" => {
-                    for group in value.split(',') {
-                        if !group.parse::<u32>().is_ok_and(|g| GROUPS.contains(&g)) {
-                            fail(format!("--only {value}: {group:?} is not a case group"))
-                        }
-                    }
-                }
-                Some(value) if !matches!(name, "--only" | "--mount-args" | "--serve-origin") => {
-                    if value.parse::<u64>().is_err() {
-                        fail(format!("{name} {value}: not a number"))
-                    }
-                }
-                Some(_) => {}
-            },
-            name if FLAGS.contains(&name) => {}
-            other => fail(format!("unknown argument {other}")),
+        } else if NUMBER_OPTIONS.contains(&name) && value.parse::<u64>().is_err() {
+            fail(format!("{name} {value}: not a number"))
         }
     }
 }

@@ -85,8 +85,10 @@ enum Start {
     /// At the start of the file, with a small read (a header): at least [`WHOLE_FILE_WINDOW`],
     /// then what it has consumed (the reader may go on to one MRC section, or through the file).
     Header,
-    /// At the start of the file, with a read of [`STREAM_START`] or more: a program reading the
-    /// file through; [`WHOLE_FILE_GROWTH`] times what it has consumed.
+    /// A program reading the file through: it began at the start of the file with a read of
+    /// [`STREAM_START`] or more, or has shown it since (read [`ESTABLISHED_STREAM`] in a row,
+    /// or gone past an MRC's first section after its header); [`WHOLE_FILE_GROWTH`] times what
+    /// it has consumed.
     Through,
 }
 
