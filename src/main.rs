@@ -657,10 +657,11 @@ fn show_stats(mountpoint: Option<PathBuf>, json: bool) -> Result<()> {
             s.zarr_chunks_fetched_ahead
         );
         println!(
-            "  disk:   {} blocks written, {} not written (write queue full), {} refused by the cache directory (full, read-only or failing), {} queued, {} slow reads skipped, {} cache-dir operations",
+            "  disk:   {} blocks written, {} not written (write queue full), {} refused by the cache directory (full, read-only or failing), {} writer pauses for a busy CPU, {} queued, {} slow reads skipped, {} cache-dir operations",
             s.cache_disk_writes,
             s.cache_disk_writes_dropped,
             s.cache_disk_writes_refused,
+            s.cache_disk_write_pauses,
             human_bytes(s.cache_disk_write_queue_bytes),
             s.cache_disk_read_timeouts,
             s.cache_dir_operations

@@ -98,6 +98,7 @@ pub struct Snapshot {
     pub cache_disk_writes: u64,
     pub cache_disk_writes_dropped: u64,
     pub cache_disk_writes_refused: u64,
+    pub cache_disk_write_pauses: u64,
     pub cache_disk_write_queue_bytes: u64,
     pub cache_disk_read_timeouts: u64,
     pub cache_dir_operations: u64,
@@ -136,6 +137,7 @@ impl Stats {
             cache_disk_writes: cache.disk().map_or(0, |d| load(&d.writes().written)),
             cache_disk_writes_dropped: cache.disk().map_or(0, |d| load(&d.writes().dropped)),
             cache_disk_writes_refused: cache.disk().map_or(0, |d| load(&d.writes().refused)),
+            cache_disk_write_pauses: cache.disk().map_or(0, |d| load(&d.writes().paused)),
             cache_disk_write_queue_bytes: cache.disk().map_or(0, |d| load(&d.writes().queued_bytes)),
             cache_disk_read_timeouts: cache.disk().map_or(0, |d| d.read_timeouts()),
             cache_dir_operations: cache.disk().map_or(0, |d| d.read_operations()),
@@ -184,6 +186,11 @@ impl Snapshot {
                 "cdpfs_cache_disk_writes_refused_total",
                 "Blocks the cache directory did not take (full, read-only or failing)",
                 self.cache_disk_writes_refused as f64,
+            ),
+            (
+                "cdpfs_cache_disk_write_pauses_total",
+                "Pauses the disk cache's writers took to leave a busy CPU to the reads",
+                self.cache_disk_write_pauses as f64,
             ),
             (
                 "cdpfs_cache_disk_read_timeouts_total",

@@ -181,6 +181,7 @@ static NO_WRITES: write_behind::WriteCounters = write_behind::WriteCounters {
     dropped: AtomicU64::new(0),
     refused: AtomicU64::new(0),
     queued_bytes: AtomicU64::new(0),
+    paused: AtomicU64::new(0),
 };
 
 impl DiskTier {
