@@ -294,6 +294,42 @@ fn a_reader_going_from_the_header_into_the_data_past_the_first_section_reads_the
 }
 
 #[test]
+fn a_header_read_by_buffered_io_fetches_its_buffer_and_a_reader_going_on_from_it_streams() {
+    let _serial = serial();
+    let (_, server) = bucket();
+    let source = long_source();
+    let name = LONG_KEY.rsplit('/').next().unwrap();
+    let mount = Mounted::on(server, "buffered-header", &[]);
+    // `mrcfile.open(header_only=True)`, RELION or IMOD reading the header with stdio: one read
+    // of the file's block size (1 MiB) into a buffer that does not start on a page (so the
+    // kernel sends it as two requests), then close.
+    let first_get = server.served.lock().unwrap().len();
+    let mut buffer = vec![0u8; (1 << 20) + 16];
+    let unaligned = &mut buffer[16..];
+    let n = File::open(mount.join(LONG_KEY)).unwrap().read(unaligned).unwrap();
+    assert!(n > 1024 && unaligned[..n] == source[..n]);
+    std::thread::sleep(Duration::from_millis(500));
+    let fetched: u64 = served_of_since(first_get, name).into_iter().flatten().map(|r| r.end - r.start).sum();
+    assert!(fetched <= 2 << 20, "a header read fetched {fetched} bytes");
+    // `dd bs=1M`, `cp`, `mrcfile.open()`: a second read going on from the first reads the
+    // tomogram through: after 4 MiB the read-ahead asks for all of the rest (less than the
+    // default read-ahead budget).
+    let first_get = server.served.lock().unwrap().len();
+    let mut file = File::open(mount.join(LONG_KEY)).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for offset in (0..4u64).map(|i| i << 20) {
+        file.read_exact(&mut buf).unwrap();
+        assert!(buf[..] == source[offset as usize..offset as usize + buf.len()]);
+    }
+    let furthest = || served_of_since(first_get, name).into_iter().flatten().map(|r| r.end).max().unwrap_or(0);
+    let started = Instant::now();
+    while furthest() < source.len() as u64 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(furthest(), source.len() as u64, "read-ahead stopped at {} of {}", furthest(), source.len());
+}
+
+#[test]
 fn a_header_read_again_past_the_page_cache_takes_no_second_get() {
     let _serial = serial();
     let (source, server) = bucket();

@@ -5,7 +5,11 @@
 //! only what it needs, so reading an MRC header (offset 0) never pulls the whole file. The one
 //! exception is a first read at offset 0 as large as the kernel's read-ahead: that is a program
 //! reading the file from the start (zarr reading a chunk, `cp`), and it starts a stream at
-//! once, with a window of [`WHOLE_FILE_WINDOW`] at least. Reads that continue where the
+//! once, with a window of [`WHOLE_FILE_WINDOW`] at least - except in a file read header first
+//! ([`Prefetcher::reads_header_first`]: an MRC), where buffered I/O reads the header as a whole
+//! buffer (`st_blksize`, 1 MiB: `mrcfile.open(header_only=True)`, RELION's and IMOD's `fread`
+//! of 1024 bytes): there it fetches its own blocks and nothing beyond, and the next read going
+//! on from it makes the stream one reading the file through. Reads that continue where the
 //! previous ones ended (allowing for the kernel's small reorderings of concurrent readahead
 //! requests) are *sequential*, and the read-ahead window is what the stream has consumed so
 //! far (at least the initial window, at most the cap): after a seek it grows with what the
@@ -40,6 +44,10 @@ const FORWARD_TOLERANCE: u64 = 2 << 20;
 /// read-ahead window (128 KiB unless raised; past the page cache, the program's read up to
 /// 1 MiB), while a header read comes as a 16 KiB request (or the program's own size).
 const STREAM_START: u64 = 128 << 10;
+
+/// A read right after a large header read, and shorter than this, is the rest of the same read
+/// (see [`Prefetcher::on_read`]): a page.
+const BUFFER_TAIL: u64 = 4096 + 1;
 
 /// The smallest window of a stream that began at the start of the file: a program reading a
 /// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
@@ -84,7 +92,9 @@ enum Start {
     Elsewhere,
     /// At the start of the file, with a small read (a header): at least [`WHOLE_FILE_WINDOW`],
     /// then what it has consumed (the reader may go on to one MRC section, or through the file).
-    Header,
+    /// `large`: the read was a large one (buffered I/O reading a header, in a file read header
+    /// first): the next read going on from it is reading the file through.
+    Header { large: bool },
     /// A program reading the file through: it began at the start of the file with a read of
     /// [`STREAM_START`] or more, or has shown it since (read [`ESTABLISHED_STREAM`] in a row,
     /// or gone past an MRC's first section after its header); [`WHOLE_FILE_GROWTH`] times what
@@ -113,6 +123,8 @@ pub struct Prefetcher {
     stream: Option<(u64, u64)>,
     /// How the current stream began.
     start: Start,
+    /// The file is read header first: a large first read at its start is a header read too.
+    header_first: bool,
 }
 
 impl Prefetcher {
@@ -120,7 +132,15 @@ impl Prefetcher {
     /// share of `budget` if that is smaller.
     pub fn new(initial_window: u64, max_window: u64, budget: Arc<StreamBudget>) -> Prefetcher {
         let max_window = max_window.max(initial_window);
-        Prefetcher { initial_window, max_window, budget, counted: false, stream: None, start: Start::Elsewhere }
+        let start = Start::Elsewhere;
+        Prefetcher { initial_window, max_window, budget, counted: false, stream: None, start, header_first: false }
+    }
+
+    /// Takes the file as one that programs read header first (an MRC): a large first read at its
+    /// start does not start a stream by itself (see the module comment).
+    pub fn reads_header_first(mut self) -> Prefetcher {
+        self.header_first = true;
+        self
     }
 
     /// Counts this reader in the budget's active streams while it reads sequentially.
@@ -136,14 +156,14 @@ impl Prefetcher {
 
     /// Whether the current stream began with a small read at the start of the file (a header).
     pub fn began_with_header(&self) -> bool {
-        self.start == Start::Header
+        matches!(self.start, Start::Header { .. })
     }
 
     /// Takes the current stream, which began with a header, as a program reading the file
     /// through (the data path saw it read past an MRC's first section, as `mrcfile` reading a
     /// whole tomogram does): its window grows as if its first read had been a large one.
     pub fn reads_through(&mut self) {
-        if self.start == Start::Header {
+        if self.began_with_header() {
             self.start = Start::Through;
         }
     }
@@ -155,16 +175,27 @@ impl Prefetcher {
             Some((prev, consumed)) => {
                 offset + BACKWARD_TOLERANCE.min(consumed) >= prev && offset <= prev + FORWARD_TOLERANCE
             }
-            None => offset == 0 && len >= STREAM_START,
+            None => offset == 0 && len >= STREAM_START && !self.header_first,
         };
         match self.stream {
             // A reordered (earlier) request must not pull the stream back.
-            Some((prev, consumed)) if sequential => self.stream = Some((prev.max(end), consumed + len)),
+            Some((prev, consumed)) if sequential => {
+                self.stream = Some((prev.max(end), consumed + len));
+                if self.start == (Start::Header { large: true }) {
+                    if len < BUFFER_TAIL {
+                        // The rest of the header read: a program's buffer that does not start on
+                        // a page takes one page more than a request holds, and the kernel sends
+                        // that page as a request of its own.
+                        return Pattern::Random;
+                    }
+                    self.start = Start::Through;
+                }
+            }
             _ => {
                 self.stream = Some((end, len));
                 self.start = match (offset, sequential) {
                     (0, true) => Start::Through,
-                    (0, false) => Start::Header,
+                    (0, false) => Start::Header { large: len >= STREAM_START },
                     _ => Start::Elsewhere,
                 };
             }
@@ -177,11 +208,15 @@ impl Prefetcher {
         let cap = self.max_window.min(self.budget.share()).max(self.initial_window);
         let (floor, grown) = match self.start {
             Start::Through => (self.initial_window.max(WHOLE_FILE_WINDOW), consumed.saturating_mul(WHOLE_FILE_GROWTH)),
-            Start::Header => (self.initial_window.max(WHOLE_FILE_WINDOW), consumed),
+            Start::Header { .. } => (self.initial_window.max(WHOLE_FILE_WINDOW), consumed),
             Start::Elsewhere => (self.initial_window, consumed),
         };
         if sequential {
             Pattern::Sequential { window: grown.clamp(floor.min(cap), cap) }
+        } else if self.start == (Start::Header { large: true }) && consumed == len {
+            // A large header read: its own blocks, kept as blocks (for a reader going on from
+            // it, and for the disk tier), and nothing beyond them.
+            Pattern::Sequential { window: 0 }
         } else {
             Pattern::Random
         }
@@ -298,6 +333,31 @@ mod tests {
         assert_eq!(header.on_read(0, 16 * 1024), Pattern::Random);
         let mut elsewhere = Prefetcher::new(4 * MIB, 32 * MIB, unbounded());
         assert_eq!(elsewhere.on_read(8 * MIB, MIB), Pattern::Random);
+    }
+
+    #[test]
+    fn in_a_file_read_header_first_a_large_first_read_is_a_header_and_the_next_one_on_reads_it_through() {
+        let budget = || StreamBudget::new(256 * MIB, 16 * MIB);
+        // `mrcfile.open(header_only=True)`: one buffered read of 1 MiB, then close; its buffer
+        // does not start on a page, so the kernel sends the read as two requests.
+        let mut header_only = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        assert_eq!(header_only.on_read(0, MIB - 16), Pattern::Sequential { window: 0 });
+        assert_eq!(header_only.on_read(MIB - 16, 16), Pattern::Random);
+        // `dd`, `cp`, `mrcfile.open()` going on into the voxels: through from the second read.
+        let mut through = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        through.on_read(0, MIB);
+        assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 2 * WHOLE_FILE_GROWTH * MIB });
+        assert_eq!(through.on_read(2 * MIB, MIB), Pattern::Sequential { window: 3 * WHOLE_FILE_GROWTH * MIB });
+        assert_eq!(through.on_read(3 * MIB, MIB), Pattern::Sequential { window: 256 * MIB });
+        // 3dmod: the header through stdio, then a section elsewhere.
+        let mut viewer = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        viewer.on_read(0, MIB);
+        assert_eq!(viewer.on_read(600 * MIB, 6 * MIB), Pattern::Random);
+        // A small header read stays a header, as in any file.
+        let mut small = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        small.on_read(0, 1024);
+        assert_eq!(small.on_read(1024, MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
+        assert!(small.began_with_header());
     }
 
     #[test]
