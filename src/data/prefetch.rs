@@ -154,7 +154,8 @@ impl Prefetcher {
         }
     }
 
-    /// Whether the current stream began with a small read at the start of the file (a header).
+    /// Whether the current stream began with a header read at the start of the file (a small
+    /// read, or in a file read header first a buffered one).
     pub fn began_with_header(&self) -> bool {
         matches!(self.start, Start::Header { .. })
     }
