@@ -284,28 +284,36 @@ mod tests {
         let stage = WriteBehind::start(disk.clone(), 1 << 30, 2);
         // A thread per CPU at normal priority that never sleeps: the writers (idle priority)
         // wait for a CPU far longer than they run.
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, spinning) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
         let cpus = std::thread::available_parallelism().map_or(2, usize::from);
         let spinners: Vec<_> = (0..cpus)
             .map(|_| {
-                let stop = stop.clone();
+                let (stop, spinning) = (stop.clone(), spinning.clone());
                 std::thread::spawn(move || {
+                    spinning.fetch_add(1, Ordering::SeqCst);
                     while !stop.load(Ordering::Relaxed) {
                         std::hint::spin_loop();
                     }
                 })
             })
             .collect();
-        let blocks = 40;
-        for i in 0..blocks {
-            assert!(stage.submit(key(i), Bytes::from(vec![i as u8; 1 << 16])));
+        // Every CPU busy before the first block is queued (else the writers may write them all
+        // while the spinners are still starting).
+        while spinning.load(Ordering::SeqCst) < cpus as u64 {
+            std::thread::yield_now();
         }
+        // Blocks arrive one by one, as from a stream, until a writer has paused (a burst of
+        // blocks can be written within one time slice a writer got, never waiting between them).
+        let block = |i: u64| vec![i as u8; 16 << 10];
         let counters = stage.counters.clone();
         let started = Instant::now();
         let (paused, written) =
             (|| counters.paused.load(Ordering::Relaxed), || counters.written.load(Ordering::Relaxed));
-        while paused() == 0 && written() < blocks && started.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(10));
+        let mut blocks = 0;
+        while paused() == 0 && started.elapsed() < Duration::from_secs(60) {
+            assert!(stage.submit(key(blocks), Bytes::from(block(blocks))));
+            blocks += 1;
+            std::thread::sleep(Duration::from_millis(5));
         }
         stop.store(true, Ordering::Relaxed);
         spinners.into_iter().for_each(|spinner| spinner.join().unwrap());
@@ -316,7 +324,7 @@ mod tests {
         assert_eq!(written(), blocks, "{counters:?}");
         assert_eq!(counters.dropped.load(Ordering::Relaxed), 0);
         for i in 0..blocks {
-            assert_eq!(disk.read(&key(i)).unwrap(), vec![i as u8; 1 << 16]);
+            assert_eq!(disk.read(&key(i)).unwrap(), block(i));
         }
     }
 
