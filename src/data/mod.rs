@@ -220,10 +220,7 @@ impl DataPath {
 
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
-        let prefetcher = match MrcSections::is_mrc(&object.key) {
-            true => self.prefetcher(u64::MAX).reads_header_first(),
-            false => self.prefetcher(u64::MAX),
-        };
+        let prefetcher = self.prefetcher(u64::MAX).reads_header_first(MrcSections::is_mrc(&object.key));
         let bypasses_page_cache = self.config.page_cache == PageCache::Auto
             && self.bypass_allowed.load(Ordering::Relaxed)
             && object.size >= STREAMED_OBJECT

@@ -45,9 +45,9 @@ const FORWARD_TOLERANCE: u64 = 2 << 20;
 /// 1 MiB), while a header read comes as a 16 KiB request (or the program's own size).
 const STREAM_START: u64 = 128 << 10;
 
-/// A read right after a large header read, and shorter than this, is the rest of the same read
-/// (see [`Prefetcher::on_read`]): a page.
-const BUFFER_TAIL: u64 = 4096 + 1;
+/// A read right after a large header read, and no longer than this, is the rest of the same
+/// read (see [`Prefetcher::on_read`]): a page.
+const BUFFER_TAIL: u64 = 4096;
 
 /// The smallest window of a stream that began at the start of the file: a program reading a
 /// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
@@ -136,10 +136,10 @@ impl Prefetcher {
         Prefetcher { initial_window, max_window, budget, counted: false, stream: None, start, header_first: false }
     }
 
-    /// Takes the file as one that programs read header first (an MRC): a large first read at its
-    /// start does not start a stream by itself (see the module comment).
-    pub fn reads_header_first(mut self) -> Prefetcher {
-        self.header_first = true;
+    /// Takes the file, if `header_first`, as one that programs read header first (an MRC): a
+    /// large first read at its start does not start a stream by itself (see the module comment).
+    pub fn reads_header_first(mut self, header_first: bool) -> Prefetcher {
+        self.header_first = header_first;
         self
     }
 
@@ -183,7 +183,7 @@ impl Prefetcher {
             Some((prev, consumed)) if sequential => {
                 self.stream = Some((prev.max(end), consumed + len));
                 if self.start == (Start::Header { large: true }) {
-                    if len < BUFFER_TAIL {
+                    if len <= BUFFER_TAIL {
                         // The rest of the header read: a program's buffer that does not start on
                         // a page takes one page more than a request holds, and the kernel sends
                         // that page as a request of its own.
@@ -196,7 +196,7 @@ impl Prefetcher {
                 self.stream = Some((end, len));
                 self.start = match (offset, sequential) {
                     (0, true) => Start::Through,
-                    (0, false) => Start::Header { large: len >= STREAM_START },
+                    (0, false) => Start::Header { large: self.header_first && len >= STREAM_START },
                     _ => Start::Elsewhere,
                 };
             }
@@ -341,21 +341,21 @@ mod tests {
         let budget = || StreamBudget::new(256 * MIB, 16 * MIB);
         // `mrcfile.open(header_only=True)`: one buffered read of 1 MiB, then close; its buffer
         // does not start on a page, so the kernel sends the read as two requests.
-        let mut header_only = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        let mut header_only = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         assert_eq!(header_only.on_read(0, MIB - 16), Pattern::Sequential { window: 0 });
         assert_eq!(header_only.on_read(MIB - 16, 16), Pattern::Random);
         // `dd`, `cp`, `mrcfile.open()` going on into the voxels: through from the second read.
-        let mut through = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        let mut through = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         through.on_read(0, MIB);
         assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 2 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(2 * MIB, MIB), Pattern::Sequential { window: 3 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(3 * MIB, MIB), Pattern::Sequential { window: 256 * MIB });
         // 3dmod: the header through stdio, then a section elsewhere.
-        let mut viewer = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        let mut viewer = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         viewer.on_read(0, MIB);
         assert_eq!(viewer.on_read(600 * MIB, 6 * MIB), Pattern::Random);
         // A small header read stays a header, as in any file.
-        let mut small = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first();
+        let mut small = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         small.on_read(0, 1024);
         assert_eq!(small.on_read(1024, MIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
         assert!(small.began_with_header());
