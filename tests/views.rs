@@ -179,6 +179,31 @@ fn a_section_read_fetches_only_the_chunks_of_its_z_range_and_cached_views_need_n
     assert!(first == third, "the view read offline differs");
 }
 
+/// `mrcfile.open(header_only=True)`, RELION and IMOD read a view's header with stdio: one
+/// buffered read of the file's block size (1 MiB) at its start. That fetches the chunks its
+/// buffer covers (the first chunk row of `big.bin1.mrc`: 4 of its 256 KiB sections) and none
+/// beyond (a stream's read-ahead would compute the whole view from all its chunks).
+#[test]
+fn a_buffered_header_read_of_a_view_fetches_the_chunks_of_its_buffer_only() {
+    let Some((root, server, _)) = fixture() else { return };
+    let _serial = serial();
+    let mount = Mounted::on(server, "views-header", &[]);
+    let path = mount.join(BIG_DIR).join("big.bin1.mrc");
+    let reference = fs::read(root.join("refs").join(format!("{}_big.bin1.mrc", BIG_DIR.replace('/', "_")))).unwrap();
+    let before = quiet(server);
+    let mut buffer = vec![0u8; (1 << 20) + 16];
+    let unaligned = &mut buffer[16..];
+    let n = std::io::Read::read(&mut File::open(&path).unwrap(), unaligned).unwrap();
+    // The header is cdpfs's own (labels, statistics): its dimensions and the voxels are the reference's.
+    assert!(n > 1024 && unaligned[..12] == reference[..12] && unaligned[1024..n] == reference[1024..n]);
+    quiet(server);
+    let fetched = chunk_gets(server, before);
+    let chunks: Vec<&String> = fetched.iter().filter(|key| !key.contains(".z")).collect();
+    assert!(!chunks.is_empty() && chunks.iter().all(|key| key.starts_with("0/0/")), "a header read fetched {chunks:?}");
+    // Going on from it (`dd`, `cp`, `mrcfile.open()`): the whole view.
+    assert!(fs::read(&path).unwrap()[1024..] == reference[1024..], "the view read through differs");
+}
+
 /// A view block is computed from up to bin^3 times its bytes of decoded chunk data, and a
 /// reader's read-ahead computes many blocks at once: reading a view of the portal's chunks
 /// (256^3, a section across 3 x 3 of them) stays within `--max-memory` (RSS growth of the

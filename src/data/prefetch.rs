@@ -8,8 +8,9 @@
 //! once, with a window of [`WHOLE_FILE_WINDOW`] at least - except in a file read header first
 //! ([`Prefetcher::reads_header_first`]: an MRC), where buffered I/O reads the header as a whole
 //! buffer (`st_blksize`, 1 MiB: `mrcfile.open(header_only=True)`, RELION's and IMOD's `fread`
-//! of 1024 bytes): there it fetches its own blocks and nothing beyond, and the next read going
-//! on from it makes the stream one reading the file through. Reads that continue where the
+//! of 1024 bytes): there it fetches its own blocks and nothing beyond (so do the other requests
+//! of the same buffer, through the page cache), and a read going on past that buffer makes the
+//! stream one reading the file through. Reads that continue where the
 //! previous ones ended (allowing for the kernel's small reorderings of concurrent readahead
 //! requests) are *sequential*, and the read-ahead window is what the stream has consumed so
 //! far (at least the initial window, at most the cap): after a seek it grows with what the
@@ -48,6 +49,10 @@ const STREAM_START: u64 = 128 << 10;
 /// A read right after a large header read, and no longer than this, is the rest of the same
 /// read (see [`Prefetcher::on_read`]): a page.
 const BUFFER_TAIL: u64 = 4096;
+/// A buffered header read (one `st_blksize` buffer of 1 MiB) ends within this: through the page
+/// cache the kernel sends it as requests of its read-ahead size (256 KiB) in any order, and
+/// reads a request or so beyond it.
+const HEADER_BUFFER: u64 = 2 << 20;
 
 /// The smallest window of a stream that began at the start of the file: a program reading a
 /// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
@@ -93,7 +98,7 @@ enum Start {
     /// At the start of the file, with a small read (a header): at least [`WHOLE_FILE_WINDOW`],
     /// then what it has consumed (the reader may go on to one MRC section, or through the file).
     /// `large`: the read was a large one (buffered I/O reading a header, in a file read header
-    /// first): the next read going on from it is reading the file through.
+    /// first): a read going on past its buffer ([`HEADER_BUFFER`]) is reading the file through.
     Header { large: bool },
     /// A program reading the file through: it began at the start of the file with a read of
     /// [`STREAM_START`] or more, or has shown it since (read [`ESTABLISHED_STREAM`] in a row,
@@ -188,6 +193,10 @@ impl Prefetcher {
                         // a page takes one page more than a request holds, and the kernel sends
                         // that page as a request of its own.
                         return Pattern::Random;
+                    }
+                    if end <= HEADER_BUFFER {
+                        // Another request of the same buffered read (through the page cache).
+                        return Pattern::Sequential { window: 0 };
                     }
                     self.start = Start::Through;
                 }
@@ -344,10 +353,16 @@ mod tests {
         let mut header_only = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         assert_eq!(header_only.on_read(0, MIB - 16), Pattern::Sequential { window: 0 });
         assert_eq!(header_only.on_read(MIB - 16, 16), Pattern::Random);
-        // `dd`, `cp`, `mrcfile.open()` going on into the voxels: through from the second read.
+        // The same read through the page cache (a view, a second pass): requests of the kernel's
+        // read-ahead size in any order, and one beyond the buffer.
+        let mut paged = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
+        for offset in [0, 2, 1, 3, 4] {
+            assert_eq!(paged.on_read(offset * 256 * KIB, 256 * KIB), Pattern::Sequential { window: 0 });
+        }
+        // `dd`, `cp`, `mrcfile.open()` going on into the voxels: through once past the buffer.
         let mut through = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         through.on_read(0, MIB);
-        assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 2 * WHOLE_FILE_GROWTH * MIB });
+        assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 0 });
         assert_eq!(through.on_read(2 * MIB, MIB), Pattern::Sequential { window: 3 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(3 * MIB, MIB), Pattern::Sequential { window: 256 * MIB });
         // 3dmod: the header through stdio, then a section elsewhere.

@@ -334,11 +334,12 @@ impl Catalog {
         self.data.read_range(object, 0..object.size).await
     }
 
-    /// Starts reading `view`.
+    /// Starts reading `view`: an MRC, read header first (a buffered read of its header fetches
+    /// its own blocks and no read-ahead).
     pub fn open(&self, view: Arc<MrcView>) -> OpenView {
         OpenView {
             view,
-            pattern: std::sync::Mutex::new(self.data.prefetcher(VIEW_READ_AHEAD)),
+            pattern: std::sync::Mutex::new(self.data.prefetcher(VIEW_READ_AHEAD).reads_header_first(true)),
             requested: AtomicU64::new(0),
             released: AtomicU64::new(0),
         }
@@ -379,7 +380,7 @@ impl Catalog {
                     Some(_) => window,
                     None => {
                         let held = 2 * view.chunks_per_section() * block_size;
-                        window.min(cache.memory_capacity().saturating_sub(held)).max(2 * block_size)
+                        window.min(cache.memory_capacity().saturating_sub(held)).max(window.min(2 * block_size))
                     }
                 };
                 // Half the window is view blocks computed ahead, half the chunk bytes fetched
