@@ -136,14 +136,18 @@ fn write_loop(
         };
         outcome.fetch_add(1, Ordering::Relaxed);
         counters.queued_bytes.fetch_sub(data.len() as u64, Ordering::AcqRel);
-        let pause = since.zip(clock.times()).and_then(|((ran, waited), (run, wait))| {
+        let done = clock.times();
+        let pause = since.zip(done).and_then(|((ran, waited), (run, wait))| {
             pacing.after_block(run.saturating_sub(ran), wait.saturating_sub(waited), woken.elapsed())
         });
-        if let Some(pause) = pause.filter(|_| !closing.load(Ordering::Acquire)) {
-            counters.paused.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(pause);
-        }
-        since = clock.times();
+        since = match pause.filter(|_| !closing.load(Ordering::Acquire)) {
+            Some(pause) => {
+                counters.paused.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(pause);
+                clock.times()
+            }
+            None => done,
+        };
     }
 }
 
