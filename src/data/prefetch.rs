@@ -49,10 +49,10 @@ const STREAM_START: u64 = 128 << 10;
 /// A read right after a large header read, and no longer than this, is the rest of the same
 /// read (see [`Prefetcher::on_read`]): a page.
 const BUFFER_TAIL: u64 = 4096;
-/// A buffered header read (one `st_blksize` buffer of 1 MiB) ends within this: through the page
-/// cache the kernel sends it as requests of its read-ahead size (256 KiB) in any order, and
-/// reads a request or so beyond it.
-const HEADER_BUFFER: u64 = 2 << 20;
+/// The buffer of a buffered header read: the `st_blksize` the mount reports. Past the page cache
+/// it comes as one request (and a page: [`BUFFER_TAIL`]); through it, as requests of the
+/// kernel's read-ahead size (256 KiB) in any order, and one more beyond the buffer.
+const HEADER_BUFFER: u64 = 1 << 20;
 
 /// The smallest window of a stream that began at the start of the file: a program reading a
 /// whole object (a Zarr chunk, `cp`, an HPC job) gets part-sized read-ahead at once.
@@ -97,9 +97,10 @@ enum Start {
     Elsewhere,
     /// At the start of the file, with a small read (a header): at least [`WHOLE_FILE_WINDOW`],
     /// then what it has consumed (the reader may go on to one MRC section, or through the file).
-    /// `large`: the read was a large one (buffered I/O reading a header, in a file read header
-    /// first): a read going on past its buffer ([`HEADER_BUFFER`]) is reading the file through.
-    Header { large: bool },
+    /// `buffer_end`: the read was a large one (buffered I/O reading a header, in a file read
+    /// header first), whose requests end here ([`HEADER_BUFFER`]): a read going on past them is
+    /// reading the file through.
+    Header { buffer_end: Option<u64> },
     /// A program reading the file through: it began at the start of the file with a read of
     /// [`STREAM_START`] or more, or has shown it since (read [`ESTABLISHED_STREAM`] in a row,
     /// or gone past an MRC's first section after its header); [`WHOLE_FILE_GROWTH`] times what
@@ -187,14 +188,14 @@ impl Prefetcher {
             // A reordered (earlier) request must not pull the stream back.
             Some((prev, consumed)) if sequential => {
                 self.stream = Some((prev.max(end), consumed + len));
-                if self.start == (Start::Header { large: true }) {
+                if let Start::Header { buffer_end: Some(buffer_end) } = self.start {
                     if len <= BUFFER_TAIL {
                         // The rest of the header read: a program's buffer that does not start on
                         // a page takes one page more than a request holds, and the kernel sends
                         // that page as a request of its own.
                         return Pattern::Random;
                     }
-                    if end <= HEADER_BUFFER {
+                    if end <= buffer_end {
                         // Another request of the same buffered read (through the page cache).
                         return Pattern::Sequential { window: 0 };
                     }
@@ -205,7 +206,14 @@ impl Prefetcher {
                 self.stream = Some((end, len));
                 self.start = match (offset, sequential) {
                     (0, true) => Start::Through,
-                    (0, false) => Start::Header { large: self.header_first && len >= STREAM_START },
+                    // A request smaller than the buffer is one of its requests through the page
+                    // cache: the others, and one beyond, follow.
+                    (0, false) => Start::Header {
+                        buffer_end: (self.header_first && len >= STREAM_START).then(|| match len < HEADER_BUFFER {
+                            true => HEADER_BUFFER + len,
+                            false => len,
+                        }),
+                    },
                     _ => Start::Elsewhere,
                 };
             }
@@ -223,7 +231,7 @@ impl Prefetcher {
         };
         if sequential {
             Pattern::Sequential { window: grown.clamp(floor.min(cap), cap) }
-        } else if self.start == (Start::Header { large: true }) && consumed == len {
+        } else if matches!(self.start, Start::Header { buffer_end: Some(_) }) && consumed == len {
             // A large header read: its own blocks, kept as blocks (for a reader going on from
             // it, and for the disk tier), and nothing beyond them.
             Pattern::Sequential { window: 0 }
@@ -359,10 +367,11 @@ mod tests {
         for offset in [0, 2, 1, 3, 4] {
             assert_eq!(paged.on_read(offset * 256 * KIB, 256 * KIB), Pattern::Sequential { window: 0 });
         }
-        // `dd`, `cp`, `mrcfile.open()` going on into the voxels: through once past the buffer.
+        assert!(matches!(paged.on_read(5 * 256 * KIB, 256 * KIB), Pattern::Sequential { window } if window > 0));
+        // `dd`, `cp`, `mrcfile.open()` going on into the voxels: through from the second read.
         let mut through = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         through.on_read(0, MIB);
-        assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 0 });
+        assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 2 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(2 * MIB, MIB), Pattern::Sequential { window: 3 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(3 * MIB, MIB), Pattern::Sequential { window: 256 * MIB });
         // 3dmod: the header through stdio, then a section elsewhere.
