@@ -220,11 +220,14 @@ impl DataPath {
 
     /// Starts reading `object`.
     pub fn open(&self, object: Arc<ObjectMeta>) -> OpenFile {
-        let prefetcher = self.prefetcher(u64::MAX).reads_header_first(MrcSections::is_mrc(&object.key));
         let bypasses_page_cache = self.config.page_cache == PageCache::Auto
             && self.bypass_allowed.load(Ordering::Relaxed)
             && object.size >= STREAMED_OBJECT
             && self.in_first_pass(&object);
+        let prefetcher = self
+            .prefetcher(u64::MAX)
+            .reads_header_first(MrcSections::is_mrc(&object.key))
+            .through_page_cache(!bypasses_page_cache);
         OpenFile {
             object,
             bypasses_page_cache,

@@ -131,6 +131,9 @@ pub struct Prefetcher {
     start: Start,
     /// The file is read header first: a large first read at its start is a header read too.
     header_first: bool,
+    /// Reads come through the page cache, as the kernel's read-ahead requests, not as the
+    /// program made them.
+    paged: bool,
 }
 
 impl Prefetcher {
@@ -139,13 +142,21 @@ impl Prefetcher {
     pub fn new(initial_window: u64, max_window: u64, budget: Arc<StreamBudget>) -> Prefetcher {
         let max_window = max_window.max(initial_window);
         let start = Start::Elsewhere;
-        Prefetcher { initial_window, max_window, budget, counted: false, stream: None, start, header_first: false }
+        let (counted, header_first, paged) = (false, false, false);
+        Prefetcher { initial_window, max_window, budget, counted, stream: None, start, header_first, paged }
     }
 
     /// Takes the file, if `header_first`, as one that programs read header first (an MRC): a
     /// large first read at its start does not start a stream by itself (see the module comment).
     pub fn reads_header_first(mut self, header_first: bool) -> Prefetcher {
         self.header_first = header_first;
+        self
+    }
+
+    /// Takes the reads, if `paged`, as coming through the page cache: a read the program made
+    /// may come as several requests of the kernel's read-ahead size, and one beyond.
+    pub fn through_page_cache(mut self, paged: bool) -> Prefetcher {
+        self.paged = paged;
         self
     }
 
@@ -206,12 +217,14 @@ impl Prefetcher {
                 self.stream = Some((end, len));
                 self.start = match (offset, sequential) {
                     (0, true) => Start::Through,
-                    // A request smaller than the buffer is one of its requests through the page
-                    // cache: the others, and one beyond, follow.
+                    // Through the page cache, a request smaller than the buffer is one of its
+                    // requests: the others, and one beyond, follow.
                     (0, false) => Start::Header {
-                        buffer_end: (self.header_first && len >= STREAM_START).then(|| match len < HEADER_BUFFER {
-                            true => HEADER_BUFFER + len,
-                            false => len,
+                        buffer_end: (self.header_first && len >= STREAM_START).then(|| {
+                            match self.paged && len < HEADER_BUFFER {
+                                true => HEADER_BUFFER + len,
+                                false => len,
+                            }
                         }),
                     },
                     _ => Start::Elsewhere,
@@ -363,7 +376,7 @@ mod tests {
         assert_eq!(header_only.on_read(MIB - 16, 16), Pattern::Random);
         // The same read through the page cache (a view, a second pass): requests of the kernel's
         // read-ahead size in any order, and one beyond the buffer.
-        let mut paged = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
+        let mut paged = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true).through_page_cache(true);
         for offset in [0, 2, 1, 3, 4] {
             assert_eq!(paged.on_read(offset * 256 * KIB, 256 * KIB), Pattern::Sequential { window: 0 });
         }
@@ -374,6 +387,11 @@ mod tests {
         assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 2 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(2 * MIB, MIB), Pattern::Sequential { window: 3 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(3 * MIB, MIB), Pattern::Sequential { window: 256 * MIB });
+        // Past the page cache a read comes as the program made it: `dd bs=256k` streams from its
+        // second read.
+        let mut smaller = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
+        assert_eq!(smaller.on_read(0, 256 * KIB), Pattern::Sequential { window: 0 });
+        assert!(matches!(smaller.on_read(256 * KIB, 256 * KIB), Pattern::Sequential { window } if window > 0));
         // 3dmod: the header through stdio, then a section elsewhere.
         let mut viewer = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         viewer.on_read(0, MIB);

@@ -339,7 +339,9 @@ impl Catalog {
     pub fn open(&self, view: Arc<MrcView>) -> OpenView {
         OpenView {
             view,
-            pattern: std::sync::Mutex::new(self.data.prefetcher(VIEW_READ_AHEAD).reads_header_first(true)),
+            pattern: std::sync::Mutex::new(
+                self.data.prefetcher(VIEW_READ_AHEAD).reads_header_first(true).through_page_cache(true),
+            ),
             requested: AtomicU64::new(0),
             released: AtomicU64::new(0),
         }
