@@ -345,6 +345,29 @@ fn read_from_the_start(path: &std::path::Path, len: usize, reads: usize, source:
     }
 }
 
+/// Through the page cache (`--page-cache always`, a workstation's mount) a buffered header read
+/// comes as requests of the kernel's read-ahead size: 3dmod opening a tomogram at z = 0 (its
+/// header through stdio's 1 MiB buffer, then the rest of the first section) starts a header
+/// read's read-ahead (64 MiB), not the whole tomogram's.
+#[test]
+fn through_the_page_cache_a_header_and_the_first_section_read_ahead_no_more_than_a_header_read() {
+    let _serial = serial();
+    let (_, server) = bucket();
+    let source = long_source();
+    let name = LONG_KEY.rsplit('/').next().unwrap();
+    let mount = Mounted::on(server, "paged-first-section", &["--page-cache", "always"]);
+    let first_get = server.served.lock().unwrap().len();
+    let file = File::open(mount.join(LONG_KEY)).unwrap();
+    let mut buffer = vec![0u8; 1 << 20];
+    file.read_exact_at(&mut buffer, 0).unwrap();
+    let mut rest = vec![0u8; 1024 + SECTION as usize - buffer.len()];
+    file.read_exact_at(&mut rest, buffer.len() as u64).unwrap();
+    assert!(buffer[..] == source[..buffer.len()] && rest[..] == source[buffer.len()..1024 + SECTION as usize]);
+    let limit = 1024 + SECTION + (80 << 20);
+    let furthest = furthest_fetched(first_get, name, source.len() as u64);
+    assert!(furthest <= limit, "a header and the first section fetched up to {furthest} of {}", source.len());
+}
+
 #[test]
 fn a_header_read_again_past_the_page_cache_takes_no_second_get() {
     let _serial = serial();

@@ -10,7 +10,8 @@
 //! buffer (`st_blksize`, 1 MiB: `mrcfile.open(header_only=True)`, RELION's and IMOD's `fread`
 //! of 1024 bytes): there it fetches its own blocks and nothing beyond (so do the other requests
 //! of the same buffer, through the page cache), and a read going on past that buffer makes the
-//! stream one reading the file through. Reads that continue where the
+//! stream one reading the file through (through the page cache, where the kernel may have made
+//! the large request of a small read, a header read's stream). Reads that continue where the
 //! previous ones ended (allowing for the kernel's small reorderings of concurrent readahead
 //! requests) are *sequential*, and the read-ahead window is what the stream has consumed so
 //! far (at least the initial window, at most the cap): after a seek it grows with what the
@@ -99,7 +100,7 @@ enum Start {
     /// then what it has consumed (the reader may go on to one MRC section, or through the file).
     /// `buffer_end`: the read was a large one (buffered I/O reading a header, in a file read
     /// header first), whose requests end here ([`HEADER_BUFFER`]): a read going on past them is
-    /// reading the file through.
+    /// reading the file through (through the page cache: a header read's stream).
     Header { buffer_end: Option<u64> },
     /// A program reading the file through: it began at the start of the file with a read of
     /// [`STREAM_START`] or more, or has shown it since (read [`ESTABLISHED_STREAM`] in a row,
@@ -210,7 +211,15 @@ impl Prefetcher {
                         // Another request of the same buffered read (through the page cache).
                         return Pattern::Sequential { window: 0 };
                     }
-                    self.start = Start::Through;
+                    // Past the page cache, a program going on from a large read is reading the
+                    // file through (`dd`, `cp`); through it, the kernel may have made a large
+                    // request of a small read, so the reader may be 3dmod going on into the
+                    // first section: a header read's stream (the data path sees a reader going
+                    // past the first section and calls [`Prefetcher::reads_through`]).
+                    self.start = match self.paged {
+                        true => Start::Header { buffer_end: None },
+                        false => Start::Through,
+                    };
                 }
             }
             _ => {
@@ -380,7 +389,10 @@ mod tests {
         for offset in [0, 2, 1, 3, 4] {
             assert_eq!(paged.on_read(offset * 256 * KIB, 256 * KIB), Pattern::Sequential { window: 0 });
         }
-        assert!(matches!(paged.on_read(5 * 256 * KIB, 256 * KIB), Pattern::Sequential { window } if window > 0));
+        // Going on past it: a header read's stream (3dmod's first section, or `mrcfile.open()`
+        // reading the voxels, which the data path then takes as reading the file through).
+        assert_eq!(paged.on_read(5 * 256 * KIB, 256 * KIB), Pattern::Sequential { window: WHOLE_FILE_WINDOW });
+        assert!(paged.began_with_header());
         // `dd`, `cp`, `mrcfile.open()` going on into the voxels: through from the second read.
         let mut through = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);
         through.on_read(0, MIB);
