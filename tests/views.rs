@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{scratch_dir, start_server, Faults, Mounted, Server, BUCKET};
+use common::{quiet, scratch_dir, start_server, Faults, Mounted, Server, BUCKET};
 
 const TOMO_DIR: &str = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Tomograms/100";
 const MASK_DIR: &str = "10000/TS_026/Reconstructions/VoxelSpacing13.480/Annotations/101";
@@ -104,19 +104,6 @@ fn chunk_gets(server: &Server, from: usize) -> BTreeSet<String> {
         .iter()
         .map(|line| line.split(' ').next().unwrap().split(".zarr/").nth(1).unwrap_or(line).to_owned())
         .collect()
-}
-
-/// The number of GETs the server has served, once none has come for 300 ms.
-fn quiet(server: &common::Server) -> usize {
-    let mut last = server.served.lock().unwrap().len();
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let now = server.served.lock().unwrap().len();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
 }
 
 #[test]

@@ -50,9 +50,10 @@ const STREAM_START: u64 = 128 << 10;
 /// A read right after a large header read, and no longer than this, is the rest of the same
 /// read (see [`Prefetcher::on_read`]): a page.
 const BUFFER_TAIL: u64 = 4096;
-/// The buffer of a buffered header read: the `st_blksize` the mount reports. Past the page cache
-/// it comes as one request (and a page: [`BUFFER_TAIL`]); through it, as requests of the
-/// kernel's read-ahead size (256 KiB) in any order, and one more beyond the buffer.
+/// The buffer of a buffered header read (the `st_blksize` the mount reports), as it comes through
+/// the page cache: requests of the kernel's read-ahead size (256 KiB, at most 1 MiB) in any
+/// order, and one more beyond it. (Past the page cache it is one request, and a page:
+/// [`BUFFER_TAIL`].)
 const HEADER_BUFFER: u64 = 1 << 20;
 
 /// The smallest window of a stream that began at the start of the file: a program reading a
@@ -96,11 +97,12 @@ impl StreamBudget {
 enum Start {
     /// After a seek: the window is what the stream has consumed.
     Elsewhere,
-    /// At the start of the file, with a small read (a header): at least [`WHOLE_FILE_WINDOW`],
-    /// then what it has consumed (the reader may go on to one MRC section, or through the file).
-    /// `buffer_end`: the read was a large one (buffered I/O reading a header, in a file read
-    /// header first), whose requests end here ([`HEADER_BUFFER`]): a read going on past them is
-    /// reading the file through (through the page cache: a header read's stream).
+    /// At the start of the file, with a header read: at least [`WHOLE_FILE_WINDOW`], then what it
+    /// has consumed (the reader may go on to one MRC section, or through the file). A large first
+    /// read in a file read header first (buffered I/O reading a header) sets `buffer_end`, where
+    /// its requests end: the read's own end past the page cache, [`HEADER_BUFFER`] and one
+    /// request more through it. A read going on past that reads the file through past the page
+    /// cache; through it, it is a header read's stream (`None`).
     Header { buffer_end: Option<u64> },
     /// A program reading the file through: it began at the start of the file with a read of
     /// [`STREAM_START`] or more, or has shown it since (read [`ESTABLISHED_STREAM`] in a row,
@@ -190,6 +192,17 @@ impl Prefetcher {
     /// Classifies a read of `len` bytes at `offset` and updates the state.
     pub fn on_read(&mut self, offset: u64, len: u64) -> Pattern {
         let end = offset + len;
+        if let (Start::Header { buffer_end: Some(buffer_end) }, Some((prev, consumed))) = (self.start, self.stream) {
+            if end <= buffer_end {
+                // Another request of a large header read, in whatever order the kernel sends
+                // them: its own blocks (a page alone, its bytes), nothing beyond.
+                self.stream = Some((prev.max(end), consumed + len));
+                return match len <= BUFFER_TAIL {
+                    true => Pattern::Random,
+                    false => Pattern::Sequential { window: 0 },
+                };
+            }
+        }
         let sequential = match self.stream {
             Some((prev, consumed)) => {
                 offset + BACKWARD_TOLERANCE.min(consumed) >= prev && offset <= prev + FORWARD_TOLERANCE
@@ -200,16 +213,12 @@ impl Prefetcher {
             // A reordered (earlier) request must not pull the stream back.
             Some((prev, consumed)) if sequential => {
                 self.stream = Some((prev.max(end), consumed + len));
-                if let Start::Header { buffer_end: Some(buffer_end) } = self.start {
+                if let Start::Header { buffer_end: Some(_) } = self.start {
                     if len <= BUFFER_TAIL {
                         // The rest of the header read: a program's buffer that does not start on
                         // a page takes one page more than a request holds, and the kernel sends
                         // that page as a request of its own.
                         return Pattern::Random;
-                    }
-                    if end <= buffer_end {
-                        // Another request of the same buffered read (through the page cache).
-                        return Pattern::Sequential { window: 0 };
                     }
                     // Past the page cache, a program going on from a large read is reading the
                     // file through (`dd`, `cp`); through it, the kernel may have made a large
@@ -226,14 +235,12 @@ impl Prefetcher {
                 self.stream = Some((end, len));
                 self.start = match (offset, sequential) {
                     (0, true) => Start::Through,
-                    // Through the page cache, a request smaller than the buffer is one of its
-                    // requests: the others, and one beyond, follow.
+                    // Through the page cache the first request is one of the buffer's: the
+                    // others, and one beyond, follow.
                     (0, false) => Start::Header {
-                        buffer_end: (self.header_first && len >= STREAM_START).then(|| {
-                            match self.paged && len < HEADER_BUFFER {
-                                true => HEADER_BUFFER + len,
-                                false => len,
-                            }
+                        buffer_end: (self.header_first && len >= STREAM_START).then(|| match self.paged {
+                            true => HEADER_BUFFER + len,
+                            false => len,
                         }),
                     },
                     _ => Start::Elsewhere,
@@ -253,7 +260,7 @@ impl Prefetcher {
         };
         if sequential {
             Pattern::Sequential { window: grown.clamp(floor.min(cap), cap) }
-        } else if matches!(self.start, Start::Header { buffer_end: Some(_) }) && consumed == len {
+        } else if matches!(self.start, Start::Header { buffer_end: Some(_) }) {
             // A large header read: its own blocks, kept as blocks (for a reader going on from
             // it, and for the disk tier), and nothing beyond them.
             Pattern::Sequential { window: 0 }
@@ -376,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn in_a_file_read_header_first_a_large_first_read_is_a_header_and_the_next_one_on_reads_it_through() {
+    fn in_a_file_read_header_first_a_large_first_read_is_a_header_read_and_a_read_past_its_buffer_streams() {
         let budget = || StreamBudget::new(256 * MIB, 16 * MIB);
         // `mrcfile.open(header_only=True)`: one buffered read of 1 MiB, then close; its buffer
         // does not start on a page, so the kernel sends the read as two requests.
@@ -386,7 +393,7 @@ mod tests {
         // The same read through the page cache (a view, a second pass): requests of the kernel's
         // read-ahead size in any order, and one beyond the buffer.
         let mut paged = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true).through_page_cache(true);
-        for offset in [0, 2, 1, 3, 4] {
+        for offset in [0, 3, 1, 4, 2] {
             assert_eq!(paged.on_read(offset * 256 * KIB, 256 * KIB), Pattern::Sequential { window: 0 });
         }
         // Going on past it: a header read's stream (3dmod's first section, or `mrcfile.open()`
@@ -399,6 +406,11 @@ mod tests {
         assert_eq!(through.on_read(MIB, MIB), Pattern::Sequential { window: 2 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(2 * MIB, MIB), Pattern::Sequential { window: 3 * WHOLE_FILE_GROWTH * MIB });
         assert_eq!(through.on_read(3 * MIB, MIB), Pattern::Sequential { window: 256 * MIB });
+        // With a kernel read-ahead of 1 MiB, the buffer as one request, and one beyond it.
+        let mut paged_large =
+            Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true).through_page_cache(true);
+        assert_eq!(paged_large.on_read(0, MIB), Pattern::Sequential { window: 0 });
+        assert_eq!(paged_large.on_read(MIB, MIB), Pattern::Sequential { window: 0 });
         // Past the page cache a read comes as the program made it: `dd bs=256k` streams from its
         // second read.
         let mut smaller = Prefetcher::new(MIB, 512 * MIB, budget()).reads_header_first(true);

@@ -733,6 +733,19 @@ pub fn serving_pid(mountpoint: &Path) -> Option<u32> {
     })
 }
 
+/// The number of GETs `server` has served, once none has come for 300 ms.
+pub fn quiet(server: &Server) -> usize {
+    let mut last = server.served.lock().unwrap().len();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = server.served.lock().unwrap().len();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// A live mount of the shared fixture; unmounted on drop.
 pub struct Mounted {
     /// The mount point.
