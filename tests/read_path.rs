@@ -326,7 +326,7 @@ fn a_header_read_by_buffered_io_fetches_its_buffer_and_a_reader_going_on_from_it
     let unaligned = &mut buffer[16..];
     let n = File::open(mount.join(LONG_KEY)).unwrap().read(unaligned).unwrap();
     assert!(n > 1024 && unaligned[..n] == source[..n]);
-    std::thread::sleep(Duration::from_millis(500));
+    common::quiet(server);
     let fetched: u64 = served_of_since(first_get, name).into_iter().flatten().map(|r| r.end - r.start).sum();
     assert!(fetched <= 2 << 20, "a header read fetched {fetched} bytes");
     // `dd bs=1M`, `cp`, `mrcfile.open()`: a second read going on from the first reads the

@@ -192,10 +192,18 @@ impl Prefetcher {
     /// Classifies a read of `len` bytes at `offset` and updates the state.
     pub fn on_read(&mut self, offset: u64, len: u64) -> Pattern {
         let end = offset + len;
+        let sequential = match self.stream {
+            Some((prev, consumed)) => {
+                offset + BACKWARD_TOLERANCE.min(consumed) >= prev && offset <= prev + FORWARD_TOLERANCE
+            }
+            None => offset == 0 && len >= STREAM_START && !self.header_first,
+        };
         if let (Start::Header { buffer_end: Some(buffer_end) }, Some((prev, consumed))) = (self.start, self.stream) {
-            if end <= buffer_end {
-                // Another request of a large header read, in whatever order the kernel sends
-                // them: its own blocks (a page alone, its bytes), nothing beyond.
+            // Another request of a large header read, in whatever order the kernel sends them,
+            // or the rest of it (a program's buffer that does not start on a page takes one
+            // page more than a request holds, and the kernel sends that page as a request of
+            // its own): its own blocks (a page alone, its bytes), nothing beyond.
+            if end <= buffer_end || (sequential && len <= BUFFER_TAIL) {
                 self.stream = Some((prev.max(end), consumed + len));
                 return match len <= BUFFER_TAIL {
                     true => Pattern::Random,
@@ -203,23 +211,11 @@ impl Prefetcher {
                 };
             }
         }
-        let sequential = match self.stream {
-            Some((prev, consumed)) => {
-                offset + BACKWARD_TOLERANCE.min(consumed) >= prev && offset <= prev + FORWARD_TOLERANCE
-            }
-            None => offset == 0 && len >= STREAM_START && !self.header_first,
-        };
         match self.stream {
             // A reordered (earlier) request must not pull the stream back.
             Some((prev, consumed)) if sequential => {
                 self.stream = Some((prev.max(end), consumed + len));
                 if let Start::Header { buffer_end: Some(_) } = self.start {
-                    if len <= BUFFER_TAIL {
-                        // The rest of the header read: a program's buffer that does not start on
-                        // a page takes one page more than a request holds, and the kernel sends
-                        // that page as a request of its own.
-                        return Pattern::Random;
-                    }
                     // Past the page cache, a program going on from a large read is reading the
                     // file through (`dd`, `cp`); through it, the kernel may have made a large
                     // request of a small read, so the reader may be 3dmod going on into the
