@@ -52,6 +52,9 @@ const IDLE_FOR: Duration = Duration::from_secs(15);
 /// The largest response head accepted, and the most headers in it.
 const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 256;
+/// The most a TLS layer may hold of a record it has not yet decrypted (16 KiB of data and its
+/// overhead, rounded up).
+const TLS_RECORD_BYTES: usize = 32 << 10;
 /// The largest body read whole (an error answer's, or one not framed by a Content-Length): as
 /// much as any GET cdpfs sends asks for.
 const MAX_WHOLE: usize = 64 << 20;
@@ -537,6 +540,12 @@ impl PieceBody {
     /// thirds of the context switches, 8% less CPU per GB).
     fn wake_when(&mut self, bytes: usize) {
         let Some(connection) = &self.connection else { return };
+        // Over TLS, part of what is waited for may already be in the TLS layer (a record it
+        // has only part of): the socket is to wake for what must still come through it.
+        let bytes = match connection.inner() {
+            MaybeHttpsStream::Http(_) => bytes,
+            MaybeHttpsStream::Https(_) => bytes.saturating_sub(TLS_RECORD_BYTES).max(1),
+        };
         if bytes == self.wake_at {
             return;
         }
