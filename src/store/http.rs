@@ -561,7 +561,9 @@ impl PieceBody {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        // Where it cannot be set, every segment wakes the reader, as by default.
+        // Linux grows the receive buffer to hold `bytes` if it is smaller (kernels before
+        // late 2025 also set the window clamp to `bytes` then, which autotuning raises again as
+        // data flows). Where it cannot be set, every segment wakes the reader, as by default.
         self.wake_at = if set == 0 { bytes } else { 1 };
     }
 
