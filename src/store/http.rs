@@ -227,6 +227,7 @@ impl Direct {
                     late: None,
                     stall_timeout: self.stall_timeout,
                     wake_at: 1,
+                    trickling: false,
                 })
             }
             framing => {
@@ -522,6 +523,9 @@ struct PieceBody {
     stall_timeout: Duration,
     /// The connection's `SO_RCVLOWAT`: how many bytes it waits for before it wakes the reader.
     wake_at: usize,
+    /// A wait for a piece outlasted half the stall timeout: from then on every byte of the body
+    /// wakes the reader (bytes trickle in).
+    trickling: bool,
 }
 
 impl PieceBody {
@@ -529,7 +533,10 @@ impl PieceBody {
     fn release(&mut self) {
         self.wake_when(1);
         if let (Some((direct, origin)), Some(connection)) = (self.give_back.take(), self.connection.take()) {
-            direct.give_back(origin, connection);
+            // One still waiting for more than a byte would hold up the next answer's head.
+            if self.wake_at == 1 {
+                direct.give_back(origin, connection);
+            }
         }
     }
 
@@ -563,8 +570,10 @@ impl PieceBody {
         };
         // Linux grows the receive buffer to hold `bytes` if it is smaller (kernels before
         // late 2025 also set the window clamp to `bytes` then, which autotuning raises again as
-        // data flows). Where it cannot be set, every segment wakes the reader, as by default.
-        self.wake_at = if set == 0 { bytes } else { 1 };
+        // data flows). Where it cannot be set, the connection wakes the reader as it did.
+        if set == 0 {
+            self.wake_at = bytes;
+        }
     }
 
     /// Hands over what the buffer holds: all of its piece, as a buffer of its own, or part of
@@ -618,11 +627,12 @@ impl http_body::Body for PieceBody {
                     Poll::Pending => {
                         let late = this.late.as_mut().expect("set above");
                         if late.as_mut().poll(cx).is_pending() {
-                            this.wake_when(want);
+                            this.wake_when(if this.trickling { 1 } else { want });
                             return Poll::Pending;
                         }
-                        // Late: what came so far goes to the caller, and so does each byte
-                        // from now on.
+                        // Late: what came so far goes to the caller, and from now on each byte
+                        // wakes it (bytes already in the socket come at the next hand-over).
+                        this.trickling = true;
                         this.wake_when(1);
                         return match this.filling.is_empty() {
                             true => Poll::Pending,
@@ -884,19 +894,60 @@ mod tests {
         // next answer's head may be shorter than any piece).
         let (origin, _) = origin_of(&format!("http://{addr}/").parse().unwrap()).unwrap();
         let kept = direct.take_idle(&origin).expect("the connection was kept");
+        assert_eq!(wakes_at(&kept), 1);
+    }
+
+    /// The connection's `SO_RCVLOWAT`.
+    fn wakes_at(connection: &Connection) -> libc::c_int {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into `value`.
         let got = unsafe {
             libc::getsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(socket_of(&kept)),
+                std::os::fd::AsRawFd::as_raw_fd(socket_of(connection)),
                 libc::SOL_SOCKET,
                 libc::SO_RCVLOWAT,
                 (&mut value as *mut libc::c_int).cast(),
                 &mut len,
             )
         };
-        assert_eq!((got, value), (0, 1));
+        assert_eq!(got, 0, "getsockopt: {}", io::Error::last_os_error());
+        value
+    }
+
+    #[tokio::test]
+    async fn a_body_waited_for_wakes_its_reader_once_the_rest_of_the_piece_has_come() {
+        // A body of one piece: 1000 bytes came with the head, the other 2000 come 300 ms after
+        // the reader began to wait for them.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let wanted = body(3000);
+        let sent = wanted[1000..].to_vec();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            socket.write_all(&sent).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let connection = TokioIo::new(MaybeHttpsStream::Http(TokioIo::new(TcpStream::connect(addr).await.unwrap())));
+        let mut piece = PieceBody {
+            connection: Some(connection),
+            give_back: None,
+            rest: Bytes::from(wanted[..1000].to_vec()),
+            left: 2000,
+            piece: 3000,
+            piece_left: 0,
+            filling: BytesMut::new(),
+            late: None,
+            stall_timeout: Duration::from_secs(10),
+            wake_at: 1,
+            trickling: false,
+        };
+        // While it waits, the socket wakes it only for the 2000 bytes the piece still lacks.
+        assert!(tokio::time::timeout(Duration::from_millis(100), piece.frame()).await.is_err(), "no bytes were sent");
+        assert_eq!(wakes_at(piece.connection.as_ref().unwrap()), 2000);
+        let frame = piece.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(frame[..] == wanted[..], "a frame of {} bytes, not the whole piece", frame.len());
     }
 
     #[tokio::test]
