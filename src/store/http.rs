@@ -531,12 +531,11 @@ struct PieceBody {
 impl PieceBody {
     /// The whole body was read from the connection: it goes back to the pool if it may.
     fn release(&mut self) {
+        let Some((direct, origin)) = self.give_back.take() else { return };
+        // One still waiting for more than a byte would hold up the next answer's head.
         self.wake_when(1);
-        if let (Some((direct, origin)), Some(connection)) = (self.give_back.take(), self.connection.take()) {
-            // One still waiting for more than a byte would hold up the next answer's head.
-            if self.wake_at == 1 {
-                direct.give_back(origin, connection);
-            }
+        if let Some(connection) = self.connection.take().filter(|_| self.wake_at == 1) {
+            direct.give_back(origin, connection);
         }
     }
 
