@@ -156,9 +156,13 @@ pub fn shared() -> &'static (Fixture, Server) {
     })
 }
 
-/// A fresh, empty directory under cargo's per-target temp dir.
+/// A fresh, empty directory under cargo's per-target temp dir, its own for every call: tests of
+/// one process run in parallel threads and may ask for the same name (the pid stays last, for
+/// `remove_stale_scratch_dirs`).
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{call}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
