@@ -668,8 +668,9 @@ mod tests {
     #[test]
     fn root_is_a_mount_point_and_a_fresh_dir_is_not() {
         assert!(mount_table::mount_type(Path::new("/")).unwrap().is_some());
-        let dir = std::env::temp_dir().join(format!("cdpfs-unit-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("mnt");
+        fs::create_dir(&dir).unwrap();
         assert_eq!(check_mount_point(&dir, false).unwrap(), fs::canonicalize(&dir).unwrap());
         fs::remove_dir(&dir).unwrap();
         assert!(check_mount_point(&dir, false).unwrap_err().to_string().contains("does not exist"));
